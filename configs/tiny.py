@@ -1,0 +1,113 @@
+"""Tiny MoE transformer: trains on a CPU in minutes; the default of `python train.py`.
+
+Run it (one CPU device, the reference strategy):
+  python train.py --config=configs/tiny.py --workdir=/tmp/mas_jax/tiny
+
+On 16 fake CPU devices with a parallel strategy:
+  XLA_FLAGS=--xla_force_host_platform_device_count=16 python train.py \
+    --config=configs/tiny.py --config.parallel.strategy=dp --workdir=/tmp/mas_jax/tiny_dp
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the tiny configuration."""
+  config = ml_collections.ConfigDict()
+  # Seed of parameter init, data shuffling and dropout.
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  # Vocabulary size; with the embedded C4 sample a SentencePiece model of this size is trained.
+  config.model.vocab_size = 512
+  # Number of decoder blocks (each: attention + MoE FFN).
+  config.model.num_layers = 2
+  # Width of the residual stream.
+  config.model.d_model = 64
+  # Attention heads; head_dim = d_model // num_heads.
+  config.model.num_heads = 8
+  # Experts per MoE layer.
+  config.model.num_experts = 16
+  # Experts each token is routed to.
+  config.model.top_k = 2
+  # Hidden width of each expert FFN (d_model -> expert_hidden -> d_model).
+  config.model.expert_hidden = 128
+  # Expert FFN activation: 'gelu' (tanh approximation) or 'relu'.
+  config.model.activation = 'gelu'
+  # Dropout on the expert FFN hidden activations during training.
+  config.model.expert_dropout = 0.1
+  # Expert capacity = ceil(capacity_factor * tokens * top_k / num_experts); ignored when dropless.
+  config.model.capacity_factor = 1.25
+  # True: every routed token is computed (no capacity limit, nothing dropped).
+  config.model.dropless = False
+  # Coefficient of the Switch-style load-balancing loss.
+  config.model.aux_loss_coef = 1e-2
+  # Coefficient of the router z-loss (mean squared logsumexp of router logits).
+  config.model.z_loss_coef = 1e-3
+  # Dtype of matmuls and activations; parameters are always float32.
+  config.model.compute_dtype = 'float32'
+  # RoPE base frequency.
+  config.model.rope_base = 10000.0
+
+  config.data = ml_collections.ConfigDict()
+  # 'c4': TFDS C4 (the embedded sample when data_dir holds no prepared C4); 'synthetic': random.
+  config.data.source = 'c4'
+  # TFDS dataset name and version of prepared C4 ('c4/en' with '3.1.0' or '3.0.1').
+  config.data.dataset = 'c4/en'
+  config.data.version = '3.1.0'
+  # TFDS data_dir; empty means ~/.cache/mas_jax/tfds, where the embedded sample is built.
+  config.data.data_dir = ''
+  # SentencePiece model; empty means the one trained for the embedded sample.
+  config.data.tokenizer_path = ''
+  # Tokens per training sequence (each row holds seq_len + 1 tokens: inputs and shifted targets).
+  config.data.seq_len = 64
+  # Global batch size in sequences.
+  config.data.batch_size = 16
+  # Documents in the shuffle buffer.
+  config.data.shuffle_buffer = 1000
+  # Batches prepared ahead of the train step.
+  config.data.prefetch = 2
+  # TFDS split names for training and evaluation.
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+
+  config.train = ml_collections.ConfigDict()
+  # Optimizer steps.
+  config.train.steps = 300
+  # Peak learning rate, reached after warmup_steps of linear warmup, then cosine decay.
+  config.train.learning_rate = 3e-3
+  config.train.warmup_steps = 30
+  # Final learning rate as a fraction of the peak.
+  config.train.end_lr_ratio = 0.1
+  # AdamW moments, epsilon and decoupled weight decay (norm scales and biases are not decayed).
+  config.train.b1 = 0.9
+  config.train.b2 = 0.95
+  config.train.eps = 1e-8
+  config.train.weight_decay = 0.1
+  # Global-norm gradient clipping threshold.
+  config.train.grad_clip = 1.0
+  # Steps between metric lines (metrics.jsonl, TensorBoard, log).
+  config.train.log_every = 10
+  # Steps between evaluations, and batches per evaluation.
+  config.train.eval_every = 100
+  config.train.eval_steps = 4
+  # Steps between checkpoints, and checkpoints kept.
+  config.train.checkpoint_every = 100
+  config.train.keep_checkpoints = 2
+
+  config.parallel = ml_collections.ConfigDict()
+  # Strategy name from mas_jax.strategies: 'reference' (one device) or 'dp' (all devices).
+  config.parallel.strategy = 'reference'
+  # MA Separation: attention and expert devices (attn_devices + moe_devices == device count).
+  config.parallel.attn_devices = 12
+  config.parallel.moe_devices = 4
+  # Micro-batches per step (co-execution / pipelining); must divide batch_size.
+  config.parallel.num_microbatches = 1
+  # MA Separation: reduce attention outputs inside a row first, then across rows.
+  config.parallel.hierarchical_allreduce = False
+  # Hybrid tensor x pipeline parallelism: tp * pp == device count.
+  config.parallel.tp = 8
+  config.parallel.pp = 2
+  # Expert parallelism degree (the rest of the devices is data parallel).
+  config.parallel.ep = 16
+  return config

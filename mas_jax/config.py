@@ -1,0 +1,166 @@
+"""ConfigDict -> frozen dataclasses, with every check of a bad combination in one place.
+
+Flax modules and strategies never see a ConfigDict: `from_config_dict` converts it at the boundary
+and `validate` raises one `ConfigError` naming the numbers involved before anything is compiled.
+Checks that need the device count (strategy shapes) live with each strategy, which calls
+`ConfigError` the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+_DTYPES = ('float32', 'bfloat16', 'float16')
+_ACTIVATIONS = ('gelu', 'relu')
+_SOURCES = ('c4', 'synthetic')
+
+
+class ConfigError(ValueError):
+  """A configuration value, or a combination of values, that cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of the MoE transformer (see configs/tiny.py for each field's meaning)."""
+
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_experts: int
+  top_k: int
+  expert_hidden: int
+  activation: str = 'gelu'
+  expert_dropout: float = 0.0
+  capacity_factor: float = 1.25
+  dropless: bool = False
+  aux_loss_coef: float = 1e-2
+  z_loss_coef: float = 1e-3
+  compute_dtype: str = 'float32'
+  rope_base: float = 10000.0
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str
+  dataset: str
+  version: str
+  data_dir: str
+  tokenizer_path: str
+  seq_len: int
+  batch_size: int
+  shuffle_buffer: int
+  prefetch: int
+  train_split: str
+  eval_split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  learning_rate: float
+  warmup_steps: int
+  end_lr_ratio: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip: float
+  log_every: int
+  eval_every: int
+  eval_steps: int
+  checkpoint_every: int
+  keep_checkpoints: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  strategy: str
+  attn_devices: int
+  moe_devices: int
+  num_microbatches: int
+  hierarchical_allreduce: bool
+  tp: int
+  pp: int
+  ep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  parallel: ParallelConfig
+
+
+def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
+  """Converts a ConfigDict (as loaded by config_flags) to a validated frozen `Config`."""
+  sections = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig,
+              'parallel': ParallelConfig}
+  kwargs = {}
+  for name, cls in sections.items():
+    given = dict(cd[name])
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(given) - known):
+      raise ConfigError(f'config.{name} has unknown fields {unknown}; known: {sorted(known)}')
+    kwargs[name] = cls(**given)
+  config = Config(seed=int(cd.seed), **kwargs)
+  validate(config)
+  return config
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+  """Raises ConfigError for the first bad value or combination, naming the numbers involved."""
+  m, d, t, p = config.model, config.data, config.train, config.parallel
+  for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_experts', 'top_k',
+               'expert_hidden'):
+    _check(getattr(m, name) > 0, f'model.{name}={getattr(m, name)} must be positive')
+  _check(m.d_model % m.num_heads == 0,
+         f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}')
+  _check(m.head_dim % 2 == 0, f'head_dim={m.head_dim} (d_model/num_heads) must be even for RoPE')
+  _check(m.top_k <= m.num_experts,
+         f'model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}')
+  _check(m.activation in _ACTIVATIONS,
+         f'model.activation={m.activation!r} is not one of {_ACTIVATIONS}')
+  _check(m.compute_dtype in _DTYPES,
+         f'model.compute_dtype={m.compute_dtype!r} is not one of {_DTYPES}')
+  _check(0.0 <= m.expert_dropout < 1.0,
+         f'model.expert_dropout={m.expert_dropout} must be in [0, 1)')
+  _check(m.dropless or m.capacity_factor > 0,
+         f'model.capacity_factor={m.capacity_factor} must be positive (or set model.dropless)')
+  _check(m.aux_loss_coef >= 0 and m.z_loss_coef >= 0,
+         f'aux_loss_coef={m.aux_loss_coef} and z_loss_coef={m.z_loss_coef} must be >= 0')
+
+  _check(d.source in _SOURCES, f'data.source={d.source!r} is not one of {_SOURCES}')
+  _check(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
+  _check(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive')
+  _check(d.shuffle_buffer > 0 and d.prefetch >= 0,
+         f'data.shuffle_buffer={d.shuffle_buffer} must be > 0, data.prefetch={d.prefetch} >= 0')
+
+  _check(t.steps > 0, f'train.steps={t.steps} must be positive')
+  _check(t.learning_rate > 0, f'train.learning_rate={t.learning_rate} must be positive')
+  _check(0 <= t.warmup_steps <= t.steps,
+         f'train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]')
+  _check(0 <= t.end_lr_ratio <= 1, f'train.end_lr_ratio={t.end_lr_ratio} must be in [0, 1]')
+  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f'train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)')
+  _check(t.grad_clip > 0, f'train.grad_clip={t.grad_clip} must be positive')
+  for name in ('log_every', 'eval_every', 'eval_steps', 'checkpoint_every', 'keep_checkpoints'):
+    _check(getattr(t, name) > 0, f'train.{name}={getattr(t, name)} must be positive')
+
+  _check(p.num_microbatches > 0,
+         f'parallel.num_microbatches={p.num_microbatches} must be positive')
+  _check(d.batch_size % p.num_microbatches == 0,
+         f'parallel.num_microbatches={p.num_microbatches} does not divide '
+         f'data.batch_size={d.batch_size}')

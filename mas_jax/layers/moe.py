@@ -1,0 +1,164 @@
+"""Per-device MoE math as pure functions: router, capacity dispatch, experts, combine.
+
+Routing works on groups of tokens: one group is one sequence, x[G, S, D]. Capacity is per
+group and expert, `C = ceil(capacity_factor * S * top_k / E)` (or `C = S` when dropless: a token
+picks distinct experts, so no expert can receive more than S tokens of one sequence). Because
+every strategy shards the batch at sequence granularity, each one makes exactly the reference
+model's drop decisions, which is what lets the tests compare them with dropped tokens.
+
+The order in which a full expert drops tokens is the Switch/GShard one: every token's first
+choice is placed before any token's second choice, and within a choice earlier tokens first.
+
+Statistics are returned as sums over the groups a caller holds (a strategy psums them over its
+data shards and divides by the global counts):
+  aux_loss_sum   sum over groups of E * sum_e f_e * P_e  (Switch load-balancing loss; f_e is the
+                 fraction of the group's top-k assignments routed to e, P_e its mean gate prob)
+  z_loss_sum     sum over tokens of logsumexp(router logits)^2
+  dropped        number of (token, choice) assignments over capacity
+  expert_counts  [E] assignments routed to each expert (before capacity)
+
+Dims: G groups (sequences), S tokens per group, D d_model, E experts, K top_k, C capacity,
+F expert hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float,
+             dropless: bool) -> int:
+  """Slots per expert and group; never more than seq_len, which already drops nothing."""
+  if dropless:
+    return seq_len
+  return min(seq_len, math.ceil(capacity_factor * seq_len * top_k / num_experts))
+
+
+def router(x: jax.Array, w_router: jax.Array, top_k: int) -> dict[str, jax.Array]:
+  """Softmax router with top-k selection and renormalised gates.
+
+  Args:
+    x: normed tokens [G, S, D] in the compute dtype.
+    w_router: [D, E].
+    top_k: experts per token.
+
+  Returns:
+    logits, probs: [G, S, E] float32; gates: [G, S, K] float32 summing to 1 over K;
+    experts: [G, S, K] int32, best first.
+  """
+  logits = jnp.einsum('GSD,DE->GSE', x, w_router.astype(x.dtype)).astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  top_probs, experts = jax.lax.top_k(probs, top_k)  # [G, S, K]
+  gates = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+  return {'logits': logits, 'probs': probs, 'gates': gates, 'experts': experts}
+
+
+def routing_stats(route: dict[str, jax.Array], num_experts: int) -> dict[str, jax.Array]:
+  """Load-balancing and z-loss sums and expert counts (see the module docstring)."""
+  probs, experts = route['probs'], route['experts']
+  s, k = experts.shape[1], experts.shape[2]
+  counts = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=(1, 2))  # [G,E]
+  f = counts / (s * k)
+  p = jnp.mean(probs, axis=1)  # [G, E]
+  aux = num_experts * jnp.sum(f * p, axis=-1)  # [G]
+  z = jnp.square(jax.nn.logsumexp(route['logits'], axis=-1))  # [G, S]
+  return {'aux_loss_sum': jnp.sum(aux), 'z_loss_sum': jnp.sum(z),
+          'expert_counts': jnp.sum(counts, axis=0)}
+
+
+def dispatch_positions(experts: jax.Array, num_experts: int) -> jax.Array:
+  """Slot of each (token, choice) in its expert's queue; [G, S, K] int32 (>= C means dropped)."""
+  g, s, k = experts.shape
+  # Choice-major order: all first choices of the group, then all second choices.
+  onehot = jax.nn.one_hot(jnp.swapaxes(experts, 1, 2), num_experts, dtype=jnp.int32)  # [G,K,S,E]
+  onehot = onehot.reshape(g, k * s, num_experts)
+  pos = jnp.cumsum(onehot, axis=1) - 1  # [G, K*S, E]
+  pos = jnp.sum(pos * onehot, axis=-1).reshape(g, k, s)
+  return jnp.swapaxes(pos, 1, 2)
+
+
+def dispatch(x: jax.Array, experts: jax.Array, positions: jax.Array, num_experts: int,
+             cap: int) -> jax.Array:
+  """Scatters tokens x[G, S, D] into expert buffers [G, E, C, D]; over-capacity ones vanish."""
+  g, s, k = experts.shape
+  gi = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
+  xk = jnp.broadcast_to(x[:, :, None, :], (g, s, k, x.shape[-1]))
+  buf = jnp.zeros((g, num_experts, cap, x.shape[-1]), x.dtype)
+  # (g, expert, slot) is unique for kept assignments, so add is a set; mode='drop' discards
+  # slots >= cap (dropped tokens).
+  return buf.at[gi, experts, positions].add(xk, mode='drop')
+
+
+def combine(y: jax.Array, experts: jax.Array, positions: jax.Array, gates: jax.Array) -> jax.Array:
+  """Gathers expert outputs y[G, E, C, D] back to tokens, gate-weighted: -> [G, S, D]."""
+  g, s, k = experts.shape
+  cap = y.shape[2]
+  gi = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
+  kept = positions < cap
+  out = y[gi, experts, jnp.where(kept, positions, 0)]  # [G, S, K, D]
+  weight = jnp.where(kept, gates, 0.0).astype(y.dtype)
+  return jnp.einsum('GSKD,GSK->GSD', out, weight)
+
+
+def dropout_keep_mask(key: jax.Array, group_ids: jax.Array, expert_ids: jax.Array,
+                      shape: tuple[int, int], rate: float) -> jax.Array:
+  """Expert dropout keep-mask [G, E, C, F] that depends only on global (group, expert) ids.
+
+  Each (group, expert) block draws from `fold_in(fold_in(key, group), expert)`, so a strategy
+  that holds any subset of groups and experts draws exactly the bits the reference draws.
+  """
+
+  def block(g, e):
+    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, g), e), 1.0 - rate,
+                                shape)
+
+  return jax.vmap(lambda g: jax.vmap(lambda e: block(g, e))(expert_ids))(group_ids)
+
+
+def expert_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
+               keep_mask: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+  """Experts: x[G, E, C, D] -> act(x @ w_in[E, D, F]) (dropout) @ w_out[E, F, D] -> [G, E, C, D].
+
+  With a slice of F (tensor parallelism) the output is a partial sum over F.
+  """
+  dtype = x.dtype
+  h = jnp.einsum('GECD,EDF->GECF', x, w_in.astype(dtype))
+  h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
+  if keep_mask is not None:
+    h = jnp.where(keep_mask, h / (1.0 - rate), 0.0).astype(dtype)
+  return jnp.einsum('GECF,EFD->GECD', h, w_out.astype(dtype))
+
+
+def moe_ffn(x: jax.Array, params: dict, *, top_k: int, cap: int, activation: str,
+            dropout_rate: float = 0.0, dropout_key: jax.Array | None = None,
+            group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The MoE FFN of one device holding all experts: normed x[G, S, D] -> y[G, S, D], stats.
+
+  Args:
+    x: normed tokens [G, S, D] in the compute dtype.
+    params: {'router': [D, E], 'w_in': [E, D, F], 'w_out': [E, F, D]}.
+    top_k, cap, activation: routing and expert settings.
+    dropout_rate, dropout_key: expert dropout (off when the key is None or the rate is 0).
+    group_offset: global index of this caller's first group (for the dropout mask).
+  """
+  num_experts = params['router'].shape[-1]
+  with jax.named_scope('route'):
+    route = router(x, params['router'], top_k)
+    stats = routing_stats(route, num_experts)
+    pos = dispatch_positions(route['experts'], num_experts)
+    stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+  with jax.named_scope('dispatch'):
+    xe = dispatch(x, route['experts'], pos, num_experts, cap)  # [G, E, C, D]
+  with jax.named_scope('experts'):
+    mask = None
+    if dropout_key is not None and dropout_rate > 0:
+      groups = group_offset + jnp.arange(x.shape[0])
+      mask = dropout_keep_mask(dropout_key, groups, jnp.arange(num_experts),
+                               (cap, params['w_in'].shape[-1]), dropout_rate)
+    ye = expert_ffn(xe, params['w_in'], params['w_out'], activation, mask, dropout_rate)
+  with jax.named_scope('combine'):
+    y = combine(ye, route['experts'], pos, route['gates'])
+  return y, stats
