@@ -74,7 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   # Optimizer steps.
   config.train.steps = 300
-  # Peak learning rate, reached after warmup_steps of linear warmup, then cosine decay.
+  # Peak learning rate, reached after warmup_steps of linear warmup (clamped to steps - 1),
+  # then cosine decay to end_lr_ratio * peak at the last step.
   config.train.learning_rate = 3e-3
   config.train.warmup_steps = 30
   # Final learning rate as a fraction of the peak.

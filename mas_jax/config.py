@@ -151,8 +151,7 @@ def validate(config: Config) -> None:
 
   _check(t.steps > 0, f'train.steps={t.steps} must be positive')
   _check(t.learning_rate > 0, f'train.learning_rate={t.learning_rate} must be positive')
-  _check(0 <= t.warmup_steps <= t.steps,
-         f'train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]')
+  _check(t.warmup_steps >= 0, f'train.warmup_steps={t.warmup_steps} must be >= 0')
   _check(0 <= t.end_lr_ratio <= 1, f'train.end_lr_ratio={t.end_lr_ratio} must be in [0, 1]')
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f'train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)')
   _check(t.grad_clip > 0, f'train.grad_clip={t.grad_clip} must be positive')

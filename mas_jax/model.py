@@ -115,15 +115,20 @@ def layer_keys(dropout_key: jax.Array | None, num_layers: int) -> jax.Array | No
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array,
-            dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """Full model: tokens[B, T] -> logits[B, T, V] float32, stats summed over layers."""
+            dropout_key: jax.Array | None = None,
+            group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict]:
+  """Full model: tokens[B, T] -> logits[B, T, V] float32, stats summed over layers.
+
+  `group_offset` is the global index of tokens[0] in the batch (for the expert dropout mask), so
+  a data shard of the batch draws the same dropout bits as the whole batch does.
+  """
   dtype = jnp.dtype(cfg.compute_dtype)
   x = params['embed'][tokens].astype(dtype)  # [B, T, D]
   keys = layer_keys(dropout_key, cfg.num_layers)
 
   def body(x, layer):
     p, key = layer
-    return block_forward(cfg, p, x, key)
+    return block_forward(cfg, p, x, key, group_offset)
 
   x, stats = jax.lax.scan(body, x, (params['blocks'], keys))
   stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
@@ -166,9 +171,17 @@ def finalize_loss(cfg: ModelConfig, ce_sum: jax.Array, stats: dict, batch_size: 
   return loss, metrics
 
 
+def loss_sums(cfg: ModelConfig, params: dict, batch: jax.Array,
+              dropout_key: jax.Array | None = None,
+              group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict]:
+  """Cross-entropy sum and routing stats of a packed batch[B, T + 1] (or a shard of one)."""
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  logits, stats = forward(cfg, params, inputs, dropout_key, group_offset)
+  return cross_entropy_sum(logits, targets), stats
+
+
 def loss_fn(cfg: ModelConfig, params: dict, batch: jax.Array,
             dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Reference loss of a packed batch[B, T + 1] (inputs batch[:, :-1], targets batch[:, 1:])."""
-  inputs, targets = batch[:, :-1], batch[:, 1:]
-  logits, stats = forward(cfg, params, inputs, dropout_key)
-  return finalize_loss(cfg, cross_entropy_sum(logits, targets), stats, *inputs.shape)
+  ce_sum, stats = loss_sums(cfg, params, batch, dropout_key)
+  return finalize_loss(cfg, ce_sum, stats, batch.shape[0], batch.shape[1] - 1)

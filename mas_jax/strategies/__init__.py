@@ -1,0 +1,24 @@
+"""Strategy registry: `config.parallel.strategy` -> a `base.Strategy` subclass.
+
+The only place that maps names to strategies; train_lib and the tests go through `get`.
+"""
+
+from __future__ import annotations
+
+from mas_jax.config import Config, ConfigError
+from mas_jax.strategies import base
+from mas_jax.strategies.dp import DataParallel
+from mas_jax.strategies.reference import Reference
+
+REGISTRY: dict[str, type[base.Strategy]] = {
+    Reference.name: Reference,
+    DataParallel.name: DataParallel,
+}
+
+
+def get(config: Config, devices: list | None = None) -> base.Strategy:
+  """Builds the strategy config.parallel.strategy names (it validates its own shape)."""
+  name = config.parallel.strategy
+  if name not in REGISTRY:
+    raise ConfigError(f'parallel.strategy={name!r} is not one of {sorted(REGISTRY)}')
+  return REGISTRY[name](config, devices)

@@ -1,0 +1,86 @@
+"""The interface every parallel strategy implements, and what they share.
+
+A strategy owns placement: the mesh, how parameters and the batch are sharded, and a
+`loss(params, batch, dropout_key)` that returns `(loss, metrics)` equal to the single-device
+reference model's, gradients included (`value_and_grad` differentiates it). `train_lib` is strategy-agnostic: it jits one train step around
+`value_and_grad` with the strategy's shardings, and the optimizer state is sharded like the
+parameters it belongs to.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mas_jax import model as model_lib
+from mas_jax.config import Config, ConfigError
+
+
+class Strategy(abc.ABC):
+  """Placement of the model on devices; subclasses set `name` and implement the methods."""
+
+  name: str = ''
+
+  def __init__(self, config: Config, devices: list | None = None):
+    self.config = config
+    self.devices = list(devices if devices is not None else jax.devices())
+
+  @property
+  @abc.abstractmethod
+  def mesh(self) -> jax.sharding.Mesh:
+    """The device mesh."""
+
+  @abc.abstractmethod
+  def param_specs(self, params: dict) -> dict:
+    """PartitionSpec of every parameter (params may be abstract)."""
+
+  @abc.abstractmethod
+  def batch_spec(self) -> P:
+    """PartitionSpec of the packed batch [B, T + 1]."""
+
+  @abc.abstractmethod
+  def loss(self, params: dict, batch: jax.Array,
+           dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+    """(loss, metrics) of the batch, equal to `model.loss_fn`; traced inside jit."""
+
+  def value_and_grad(self, params: dict, batch: jax.Array,
+                     dropout_key: jax.Array | None) -> tuple[tuple[jax.Array, dict], dict]:
+    """((loss, metrics), grads) of the batch."""
+    return jax.value_and_grad(self.loss, has_aux=True)(params, batch, dropout_key)
+
+  def param_shardings(self, params: dict) -> dict:
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
+
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, self.batch_spec())
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def describe(self) -> str:
+    """A few lines for the start-up log: mesh and placement."""
+    return f'strategy={self.name} mesh={dict(self.mesh.shape)}'
+
+  def check_batch(self, divisor: int, what: str) -> None:
+    b = self.config.data.batch_size
+    if b % divisor:
+      raise ConfigError(f'data.batch_size={b} does not divide over {what}={divisor}')
+
+
+def finalize(config: Config, ce_sum: jax.Array, stats: dict) -> tuple[jax.Array, dict]:
+  """Loss and metrics from global sums (the global batch shape comes from the config)."""
+  return model_lib.finalize_loss(config.model, ce_sum, stats, config.data.batch_size,
+                                 config.data.seq_len)
+
+
+def as_varying(tree, axes: tuple[str, ...]):
+  """Casts every array leaf to device-varying over axes (needed before a per-device lax.cond)."""
+  return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to='varying'), tree)
+
+
+def zeros_like_tree(tree):
+  return jax.tree.map(jnp.zeros_like, tree)

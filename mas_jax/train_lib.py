@@ -1,0 +1,273 @@
+"""Train state, optimizer, jitted train/eval steps, orbax checkpoints, and the training loop.
+
+Strategy-agnostic: the strategy named by `config.parallel.strategy` supplies the mesh, the
+parameter and batch shardings and the loss; everything here works for all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from mas_jax import config as config_lib
+from mas_jax import data as data_lib
+from mas_jax import metrics as metrics_lib
+from mas_jax import model as model_lib
+from mas_jax import strategies
+from mas_jax.config import Config, TrainConfig
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and state.
+# ---------------------------------------------------------------------------------------------
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to end_lr_ratio * peak at the last step.
+
+  Warmup is clamped to steps - 1, so a short run (`--config.train.steps=20`) still decays.
+  """
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate,
+      warmup_steps=min(cfg.warmup_steps, cfg.steps - 1),
+      decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def decay_mask(params: dict) -> dict:
+  """True for parameters that get weight decay: everything but norm scales and biases."""
+
+  def decays(path, _):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    return not any('norm' in n or 'bias' in n for n in names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with the warmup-cosine schedule."""
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def init_params(config: Config) -> dict:
+  """Parameters of the NNX model as a plain nested dict (the layout all strategies use)."""
+  model = model_lib.Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def state_shardings(strategy, tx: optax.GradientTransformation, config: Config) -> dict:
+  """Shardings of the train state: optimizer moments follow their parameters."""
+  abstract_params = jax.eval_shape(functools.partial(init_params, config))
+  param_sh = strategy.param_shardings(abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: strategy.replicated())
+  return {'step': strategy.replicated(), 'params': param_sh, 'opt_state': opt_sh}
+
+
+def create_train_state(config: Config, strategy, tx) -> tuple[dict, dict]:
+  """Initializes the train state directly into its shardings; returns (state, shardings)."""
+  shardings = state_shardings(strategy, tx, config)
+
+  def init():
+    params = init_params(config)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(config: Config, strategy, tx, shardings):
+  """The jitted train step: (state, batch) -> (state, metrics); state buffers are donated."""
+  base_key = jax.random.key(config.seed)
+  schedule = learning_rate_schedule(config.train)
+
+  def train_step(state, batch):
+    dropout_key = jax.random.fold_in(base_key, state['step'])
+    (_, metrics), grads = strategy.value_and_grad(state['params'], batch, dropout_key)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['learning_rate'] = schedule(state['step'])
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    return new_state, metrics
+
+  return jax.jit(train_step, in_shardings=(shardings, strategy.batch_sharding()),
+                 out_shardings=(shardings, strategy.replicated()), donate_argnums=0)
+
+
+def make_eval_step(strategy, param_shardings):
+  """The jitted eval step: (params, batch) -> metrics, no dropout."""
+
+  def eval_step(params, batch):
+    return strategy.loss(params, batch, None)[1]
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, strategy.batch_sharding()),
+                 out_shardings=strategy.replicated())
+
+
+def to_global(batch: np.ndarray, sharding) -> jax.Array:
+  """This host's rows of the batch -> the global batch array on the strategy's devices."""
+  global_shape = (batch.shape[0] * jax.process_count(), *batch.shape[1:])
+  return jax.make_array_from_process_local_data(sharding, batch, global_shape)
+
+
+def evaluate(eval_step, params, source, num_batches: int, sharding) -> dict[str, float]:
+  """Mean of the eval metrics over the eval split's first num_batches batches."""
+  totals: dict[str, float] = {}
+  for batch in source.eval_batches(num_batches):
+    m = jax.device_get(eval_step(params, to_global(batch, sharding)))
+    for name in ('loss', 'ce_loss'):
+      totals[name] = totals.get(name, 0.0) + float(m[name]) / num_batches
+  return {f'eval_{k}': v for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def restore(mgr: ocp.CheckpointManager, state: dict, shardings: dict):
+  """Restores the latest checkpoint into the intended shardings; (state, data_state) or None."""
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state, shardings)
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  logging.info('Resumed from the checkpoint of step %d in %s.', step, mgr.directory)
+  return restored['state'], restored['data']
+
+
+def save(mgr: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
+  step = int(jax.device_get(state['step']))
+  json_state = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in data_state.items()}
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         data=ocp.args.JsonSave(json_state)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+  """Flattens device metrics to JSON scalars; the expert load vector becomes expert_load_<e>."""
+  out = {}
+  for name, value in jax.device_get(metrics).items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      out[name] = float(value)
+    else:
+      out.update({f'{name}_{i}': float(v) for i, v in enumerate(value)})
+  return out
+
+
+def log_model_summary(config: Config, strategy) -> None:
+  counts = metrics_lib.param_count(config.model)
+  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
+  logging.info('Model: %.4g parameters (attention %.4g, moe %.4g, embeddings %.4g); %.4g active '
+               'matmul parameters and %.4g training FLOPs per token.', counts['total'],
+               counts['attention'], counts['moe'], counts['embeddings'], counts['active_matmul'],
+               flops)
+  for line in strategy.describe().splitlines():
+    logging.info('%s', line)
+
+
+def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains config.train.steps steps (resuming from workdir), evaluating and checkpointing.
+
+  Returns:
+    The last logged metrics (train and eval).
+  """
+  config = config_lib.from_config_dict(config_dict)
+  strategy = strategies.get(config)  # validates the placement before any work
+  log_model_summary(config, strategy)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_dict.to_json_best_effort(indent=2))
+
+  source = data_lib.get_source(config)
+  tx = make_optimizer(config.train)
+  state, shardings = create_train_state(config, strategy, tx)
+  mgr = checkpoint_manager(workdir, config.train)
+  restored = restore(mgr, state, shardings)
+  data_state = None
+  if restored is not None:
+    state, data_state = restored
+  train_step = make_train_step(config, strategy, tx, shardings)
+  eval_step = make_eval_step(strategy, shardings['params'])
+  batch_sharding = strategy.batch_sharding()
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_step = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * (
+      tokens_per_step)
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  step = int(jax.device_get(state['step']))
+  batches = source.train_batches(data_state)
+  last: dict[str, float] = {}
+  window_start, window_steps = None, 0
+  while step < config.train.steps:
+    batch, data_state = next(batches)
+    state, metrics = train_step(state, to_global(batch, batch_sharding))
+    step += 1
+    window_steps += 1
+    if window_start is None:  # the first step compiles; time from its end
+      jax.block_until_ready(state['step'])
+      window_start, window_steps = time.perf_counter(), 0
+    done = step == config.train.steps
+    log_now = step % config.train.log_every == 0 or done
+    eval_now = step % config.train.eval_every == 0 or done
+    if log_now or eval_now:
+      last = _scalars(metrics)
+      jax.block_until_ready(state['step'])
+      if window_steps:
+        step_time = (time.perf_counter() - window_start) / window_steps
+        last['step_time_s'] = step_time
+        last['tokens_per_sec'] = tokens_per_step / step_time
+        last['mfu'] = (flops_per_step / step_time / (peak * len(strategy.devices))
+                       if peak else None)
+      logging.info('step %d/%d  loss %.4f  aux %.4f  dropped %.3f  grad_norm %.3f  %s tok/s',
+                   step, config.train.steps, last['loss'], last['aux_loss'],
+                   last['dropped_token_fraction'], last['grad_norm'],
+                   f"{last['tokens_per_sec']:.0f}" if 'tokens_per_sec' in last else '-')
+      if eval_now:
+        last.update(evaluate(eval_step, state['params'], source, config.train.eval_steps,
+                             batch_sharding))
+        logging.info('step %d  eval_loss %.4f', step, last['eval_loss'])
+      writer.write(step, last)
+    if step % config.train.checkpoint_every == 0 or done:
+      save(mgr, state, data_state)
+    if log_now or eval_now:
+      window_start, window_steps = time.perf_counter(), 0
+  mgr.wait_until_finished()
+  mgr.close()
+  writer.close()
+  return last
