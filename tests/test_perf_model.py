@@ -1,0 +1,187 @@
+"""Hand-computed checks of the analytic performance model and the planner (no JAX, seconds)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mas_jax import perf_model as pm
+
+# The seed model (configs/paper.py), written out so the test does not need ml_collections.
+SEED = pm.ModelSpec(
+  vocab_size=32000,
+  num_layers=4,
+  d_model=4096,
+  num_heads=32,
+  num_experts=16,
+  top_k=2,
+  expert_hidden=16384,
+  seq_len=2048,
+  batch_size=1024,
+)
+A100 = pm.HARDWARE['a100_80g']
+SEED_HW = dataclasses.replace(A100, gpus_per_node=4)
+DECODE = pm.Workload('decode', 24, 2048)
+
+
+def test_params_and_flops_by_hand():
+  d, f, v = 4096, 16384, 32000
+  attn = 4 * d * d + 2 * d
+  moe = 16 * 2 * d * f + d * 16
+  assert pm.attn_params_per_layer(SEED) == attn == 67_117_056
+  assert pm.moe_params_per_layer(SEED) == moe == 2_147_549_184
+  assert pm.total_params(SEED) == 4 * (attn + moe) + 2 * v * d + d
+  active = 4 * (4 * d * d + d * 16 + 2 * 2 * d * f) + d * v
+  assert pm.active_matmul_params(SEED) == active
+  # 6 N + 6 L S D: the causal half of PaLM's 12 L S D.
+  assert pm.train_flops_per_token(SEED) == pytest.approx(6 * active + 6 * 4 * 2048 * d)
+  # Decode at context c attends to all c keys: 2 N + 4 L c D.
+  assert pm.forward_flops_per_token(SEED, 1000, causal=False) == pytest.approx(
+    2 * active + 4 * 4 * 1000 * d
+  )
+  layer = pm.layer_flops_per_token(SEED, 2048, causal=True)
+  assert layer['moe'] == pytest.approx(2 * 2 * 2 * d * f)  # top-2, two matrices, 2 FLOP/MAC
+
+
+def test_bytes_by_hand():
+  assert pm.kv_bytes_per_token_layer(SEED) == 2 * 4096 * 2
+  acc = pm.accounting(SEED)
+  assert acc['bytes_moe_weights_per_layer'] == pm.moe_params_per_layer(SEED) * 2
+  # Activations: 7 D for attention; D + top_k * 1.25 * (2 D + 2 F) values + fp32 logits for MoE.
+  assert pm.attn_act_bytes_per_token(SEED) == 2 * 7 * 4096
+  assert pm.moe_act_bytes_per_token(SEED) == 2 * (4096 + 2.5 * (2 * 4096 + 2 * 16384)) + 4 * 16
+
+
+def test_roofline_and_collectives_by_hand():
+  assert pm.roofline(312e12, 1.0, A100, 'bfloat16') == (1.0, 'compute')
+  assert pm.roofline(1.0, 2.039e12, A100, 'bfloat16') == (1.0, 'hbm')
+  # 8 ranks over 2 nodes of 4: NVLink 2*3/4*1e9/300e9, IB 2*1/2*(1e9/4)/25e9, 4 latencies.
+  t, bound = pm.all_reduce(1e9, 8, SEED_HW)
+  assert t == pytest.approx(5e-3 + 1e-2 + 3e-5)
+  assert bound == 'scale-out'
+  assert pm.all_reduce(1e9, 1, SEED_HW) == (0.0, 'none')
+  # All-to-all over 8 ranks, 4 per node: 3/7 of the bytes stay on NVLink.
+  t, bound = pm.all_to_all(7e9, 8, SEED_HW)
+  assert (t, bound) == (pytest.approx(4e9 / 25e9 + 10e-6), 'scale-out')
+
+
+def test_routing_probabilities():
+  assert pm.expected_active(16, 24, SEED) == pytest.approx(16 * (1 - (14 / 16) ** 24))
+  # Two of 16 experts hitting a device of 4: 1 - (12/16)(11/15) = 0.45; 4 devices -> 1.8.
+  assert pm.hit_probability(4, SEED) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize(
+  'stages,m,layers,expected',
+  [
+    ([1, 1, 1, 1], 4, 2, 4 + 1 * (4 * 2 - 1)),  # throughput-bound: MegaScale-Infer T_total
+    ([1, 1, 1, 1], 1, 2, 8),  # one micro-batch: serial
+    ([1, 1, 2, 1], 2, 3, 3 * 5 + 1 * 2),  # latency-bound (2 * 2 < 5): a round trip per layer
+    ([1, 1, 4, 1], 2, 3, 7 + 4 * (2 * 3 - 1)),  # throughput-bound again (2 * 4 >= 7)
+  ],
+)
+def test_pipeline(stages, m, layers, expected):
+  assert pm.pipeline(stages, m, layers) == pytest.approx(expected)
+
+
+def test_afd_ceilings():
+  h800 = pm.afd_bw_eff(50e9, 160e9, top_k=8, n_f_nodes=2)
+  assert h800 == 160e9  # scale-up bound: 8/2 * 50 > 160
+  assert round(100 * pm.afd_hfu_ceiling(h800, 2048, 1979e12), 1) == 33.1
+  assert round(100 * pm.afd_hfu_ceiling(50e9, 2048, 1979e12), 1) == 10.3
+  assert round(100 * pm.afd_hfu_ceiling(720e9, 2048, 4500e12), 1) == 65.5
+  # GELU with bf16 both ways: HFU = BW * M / peak.
+  assert pm.afd_hfu_ceiling(12.5e9, 16384, 312e12, 2, 2, 2) == pytest.approx(
+    12.5e9 * 16384 / 312e12
+  )
+
+
+def test_corrected_alpha():
+  assert pm.alpha_afd_exact(0.8, 3, 1) == pytest.approx(0.8 * 4 / 3.4)
+  assert pm.alpha_afd_discrete(0.8, 3, 1) == pytest.approx(4 / 3 * 2 / 3)  # 0.889
+  assert pm.alpha_afd_discrete(0.8, 12, 4) == pytest.approx(16 / 12 * 9 / 13)  # 0.923
+  assert pm.alpha_afd_as_printed(0.8, 3, 1) == pytest.approx(8 / 3)  # the typo exceeds 1
+  for sigma in (0.7, 0.75, 0.8, 0.85):
+    assert pm.alpha_afd_discrete(sigma, 3, 1) <= pm.alpha_afd_exact(sigma, 3, 1) <= 1
+  assert pm.alpha_ep(4, 0.8) == pytest.approx(5 / 5.25)
+
+
+def test_seed_decode_12_4_cannot_reach_claim():
+  p = pm.best_ma_sep(SEED, SEED_HW, DECODE, 12, 4)
+  # Floor: every layer streams the expected active experts of a 4-expert device through HBM.
+  stream = pm.expected_active(4, 24, SEED) * pm.expert_params(SEED) * 2 / A100.hbm_bw
+  assert p.step_s > 4 * stream > 1.82e-3
+  assert p.tokens_per_s == pytest.approx(24 / p.step_s)
+  assert p.busy['attention'] < 0.2 < p.busy['experts']
+  assert p.fits
+
+
+def test_planner_moe_heavy_training_picks_more_expert_devices():
+  heavy = dataclasses.replace(
+    SEED,
+    num_experts=64,
+    expert_hidden=32768,
+    num_heads=16,
+    batch_size=64,
+    seq_len=1024,
+    vocab_size=1024,
+  )
+  hw = dataclasses.replace(pm.HARDWARE['h100'], hbm_bytes=1e13)  # memory is not the question
+  preds = pm.plan(heavy, hw, pm.Workload('train', 64, 1024), 16)
+  best = next(p for p in preds if p.strategy == 'ma_sep')
+  n_attn, n_moe = (int(x) for x in best.split.split(':'))
+  assert n_moe > n_attn
+  assert best.busy['experts'] > 0.8
+
+
+def test_calibration_overrides_modelled_figures(tmp_path):
+  path = tmp_path / 'cal.json'
+  path.write_text(
+    json.dumps(
+      {
+        'device': 'test GPU',
+        'matmul_tflops': 200.0,
+        'kernels': {
+          'attention': [{'mode': 'decode', 'heads': 3, 'batch': 24, 'seq': 2048, 'time_s': 1e-3}],
+          'expert_ffn': [
+            {'local_experts': 4, 'tokens': 10, 'time_s': 1e-4},
+            {'local_experts': 4, 'tokens': 50, 'time_s': 5e-4},
+          ],
+        },
+      }
+    )
+  )
+  cal = pm.Calibration.load(str(path))
+  hw, measured = cal.apply(SEED_HW, 'bfloat16')
+  assert hw.bf16_flops == 200e12 and measured == ['bf16_flops']
+  modelled = pm.predict_ma_sep(SEED, hw, DECODE, 12, 4, 1)
+  p = pm.predict_ma_sep(SEED, hw, DECODE, 12, 4, 1, cal)
+  attn = {t.name: t for t in p.terms}['attention']
+  assert attn.measured and attn.time_s == pytest.approx(4 * 1e-3)
+  assert not {t.name: t for t in modelled.terms}['attention'].measured
+  assert p.step_s > modelled.step_s
+  # 48 token-expert pairs reach a 4-expert device: the line through (10, 1e-4), (50, 5e-4).
+  assert cal.expert_time(SEED, 4, 48 * 4 / 16 * 4, 16384) == pytest.approx(4.8e-4)
+  assert 'experts' in p.measured
+  assert cal.attention_time(SEED, 'decode', 4, 24, 2048) is None  # no entry for 4 heads
+
+
+def test_load_hardware_json_and_overrides(tmp_path):
+  path = tmp_path / 'hw.json'
+  path.write_text(json.dumps({'base': 'h100', 'hbm_bw': 3.0e12}))
+  hw = pm.load_hardware(str(path), {'gpus_per_node': 4})
+  assert (hw.hbm_bw, hw.gpus_per_node, hw.bf16_flops) == (3.0e12, 4, 989.4e12)
+  assert pm.load_hardware('a100_80g').peak_flops('float8') == 312e12
+
+
+def test_reproduce_afd_cli(tmp_path):
+  out = subprocess.run(
+    [sys.executable, '-m', 'mas_jax.plan', '--reproduce=afd', f'--plot_dir={tmp_path}'],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert '33.1 %' in out.stdout and '65.5 %' in out.stdout
+  assert (tmp_path / 'afd_roofline.png').stat().st_size > 10_000
