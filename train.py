@@ -16,17 +16,27 @@ from ml_collections import config_flags
 from mas_jax import train_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', '/tmp/mas_jax/tiny',
-                    'Checkpoints, metrics.jsonl, TensorBoard and config.json; resumed if present.')
-config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (ml_collections).',
-                                lock_config=True)
+flags.DEFINE_string(
+  'workdir',
+  '/tmp/mas_jax/tiny',
+  'Checkpoints, metrics.jsonl, TensorBoard and config.json; resumed if present.',
+)
+config_flags.DEFINE_config_file(
+  'config', 'configs/tiny.py', 'Config file (ml_collections).', lock_config=True
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.info('JAX %s, process %d of %d, %d devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
+  logging.info(
+    'JAX %s, process %d of %d, %d devices: %s',
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
   logging.info('Config:\n%s', FLAGS.config)
   train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -102,8 +102,12 @@ class Config:
 
 def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
   """Converts a ConfigDict (as loaded by config_flags) to a validated frozen `Config`."""
-  sections = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig,
-              'parallel': ParallelConfig}
+  sections = {
+    'model': ModelConfig,
+    'data': DataConfig,
+    'train': TrainConfig,
+    'parallel': ParallelConfig,
+  }
   kwargs = {}
   for name, cls in sections.items():
     given = dict(cd[name])
@@ -124,30 +128,49 @@ def _check(ok: bool, message: str) -> None:
 def validate(config: Config) -> None:
   """Raises ConfigError for the first bad value or combination, naming the numbers involved."""
   m, d, t, p = config.model, config.data, config.train, config.parallel
-  for name in ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_experts', 'top_k',
-               'expert_hidden'):
+  for name in (
+    'vocab_size',
+    'num_layers',
+    'd_model',
+    'num_heads',
+    'num_experts',
+    'top_k',
+    'expert_hidden',
+  ):
     _check(getattr(m, name) > 0, f'model.{name}={getattr(m, name)} must be positive')
-  _check(m.d_model % m.num_heads == 0,
-         f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}')
+  _check(
+    m.d_model % m.num_heads == 0,
+    f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}',
+  )
   _check(m.head_dim % 2 == 0, f'head_dim={m.head_dim} (d_model/num_heads) must be even for RoPE')
-  _check(m.top_k <= m.num_experts,
-         f'model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}')
-  _check(m.activation in _ACTIVATIONS,
-         f'model.activation={m.activation!r} is not one of {_ACTIVATIONS}')
-  _check(m.compute_dtype in _DTYPES,
-         f'model.compute_dtype={m.compute_dtype!r} is not one of {_DTYPES}')
-  _check(0.0 <= m.expert_dropout < 1.0,
-         f'model.expert_dropout={m.expert_dropout} must be in [0, 1)')
-  _check(m.dropless or m.capacity_factor > 0,
-         f'model.capacity_factor={m.capacity_factor} must be positive (or set model.dropless)')
-  _check(m.aux_loss_coef >= 0 and m.z_loss_coef >= 0,
-         f'aux_loss_coef={m.aux_loss_coef} and z_loss_coef={m.z_loss_coef} must be >= 0')
+  _check(
+    m.top_k <= m.num_experts, f'model.top_k={m.top_k} exceeds model.num_experts={m.num_experts}'
+  )
+  _check(
+    m.activation in _ACTIVATIONS, f'model.activation={m.activation!r} is not one of {_ACTIVATIONS}'
+  )
+  _check(
+    m.compute_dtype in _DTYPES, f'model.compute_dtype={m.compute_dtype!r} is not one of {_DTYPES}'
+  )
+  _check(
+    0.0 <= m.expert_dropout < 1.0, f'model.expert_dropout={m.expert_dropout} must be in [0, 1)'
+  )
+  _check(
+    m.dropless or m.capacity_factor > 0,
+    f'model.capacity_factor={m.capacity_factor} must be positive (or set model.dropless)',
+  )
+  _check(
+    m.aux_loss_coef >= 0 and m.z_loss_coef >= 0,
+    f'aux_loss_coef={m.aux_loss_coef} and z_loss_coef={m.z_loss_coef} must be >= 0',
+  )
 
   _check(d.source in _SOURCES, f'data.source={d.source!r} is not one of {_SOURCES}')
   _check(d.seq_len > 0, f'data.seq_len={d.seq_len} must be positive')
   _check(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive')
-  _check(d.shuffle_buffer > 0 and d.prefetch >= 0,
-         f'data.shuffle_buffer={d.shuffle_buffer} must be > 0, data.prefetch={d.prefetch} >= 0')
+  _check(
+    d.shuffle_buffer > 0 and d.prefetch >= 0,
+    f'data.shuffle_buffer={d.shuffle_buffer} must be > 0, data.prefetch={d.prefetch} >= 0',
+  )
 
   _check(t.steps > 0, f'train.steps={t.steps} must be positive')
   _check(t.learning_rate > 0, f'train.learning_rate={t.learning_rate} must be positive')
@@ -158,8 +181,9 @@ def validate(config: Config) -> None:
   for name in ('log_every', 'eval_every', 'eval_steps', 'checkpoint_every', 'keep_checkpoints'):
     _check(getattr(t, name) > 0, f'train.{name}={getattr(t, name)} must be positive')
 
-  _check(p.num_microbatches > 0,
-         f'parallel.num_microbatches={p.num_microbatches} must be positive')
-  _check(d.batch_size % p.num_microbatches == 0,
-         f'parallel.num_microbatches={p.num_microbatches} does not divide '
-         f'data.batch_size={d.batch_size}')
+  _check(p.num_microbatches > 0, f'parallel.num_microbatches={p.num_microbatches} must be positive')
+  _check(
+    d.batch_size % p.num_microbatches == 0,
+    f'parallel.num_microbatches={p.num_microbatches} does not divide '
+    f'data.batch_size={d.batch_size}',
+  )

@@ -27,14 +27,26 @@ PEAK_FLOPS = {'h100': 989e12, 'h200': 989e12, 'a100': 312e12}
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts: total, attention, moe, embeddings, and active per token."""
-  d, n, h, e, f, v, l = (cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.num_experts,
-                         cfg.expert_hidden, cfg.vocab_size, cfg.num_layers)
-  attn = l * (4 * d * n * h + d)  # projections + norm scale
-  moe = l * (d * e + 2 * e * d * f + d)  # router + experts + norm scale
+  d, n, h, e, f, v, n_layers = (
+    cfg.d_model,
+    cfg.num_heads,
+    cfg.head_dim,
+    cfg.num_experts,
+    cfg.expert_hidden,
+    cfg.vocab_size,
+    cfg.num_layers,
+  )
+  attn = n_layers * (4 * d * n * h + d)  # projections + norm scale
+  moe = n_layers * (d * e + 2 * e * d * f + d)  # router + experts + norm scale
   embed = 2 * v * d + d  # embedding, output head, final norm
-  active_matmul = l * (4 * d * n * h + d * e + cfg.top_k * 2 * d * f) + d * v
-  return {'total': attn + moe + embed, 'attention': attn, 'moe': moe, 'embeddings': embed,
-          'active_matmul': active_matmul}
+  active_matmul = n_layers * (4 * d * n * h + d * e + cfg.top_k * 2 * d * f) + d * v
+  return {
+    'total': attn + moe + embed,
+    'attention': attn,
+    'moe': moe,
+    'embeddings': embed,
+    'active_matmul': active_matmul,
+  }
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -11,7 +11,7 @@ Parameters are float32; matmuls and activations run in `ModelConfig.compute_dtyp
 Example:
   model = Transformer(model_config, rngs=nnx.Rngs(0))
   logits, stats = model(tokens)                   # tokens [B, T] int32
-  loss, metrics = loss_fn(model_config, nnx.state(model, nnx.Param).to_pure_dict(), batch)
+  loss, metrics = loss_fn(model_config, nnx.to_pure_dict(nnx.state(model, nnx.Param)), batch)
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = nnx.Param(
-        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32))
+      jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
+    )
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -84,7 +85,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, dropout_key: jax.Array | None = None):
     """tokens[B, T] -> (logits[B, T, V] float32, stats summed over layers; see layers/moe.py)."""
-    return forward(self.cfg, nnx.state(self, nnx.Param).to_pure_dict(), tokens, dropout_key)
+    return forward(self.cfg, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens, dropout_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,18 +93,29 @@ class Transformer(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def block_forward(cfg: ModelConfig, p: dict, x: jax.Array, dropout_key: jax.Array | None,
-                  group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict]:
+def block_forward(
+  cfg: ModelConfig,
+  p: dict,
+  x: jax.Array,
+  dropout_key: jax.Array | None,
+  group_offset: int | jax.Array = 0,
+) -> tuple[jax.Array, dict]:
   """One block on x[B, T, D] (compute dtype) with one layer's parameters p (no layer axis)."""
   positions = jnp.arange(x.shape[1])
   h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
   x = x + attn_lib.attention(h, p['attn'], positions, cfg.rope_base)
   h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
-  cap = moe_lib.capacity(x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor,
-                         cfg.dropless)
-  y, stats = moe_lib.moe_ffn(h, p['moe'], top_k=cfg.top_k, cap=cap, activation=cfg.activation,
-                             dropout_rate=cfg.expert_dropout, dropout_key=dropout_key,
-                             group_offset=group_offset)
+  cap = moe_lib.capacity(x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless)
+  y, stats = moe_lib.moe_ffn(
+    h,
+    p['moe'],
+    top_k=cfg.top_k,
+    cap=cap,
+    activation=cfg.activation,
+    dropout_rate=cfg.expert_dropout,
+    dropout_key=dropout_key,
+    group_offset=group_offset,
+  )
   return x + y, stats
 
 
@@ -114,9 +126,13 @@ def layer_keys(dropout_key: jax.Array | None, num_layers: int) -> jax.Array | No
   return jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(num_layers))
 
 
-def forward(cfg: ModelConfig, params: dict, tokens: jax.Array,
-            dropout_key: jax.Array | None = None,
-            group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict]:
+def forward(
+  cfg: ModelConfig,
+  params: dict,
+  tokens: jax.Array,
+  dropout_key: jax.Array | None = None,
+  group_offset: int | jax.Array = 0,
+) -> tuple[jax.Array, dict]:
   """Full model: tokens[B, T] -> logits[B, T, V] float32, stats summed over layers.
 
   `group_offset` is the global index of tokens[0] in the batch (for the expert dropout mask), so
@@ -143,8 +159,9 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
-def finalize_loss(cfg: ModelConfig, ce_sum: jax.Array, stats: dict, batch_size: int,
-                  seq_len: int) -> tuple[jax.Array, dict]:
+def finalize_loss(
+  cfg: ModelConfig, ce_sum: jax.Array, stats: dict, batch_size: int, seq_len: int
+) -> tuple[jax.Array, dict]:
   """Turns global sums into the loss and metrics; every strategy ends with this.
 
   loss = mean token cross entropy + aux_loss_coef * aux + z_loss_coef * z, where aux is the
@@ -164,24 +181,32 @@ def finalize_loss(cfg: ModelConfig, ce_sum: jax.Array, stats: dict, batch_size: 
   z = stats['z_loss_sum'] / (tokens * layers)
   loss = ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
   metrics = {
-      'loss': loss, 'ce_loss': ce, 'aux_loss': aux, 'z_loss': z,
-      'dropped_token_fraction': stats['dropped'] / (tokens * cfg.top_k * layers),
-      'expert_load': stats['expert_counts'] / (tokens * cfg.top_k * layers),  # [E]
+    'loss': loss,
+    'ce_loss': ce,
+    'aux_loss': aux,
+    'z_loss': z,
+    'dropped_token_fraction': stats['dropped'] / (tokens * cfg.top_k * layers),
+    'expert_load': stats['expert_counts'] / (tokens * cfg.top_k * layers),  # [E]
   }
   return loss, metrics
 
 
-def loss_sums(cfg: ModelConfig, params: dict, batch: jax.Array,
-              dropout_key: jax.Array | None = None,
-              group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict]:
+def loss_sums(
+  cfg: ModelConfig,
+  params: dict,
+  batch: jax.Array,
+  dropout_key: jax.Array | None = None,
+  group_offset: int | jax.Array = 0,
+) -> tuple[jax.Array, dict]:
   """Cross-entropy sum and routing stats of a packed batch[B, T + 1] (or a shard of one)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
   logits, stats = forward(cfg, params, inputs, dropout_key, group_offset)
   return cross_entropy_sum(logits, targets), stats
 
 
-def loss_fn(cfg: ModelConfig, params: dict, batch: jax.Array,
-            dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def loss_fn(
+  cfg: ModelConfig, params: dict, batch: jax.Array, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, dict]:
   """Reference loss of a packed batch[B, T + 1] (inputs batch[:, :-1], targets batch[:, 1:])."""
   ce_sum, stats = loss_sums(cfg, params, batch, dropout_key)
   return finalize_loss(cfg, ce_sum, stats, batch.shape[0], batch.shape[1] - 1)

@@ -7,7 +7,6 @@ parameter and batch shardings and the loss; everything here works for all of the
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -38,9 +37,12 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   Warmup is clamped to steps - 1, so a short run (`--config.train.steps=20`) still decays.
   """
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.learning_rate,
-      warmup_steps=min(cfg.warmup_steps, cfg.steps - 1),
-      decay_steps=cfg.steps, end_value=cfg.learning_rate * cfg.end_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.learning_rate,
+    warmup_steps=min(cfg.warmup_steps, cfg.steps - 1),
+    decay_steps=cfg.steps,
+    end_value=cfg.learning_rate * cfg.end_lr_ratio,
+  )
 
 
 def decay_mask(params: dict) -> dict:
@@ -56,15 +58,22 @@ def decay_mask(params: dict) -> dict:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with the warmup-cosine schedule."""
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.adamw(
+      learning_rate_schedule(cfg),
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=decay_mask,
+    ),
+  )
 
 
 def init_params(config: Config) -> dict:
   """Parameters of the NNX model as a plain nested dict (the layout all strategies use)."""
   model = model_lib.Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def state_shardings(strategy, tx: optax.GradientTransformation, config: Config) -> dict:
@@ -72,8 +81,13 @@ def state_shardings(strategy, tx: optax.GradientTransformation, config: Config) 
   abstract_params = jax.eval_shape(functools.partial(init_params, config))
   param_sh = strategy.param_shardings(abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: strategy.replicated())
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    abstract_opt,
+    param_sh,
+    transform_non_params=lambda _: strategy.replicated(),
+  )
   return {'step': strategy.replicated(), 'params': param_sh, 'opt_state': opt_sh}
 
 
@@ -103,13 +117,17 @@ def make_train_step(config: Config, strategy, tx, shardings):
     (_, metrics), grads = strategy.value_and_grad(state['params'], batch, dropout_key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(state['step'])
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, metrics
 
-  return jax.jit(train_step, in_shardings=(shardings, strategy.batch_sharding()),
-                 out_shardings=(shardings, strategy.replicated()), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(shardings, strategy.batch_sharding()),
+    out_shardings=(shardings, strategy.replicated()),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(strategy, param_shardings):
@@ -118,8 +136,11 @@ def make_eval_step(strategy, param_shardings):
   def eval_step(params, batch):
     return strategy.loss(params, batch, None)[1]
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, strategy.batch_sharding()),
-                 out_shardings=strategy.replicated())
+  return jax.jit(
+    eval_step,
+    in_shardings=(param_shardings, strategy.batch_sharding()),
+    out_shardings=strategy.replicated(),
+  )
 
 
 def to_global(batch: np.ndarray, sharding) -> jax.Array:
@@ -144,10 +165,12 @@ def evaluate(eval_step, params, source, num_batches: int, sharding) -> dict[str,
 
 
 def checkpoint_manager(workdir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=cfg.keep_checkpoints, create=True, cleanup_tmp_directories=True
+  )
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
+  )
 
 
 def restore(mgr: ocp.CheckpointManager, state: dict, shardings: dict):
@@ -155,10 +178,13 @@ def restore(mgr: ocp.CheckpointManager, state: dict, shardings: dict):
   step = mgr.latest_step()
   if step is None:
     return None
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        state, shardings)
-  restored = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+  )
+  restored = mgr.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+  )
   logging.info('Resumed from the checkpoint of step %d in %s.', step, mgr.directory)
   return restored['state'], restored['data']
 
@@ -166,8 +192,10 @@ def restore(mgr: ocp.CheckpointManager, state: dict, shardings: dict):
 def save(mgr: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
   step = int(jax.device_get(state['step']))
   json_state = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in data_state.items()}
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=ocp.args.JsonSave(json_state)))
+  mgr.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(json_state)),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,10 +218,16 @@ def _scalars(metrics: dict) -> dict[str, float]:
 def log_model_summary(config: Config, strategy) -> None:
   counts = metrics_lib.param_count(config.model)
   flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
-  logging.info('Model: %.4g parameters (attention %.4g, moe %.4g, embeddings %.4g); %.4g active '
-               'matmul parameters and %.4g training FLOPs per token.', counts['total'],
-               counts['attention'], counts['moe'], counts['embeddings'], counts['active_matmul'],
-               flops)
+  logging.info(
+    'Model: %.4g parameters (attention %.4g, moe %.4g, embeddings %.4g); %.4g active '
+    'matmul parameters and %.4g training FLOPs per token.',
+    counts['total'],
+    counts['attention'],
+    counts['moe'],
+    counts['embeddings'],
+    counts['active_matmul'],
+    flops,
+  )
   for line in strategy.describe().splitlines():
     logging.info('%s', line)
 
@@ -228,7 +262,8 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_step = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * (
-      tokens_per_step)
+    tokens_per_step
+  )
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
   step = int(jax.device_get(state['step']))
   batches = source.train_batches(data_state)
@@ -252,15 +287,21 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
         step_time = (time.perf_counter() - window_start) / window_steps
         last['step_time_s'] = step_time
         last['tokens_per_sec'] = tokens_per_step / step_time
-        last['mfu'] = (flops_per_step / step_time / (peak * len(strategy.devices))
-                       if peak else None)
-      logging.info('step %d/%d  loss %.4f  aux %.4f  dropped %.3f  grad_norm %.3f  %s tok/s',
-                   step, config.train.steps, last['loss'], last['aux_loss'],
-                   last['dropped_token_fraction'], last['grad_norm'],
-                   f"{last['tokens_per_sec']:.0f}" if 'tokens_per_sec' in last else '-')
+        last['mfu'] = flops_per_step / step_time / (peak * len(strategy.devices)) if peak else None
+      logging.info(
+        'step %d/%d  loss %.4f  aux %.4f  dropped %.3f  grad_norm %.3f  %s tok/s',
+        step,
+        config.train.steps,
+        last['loss'],
+        last['aux_loss'],
+        last['dropped_token_fraction'],
+        last['grad_norm'],
+        f'{last["tokens_per_sec"]:.0f}' if 'tokens_per_sec' in last else '-',
+      )
       if eval_now:
-        last.update(evaluate(eval_step, state['params'], source, config.train.eval_steps,
-                             batch_sharding))
+        last.update(
+          evaluate(eval_step, state['params'], source, config.train.eval_steps, batch_sharding)
+        )
         logging.info('step %d  eval_loss %.4f', step, last['eval_loss'])
       writer.write(step, last)
     if step % config.train.checkpoint_every == 0 or done:

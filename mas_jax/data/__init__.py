@@ -14,8 +14,13 @@ from mas_jax.config import Config
 
 def get_source(config: Config):
   """The data source of config.data.source for this JAX process."""
-  kwargs = dict(cfg=config.data, vocab_size=config.model.vocab_size, seed=config.seed,
-                process_index=jax.process_index(), process_count=jax.process_count())
+  kwargs = dict(
+    cfg=config.data,
+    vocab_size=config.model.vocab_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   if config.data.source == 'synthetic':
     from mas_jax.data.synthetic import SyntheticSource
 

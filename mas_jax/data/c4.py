@@ -31,8 +31,13 @@ def _import_tf():
   return tf
 
 
-def pack(token_docs: Iterable[np.ndarray], rows: int, row_len: int, docs: int = 0,
-         leftover: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+def pack(
+  token_docs: Iterable[np.ndarray],
+  rows: int,
+  row_len: int,
+  docs: int = 0,
+  leftover: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, dict]]:
   """Packs EOS-terminated token documents into [rows, row_len] batches.
 
   Args:
@@ -55,19 +60,29 @@ def pack(token_docs: Iterable[np.ndarray], rows: int, row_len: int, docs: int = 
     stream = np.concatenate(buf)
     n_batches = stream.size // need
     for i in range(n_batches):
-      rest = stream[(i + 1) * need:]
-      yield stream[i * need:(i + 1) * need].reshape(rows, row_len), {'docs': docs, 'leftover': rest}
+      rest = stream[(i + 1) * need :]
+      yield (
+        stream[i * need : (i + 1) * need].reshape(rows, row_len),
+        {'docs': docs, 'leftover': rest},
+      )
     buf, size = [rest], rest.size
 
 
 class C4Source:
   """Train and eval batches of (prepared or embedded-sample) C4 for this host."""
 
-  def __init__(self, cfg: DataConfig, vocab_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(
+    self,
+    cfg: DataConfig,
+    vocab_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if cfg.batch_size % process_count:
-      raise ValueError(f'data.batch_size={cfg.batch_size} does not divide over '
-                       f'{process_count} processes')
+      raise ValueError(
+        f'data.batch_size={cfg.batch_size} does not divide over {process_count} processes'
+      )
     import tensorflow_datasets as tfds
 
     self.cfg, self.seed = cfg, seed
@@ -86,23 +101,30 @@ class C4Source:
     path = cfg.tokenizer_path
     if not path:
       if not self.is_sample:
-        raise ValueError('data.tokenizer_path is empty: real C4 needs a SentencePiece model '
-                         '(e.g. the T5 C4 vocabulary)')
+        raise ValueError(
+          'data.tokenizer_path is empty: real C4 needs a SentencePiece model '
+          '(e.g. the T5 C4 vocabulary)'
+        )
       path = os.path.join(self.data_dir, f'mas_jax_sample_spm_{vocab_size}.model')
       if not os.path.exists(path):
-        tok_lib.train(self._texts(cfg.train_split, shuffle=False, repeat=False), path,
-                      vocab_size)
+        tok_lib.train(self._texts(cfg.train_split, shuffle=False, repeat=False), path, vocab_size)
     self.tokenizer = tok_lib.load(path, vocab_size)
     self._tfds = tfds
 
   def _texts(self, split: str, shuffle: bool, repeat: bool, skip: int = 0) -> Iterator[str]:
     tf = _import_tf()
     tfds = __import__('tensorflow_datasets')
-    split = tfds.split_for_jax_process(split, process_index=self.process_index,
-                                       process_count=self.process_count)
-    ds = tfds.load(self.name, split=split, data_dir=self.data_dir, download=False,
-                   shuffle_files=shuffle,
-                   read_config=tfds.ReadConfig(shuffle_seed=self.seed, interleave_cycle_length=1))
+    split = tfds.split_for_jax_process(
+      split, process_index=self.process_index, process_count=self.process_count
+    )
+    ds = tfds.load(
+      self.name,
+      split=split,
+      data_dir=self.data_dir,
+      download=False,
+      shuffle_files=shuffle,
+      read_config=tfds.ReadConfig(shuffle_seed=self.seed, interleave_cycle_length=1),
+    )
     ds = ds.map(lambda ex: ex['text'], num_parallel_calls=1, deterministic=True)
     if repeat:
       ds = ds.repeat()
@@ -123,8 +145,7 @@ class C4Source:
     docs = int(state['docs']) if state else 0
     leftover = np.asarray(state['leftover'], np.int32) if state else None
     texts = self._texts(self.cfg.train_split, shuffle=True, repeat=True, skip=docs)
-    batches = pack(self._token_docs(texts), self.host_batch, self.cfg.seq_len + 1, docs,
-                   leftover)
+    batches = pack(self._token_docs(texts), self.host_batch, self.cfg.seq_len + 1, docs, leftover)
     return _prefetch(batches, self.cfg.prefetch)
 
   def eval_batches(self, num_batches: int) -> Iterator[np.ndarray]:
@@ -146,8 +167,13 @@ def _prefetch(batches: Iterator[tuple[np.ndarray, dict]], depth: int):
     for batch, state in batches:
       yield batch, state['docs'], state['leftover']
 
-  ds = tf.data.Dataset.from_generator(gen, output_signature=(
-      tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int64),
-      tf.TensorSpec([None], tf.int32))).prefetch(depth)
+  ds = tf.data.Dataset.from_generator(
+    gen,
+    output_signature=(
+      tf.TensorSpec([None, None], tf.int32),
+      tf.TensorSpec([], tf.int64),
+      tf.TensorSpec([None], tf.int32),
+    ),
+  ).prefetch(depth)
   for batch, docs, leftover in ds.as_numpy_iterator():
     yield batch, {'docs': int(docs), 'leftover': leftover}

@@ -39,8 +39,11 @@ def stdlib_documents(max_chars: int = 4_000_000) -> list[tuple[str, str]]:
       tree = ast.parse(path.read_text(encoding='utf-8'))
     except (SyntaxError, UnicodeDecodeError, ValueError):
       continue
-    nodes = [tree] + [n for n in ast.walk(tree)
-                      if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
+    nodes = [tree] + [
+      n
+      for n in ast.walk(tree)
+      if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    ]
     for node in nodes:
       text = ast.get_docstring(node)
       if text and len(text) >= _MIN_CHARS and text.isascii():
@@ -56,8 +59,13 @@ def _is_validation(key: str) -> bool:
 
 
 def _c4_example(key: str, text: str) -> dict[str, str]:
-  return {'text': text, 'url': f'python-stdlib://{key}', 'content-type': 'text/plain',
-          'content-length': str(len(text)), 'timestamp': '2026-11-01T00:00:00Z'}
+  return {
+    'text': text,
+    'url': f'python-stdlib://{key}',
+    'content-type': 'text/plain',
+    'content-length': str(len(text)),
+    'timestamp': '2026-11-01T00:00:00Z',
+  }
 
 
 def build(data_dir: str, version: str) -> int:
@@ -75,8 +83,15 @@ def build(data_dir: str, version: str) -> int:
   tmp = tempfile.mkdtemp(prefix='.c4_sample_', dir=final.parent)
   try:
     tfds.dataset_builders.store_as_tfds_dataset(
-        name='c4', config='en', version=version, features=features, split_datasets=splits,
-        data_dir=tmp, file_format='tfrecord', description='mas-jax embedded C4-format sample')
+      name='c4',
+      config='en',
+      version=version,
+      features=features,
+      split_datasets=splits,
+      data_dir=tmp,
+      file_format='tfrecord',
+      description='mas-jax embedded C4-format sample',
+    )
     built = pathlib.Path(tmp) / 'c4' / 'en' / version
     (built / SAMPLE_MARKER).write_text(f'{len(docs)} documents of Python stdlib docstrings\n')
     try:
@@ -86,9 +101,13 @@ def build(data_dir: str, version: str) -> int:
         raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  logging.info('No prepared C4 in %s: built the embedded C4-format sample there (%d train, %d '
-               'validation documents of Python stdlib docstrings).', data_dir,
-               len(splits['train']), len(splits['validation']))
+  logging.info(
+    'No prepared C4 in %s: built the embedded C4-format sample there (%d train, %d '
+    'validation documents of Python stdlib docstrings).',
+    data_dir,
+    len(splits['train']),
+    len(splits['validation']),
+  )
   return len(docs)
 
 

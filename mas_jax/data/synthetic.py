@@ -14,11 +14,18 @@ class SyntheticSource:
 
   is_sample = False
 
-  def __init__(self, cfg: DataConfig, vocab_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(
+    self,
+    cfg: DataConfig,
+    vocab_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if cfg.batch_size % process_count:
-      raise ValueError(f'data.batch_size={cfg.batch_size} does not divide over '
-                       f'{process_count} processes')
+      raise ValueError(
+        f'data.batch_size={cfg.batch_size} does not divide over {process_count} processes'
+      )
     self.shape = (cfg.batch_size // process_count, cfg.seq_len + 1)
     self.vocab_size, self.seed, self.process_index = vocab_size, seed, process_index
 

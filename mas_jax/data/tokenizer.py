@@ -16,8 +16,9 @@ def load(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     raise FileNotFoundError(f'data.tokenizer_path={path!r} does not exist')
   sp = spm.SentencePieceProcessor(model_file=path)
   if sp.get_piece_size() > vocab_size:
-    raise ValueError(f'tokenizer {path} has {sp.get_piece_size()} pieces, more than '
-                     f'model.vocab_size={vocab_size}')
+    raise ValueError(
+      f'tokenizer {path} has {sp.get_piece_size()} pieces, more than model.vocab_size={vocab_size}'
+    )
   if sp.eos_id() < 0:
     raise ValueError(f'tokenizer {path} has no EOS piece; documents need one between them')
   return sp
@@ -33,8 +34,17 @@ def train(texts, path: str, vocab_size: int) -> None:
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     prefix = os.path.join(tmp, 'spm')
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
-        model_type='bpe', character_coverage=1.0, num_threads=2, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, minloglevel=2)
+      sentence_iterator=iter(texts),
+      model_prefix=prefix,
+      vocab_size=vocab_size,
+      model_type='bpe',
+      character_coverage=1.0,
+      num_threads=2,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=-1,
+      minloglevel=2,
+    )
     os.replace(prefix + '.model', target)
   logging.info('Trained a %d-piece SentencePiece vocabulary on the sample: %s', vocab_size, path)

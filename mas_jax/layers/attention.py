@@ -20,7 +20,8 @@ def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
   x32 = x.astype(jnp.float32)
   # lax.rsqrt rather than 1/sqrt: one op, and the same floats on every strategy.
   normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + _NORM_EPS)
-  return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+  scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
+  return (normed * scale).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -35,8 +36,12 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 def qkv_projection(
-    x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, positions: jax.Array,
-    rope_base: float,
+  x: jax.Array,
+  wq: jax.Array,
+  wk: jax.Array,
+  wv: jax.Array,
+  positions: jax.Array,
+  rope_base: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Stage 1: projects normed x[B, T, D] onto the given heads; RoPE applied to q and k.
 
@@ -69,8 +74,11 @@ def output_projection(o: jax.Array, wo: jax.Array) -> jax.Array:
 
 
 def attention(
-    x: jax.Array, params: dict, positions: jax.Array, rope_base: float,
-    head_mask: jax.Array | None = None,
+  x: jax.Array,
+  params: dict,
+  positions: jax.Array,
+  rope_base: float,
+  head_mask: jax.Array | None = None,
 ) -> jax.Array:
   """Multi-head causal self-attention of normed x[B, T, D] -> [B, T, D].
 

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 
 
-def capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float,
-             dropless: bool) -> int:
+def capacity(
+  seq_len: int, top_k: int, num_experts: int, capacity_factor: float, dropless: bool
+) -> int:
   """Slots per expert and group; never more than seq_len, which already drops nothing."""
   if dropless:
     return seq_len
@@ -65,8 +66,11 @@ def routing_stats(route: dict[str, jax.Array], num_experts: int) -> dict[str, ja
   p = jnp.mean(probs, axis=1)  # [G, E]
   aux = num_experts * jnp.sum(f * p, axis=-1)  # [G]
   z = jnp.square(jax.nn.logsumexp(route['logits'], axis=-1))  # [G, S]
-  return {'aux_loss_sum': jnp.sum(aux), 'z_loss_sum': jnp.sum(z),
-          'expert_counts': jnp.sum(counts, axis=0)}
+  return {
+    'aux_loss_sum': jnp.sum(aux),
+    'z_loss_sum': jnp.sum(z),
+    'expert_counts': jnp.sum(counts, axis=0),
+  }
 
 
 def dispatch_positions(experts: jax.Array, num_experts: int) -> jax.Array:
@@ -80,8 +84,9 @@ def dispatch_positions(experts: jax.Array, num_experts: int) -> jax.Array:
   return jnp.swapaxes(pos, 1, 2)
 
 
-def dispatch(x: jax.Array, experts: jax.Array, positions: jax.Array, num_experts: int,
-             cap: int) -> jax.Array:
+def dispatch(
+  x: jax.Array, experts: jax.Array, positions: jax.Array, num_experts: int, cap: int
+) -> jax.Array:
   """Scatters tokens x[G, S, D] into expert buffers [G, E, C, D]; over-capacity ones vanish."""
   g, s, k = experts.shape
   gi = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
@@ -103,8 +108,9 @@ def combine(y: jax.Array, experts: jax.Array, positions: jax.Array, gates: jax.A
   return jnp.einsum('GSKD,GSK->GSD', out, weight)
 
 
-def dropout_keep_mask(key: jax.Array, group_ids: jax.Array, expert_ids: jax.Array,
-                      shape: tuple[int, int], rate: float) -> jax.Array:
+def dropout_keep_mask(
+  key: jax.Array, group_ids: jax.Array, expert_ids: jax.Array, shape: tuple[int, int], rate: float
+) -> jax.Array:
   """Expert dropout keep-mask [G, E, C, F] that depends only on global (group, expert) ids.
 
   Each (group, expert) block draws from `fold_in(fold_in(key, group), expert)`, so a strategy
@@ -112,14 +118,21 @@ def dropout_keep_mask(key: jax.Array, group_ids: jax.Array, expert_ids: jax.Arra
   """
 
   def block(g, e):
-    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, g), e), 1.0 - rate,
-                                shape)
+    return jax.random.bernoulli(
+      jax.random.fold_in(jax.random.fold_in(key, g), e), 1.0 - rate, shape
+    )
 
   return jax.vmap(lambda g: jax.vmap(lambda e: block(g, e))(expert_ids))(group_ids)
 
 
-def expert_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
-               keep_mask: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+def expert_ffn(
+  x: jax.Array,
+  w_in: jax.Array,
+  w_out: jax.Array,
+  activation: str,
+  keep_mask: jax.Array | None = None,
+  rate: float = 0.0,
+) -> jax.Array:
   """Experts: x[G, E, C, D] -> act(x @ w_in[E, D, F]) (dropout) @ w_out[E, F, D] -> [G, E, C, D].
 
   With a slice of F (tensor parallelism) the output is a partial sum over F.
@@ -132,9 +145,17 @@ def expert_ffn(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str,
   return jnp.einsum('GECF,EFD->GECD', h, w_out.astype(dtype))
 
 
-def moe_ffn(x: jax.Array, params: dict, *, top_k: int, cap: int, activation: str,
-            dropout_rate: float = 0.0, dropout_key: jax.Array | None = None,
-            group_offset: int | jax.Array = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def moe_ffn(
+  x: jax.Array,
+  params: dict,
+  *,
+  top_k: int,
+  cap: int,
+  activation: str,
+  dropout_rate: float = 0.0,
+  dropout_key: jax.Array | None = None,
+  group_offset: int | jax.Array = 0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The MoE FFN of one device holding all experts: normed x[G, S, D] -> y[G, S, D], stats.
 
   Args:
@@ -156,8 +177,9 @@ def moe_ffn(x: jax.Array, params: dict, *, top_k: int, cap: int, activation: str
     mask = None
     if dropout_key is not None and dropout_rate > 0:
       groups = group_offset + jnp.arange(x.shape[0])
-      mask = dropout_keep_mask(dropout_key, groups, jnp.arange(num_experts),
-                               (cap, params['w_in'].shape[-1]), dropout_rate)
+      mask = dropout_keep_mask(
+        dropout_key, groups, jnp.arange(num_experts), (cap, params['w_in'].shape[-1]), dropout_rate
+      )
     ye = expert_ffn(xe, params['w_in'], params['w_out'], activation, mask, dropout_rate)
   with jax.named_scope('combine'):
     y = combine(ye, route['experts'], pos, route['gates'])

@@ -11,8 +11,8 @@ from mas_jax.strategies.dp import DataParallel
 from mas_jax.strategies.reference import Reference
 
 REGISTRY: dict[str, type[base.Strategy]] = {
-    Reference.name: Reference,
-    DataParallel.name: DataParallel,
+  Reference.name: Reference,
+  DataParallel.name: DataParallel,
 }
 
 

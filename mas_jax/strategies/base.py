@@ -2,9 +2,9 @@
 
 A strategy owns placement: the mesh, how parameters and the batch are sharded, and a
 `loss(params, batch, dropout_key)` that returns `(loss, metrics)` equal to the single-device
-reference model's, gradients included (`value_and_grad` differentiates it). `train_lib` is strategy-agnostic: it jits one train step around
-`value_and_grad` with the strategy's shardings, and the optimizer state is sharded like the
-parameters it belongs to.
+reference model's, gradients included (`value_and_grad` differentiates it). `train_lib` is
+strategy-agnostic: it jits one train step around `value_and_grad` with the strategy's
+shardings, and the optimizer state is sharded like the parameters it belongs to.
 """
 
 from __future__ import annotations
@@ -43,12 +43,14 @@ class Strategy(abc.ABC):
     """PartitionSpec of the packed batch [B, T + 1]."""
 
   @abc.abstractmethod
-  def loss(self, params: dict, batch: jax.Array,
-           dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+  def loss(
+    self, params: dict, batch: jax.Array, dropout_key: jax.Array | None
+  ) -> tuple[jax.Array, dict]:
     """(loss, metrics) of the batch, equal to `model.loss_fn`; traced inside jit."""
 
-  def value_and_grad(self, params: dict, batch: jax.Array,
-                     dropout_key: jax.Array | None) -> tuple[tuple[jax.Array, dict], dict]:
+  def value_and_grad(
+    self, params: dict, batch: jax.Array, dropout_key: jax.Array | None
+  ) -> tuple[tuple[jax.Array, dict], dict]:
     """((loss, metrics), grads) of the batch."""
     return jax.value_and_grad(self.loss, has_aux=True)(params, batch, dropout_key)
 
@@ -73,8 +75,9 @@ class Strategy(abc.ABC):
 
 def finalize(config: Config, ce_sum: jax.Array, stats: dict) -> tuple[jax.Array, dict]:
   """Loss and metrics from global sums (the global batch shape comes from the config)."""
-  return model_lib.finalize_loss(config.model, ce_sum, stats, config.data.batch_size,
-                                 config.data.seq_len)
+  return model_lib.finalize_loss(
+    config.model, ce_sum, stats, config.data.batch_size, config.data.seq_len
+  )
 
 
 def as_varying(tree, axes: tuple[str, ...]):

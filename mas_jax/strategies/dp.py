@@ -24,8 +24,9 @@ class DataParallel(base.Strategy):
     super().__init__(config, devices)
     n = len(self.devices)
     self.check_batch(n, 'devices')
-    self._mesh = jax.make_mesh((n,), (DATA_AXIS,), devices=self.devices,
-                               axis_types=(jax.sharding.AxisType.Auto,))
+    self._mesh = jax.make_mesh(
+      (n,), (DATA_AXIS,), devices=self.devices, axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
   @property
   def mesh(self):
@@ -49,5 +50,6 @@ class DataParallel(base.Strategy):
       ce_sum, stats = lax.psum((ce_sum, stats), DATA_AXIS)
       return base.finalize(cfg, ce_sum, stats)
 
-    return jax.shard_map(local_loss, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS), P()),
-                         out_specs=(P(), P()))(params, batch, dropout_key)
+    return jax.shard_map(
+      local_loss, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P())
+    )(params, batch, dropout_key)

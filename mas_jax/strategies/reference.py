@@ -16,8 +16,9 @@ class Reference(base.Strategy):
 
   def __init__(self, config, devices=None):
     super().__init__(config, devices)
-    self._mesh = jax.make_mesh((1,), ('data',), devices=self.devices[:1],
-                               axis_types=(jax.sharding.AxisType.Auto,))
+    self._mesh = jax.make_mesh(
+      (1,), ('data',), devices=self.devices[:1], axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
   @property
   def mesh(self):

@@ -1,0 +1,54 @@
+"""Test set-up: 16 fake CPU devices (before JAX starts), strict rank promotion, shared fixtures."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=16'
+)
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def sample_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding the embedded C4 sample and its tokenizer, built once per session."""
+  from mas_jax import config as config_lib
+  from mas_jax.data.c4 import C4Source
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  cd = tiny.get_config()
+  cd.data.data_dir = data_dir
+  C4Source(config_lib.from_config_dict(cd).data, cd.model.vocab_size, seed=0)
+  return data_dir
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py with dotted overrides, e.g. tiny_config(**{'train.steps': 3})."""
+  cd = tiny.get_config()
+  for dotted, value in overrides.items():
+    section, field = dotted.split('.') if '.' in dotted else (None, dotted)
+    (cd[section] if section else cd)[field] = value
+  return cd
+
+
+def assert_trees_close(actual, expected, rtol: float, atol: float = 0.0) -> None:
+  """Leaf-wise allclose that names the worst leaf and its max abs / relative difference."""
+  import numpy as np
+
+  flat_a = jax.tree_util.tree_flatten_with_path(actual)[0]
+  flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
+  assert len(flat_a) == len(flat_e), (len(flat_a), len(flat_e))
+  for (path, a), (_, e) in zip(flat_a, flat_e, strict=True):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    diff = np.abs(a - e)
+    scale = np.max(np.abs(e)) + 1e-30
+    ok = np.all(diff <= atol + rtol * scale)
+    assert ok, (
+      f'{jax.tree_util.keystr(path)}: max|diff|={diff.max():.3g}, '
+      f'relative to max|expected|={diff.max() / scale:.3g} > rtol={rtol}'
+    )

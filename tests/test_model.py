@@ -1,0 +1,111 @@
+"""Reference model and router: causality and routing cases computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mas_jax import model as model_lib
+from mas_jax.config import ModelConfig
+from mas_jax.layers import moe
+
+CFG = ModelConfig(
+  vocab_size=64,
+  num_layers=2,
+  d_model=32,
+  num_heads=4,
+  num_experts=4,
+  top_k=2,
+  expert_hidden=16,
+  dropless=True,
+)
+
+
+@pytest.fixture(scope='module')
+def params():
+  return nnx.to_pure_dict(nnx.state(model_lib.Transformer(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+
+
+def test_causality(params):
+  """Changing token t never changes the logits of positions < t (dropless routing)."""
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)
+  changed = tokens.at[:, 7:].set((tokens[:, 7:] + 5) % CFG.vocab_size)
+  fwd = jax.jit(lambda t: model_lib.forward(CFG, params, t)[0])
+  a, b = fwd(tokens), fwd(changed)
+  np.testing.assert_array_equal(a[:, :7], b[:, :7])
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_module_call_matches_pure_forward(params):
+  model = nnx.merge(
+    nnx.graphdef(model_lib.Transformer(CFG, rngs=nnx.Rngs(0))),
+    nnx.state(model_lib.Transformer(CFG, rngs=nnx.Rngs(0))),
+  )
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  np.testing.assert_array_equal(model(tokens)[0], model_lib.forward(CFG, params, tokens)[0])
+
+
+def test_router_selection_and_gates():
+  # 3 tokens, 4 experts; token s's logits are row s of w (the input is one-hot).
+  probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.4, 0.1, 0.1, 0.4], [0.05, 0.05, 0.3, 0.6]])
+  x = jnp.eye(3, 4, dtype=jnp.float32)[None]  # [1, 3, 4] with D = 4
+  w = jnp.zeros((4, 4)).at[:3].set(jnp.log(probs))
+  route = moe.router(x, w, top_k=2)
+  np.testing.assert_allclose(route['probs'][0], probs, rtol=1e-6)
+  np.testing.assert_array_equal(route['experts'][0], [[1, 2], [0, 3], [3, 2]])
+  np.testing.assert_allclose(
+    route['gates'][0], [[0.75, 0.25], [0.5, 0.5], [2 / 3, 1 / 3]], rtol=1e-6
+  )
+  np.testing.assert_allclose(jnp.sum(route['gates'], -1), 1.0, rtol=1e-6)
+
+
+def test_capacity_drops_in_switch_order():
+  # 4 tokens all choosing expert 0 first and expert 1 second; capacity 3 per expert.
+  experts = jnp.array([[[0, 1], [0, 1], [0, 1], [0, 1]]])
+  pos = moe.dispatch_positions(experts, num_experts=2)
+  # Choices of the same expert are queued token by token; the 4th token overflows both.
+  np.testing.assert_array_equal(pos[0], [[0, 0], [1, 1], [2, 2], [3, 3]])
+  # First choices take precedence over second choices of other experts' queues:
+  experts = jnp.array([[[1, 0], [0, 1], [0, 1]]])
+  pos = moe.dispatch_positions(experts, num_experts=2)
+  # expert 0: first choices of tokens 1, 2 (slots 0, 1), then token 0's second choice (slot 2).
+  np.testing.assert_array_equal(pos[0], [[0, 2], [0, 1], [1, 2]])
+  assert moe.capacity(64, 2, 16, 1.25, dropless=False) == 10
+  assert moe.capacity(64, 2, 16, 1.25, dropless=True) == 64
+
+
+def test_dispatch_combine_and_dropped_count():
+  x = jnp.arange(1, 5, dtype=jnp.float32).reshape(1, 4, 1) * jnp.ones((1, 4, 2))  # [1, 4, 2]
+  experts = jnp.array([[[0, 1], [0, 1], [0, 1], [1, 0]]])
+  gates = jnp.full((1, 4, 2), 0.5)
+  pos = moe.dispatch_positions(experts, 2)
+  buf = moe.dispatch(x, experts, pos, num_experts=2, cap=2)  # [1, 2, 2, 2]
+  np.testing.assert_array_equal(buf[0, :, :, 0], [[1, 2], [4, 1]])  # expert 0: t0,t1; 1: t3,t0
+  out = moe.combine(buf, experts, pos, gates)  # identity experts
+  # t0 kept twice -> 1; t1 kept once (1st choice) -> 0.5*2; t2 dropped twice -> 0; t3 once -> 2.
+  np.testing.assert_allclose(out[0, :, 0], [1.0, 1.0, 0.0, 2.0])
+  assert int(jnp.sum(pos >= 2)) == 4
+
+
+def test_aux_and_z_loss_values():
+  probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7]])
+  logits = np.log(probs) + 1.0  # logsumexp = 1 for every token
+  route = {
+    'logits': jnp.asarray(logits)[None],
+    'probs': jnp.asarray(probs)[None],
+    'experts': jnp.array([[[0, 1], [2, 1]]]),
+  }
+  stats = moe.routing_stats(route, num_experts=3)
+  f = np.array([1, 2, 1]) / 4
+  p = probs.mean(0)
+  np.testing.assert_allclose(stats['aux_loss_sum'], 3 * np.sum(f * p), rtol=1e-6)
+  np.testing.assert_allclose(stats['z_loss_sum'], 2.0, rtol=1e-6)
+  np.testing.assert_array_equal(stats['expert_counts'], [1, 2, 1])
+
+
+def test_dropout_mask_is_shard_invariant():
+  key = jax.random.key(3)
+  full = moe.dropout_keep_mask(key, jnp.arange(4), jnp.arange(6), (2, 5), 0.5)
+  part = moe.dropout_keep_mask(key, jnp.arange(2, 4), jnp.arange(3, 6), (2, 5), 0.5)
+  np.testing.assert_array_equal(full[2:, 3:], part)
