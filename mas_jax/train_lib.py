@@ -6,7 +6,6 @@ parameter and batch shardings and the loss; everything here works for all of the
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -78,7 +77,7 @@ def init_params(config: Config) -> dict:
 
 def state_shardings(strategy, tx: optax.GradientTransformation, config: Config) -> dict:
   """Shardings of the train state: optimizer moments follow their parameters."""
-  abstract_params = jax.eval_shape(functools.partial(init_params, config))
+  abstract_params = jax.eval_shape(lambda: strategy.from_reference(init_params(config)))
   param_sh = strategy.param_shardings(abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = optax.tree_map_params(
@@ -96,7 +95,7 @@ def create_train_state(config: Config, strategy, tx) -> tuple[dict, dict]:
   shardings = state_shardings(strategy, tx, config)
 
   def init():
-    params = init_params(config)
+    params = strategy.from_reference(init_params(config))
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   return jax.jit(init, out_shardings=shardings)(), shardings

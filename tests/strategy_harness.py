@@ -34,11 +34,16 @@ def run(config: config_lib.Config, devices=None, dropout: bool = True):
   """((loss, metrics), grads) of `config`'s strategy on fixed params and batch, jitted."""
   strategy = strategies.get(config, devices)
   params, batch = _inputs(config)
+  params = jax.jit(strategy.from_reference)(params)
   params = jax.device_put(params, strategy.param_shardings(params))
   batch = jax.device_put(batch, strategy.batch_sharding())
   key = jax.random.key(7) if dropout else None
-  out = jax.jit(lambda p, b: strategy.value_and_grad(p, b, key))(params, batch)
-  return jax.device_get(out)
+
+  def step(p, b):
+    (loss, metrics), grads = strategy.value_and_grad(p, b, key)
+    return (loss, metrics), strategy.to_reference(grads)
+
+  return jax.device_get(jax.jit(step)(params, batch))
 
 
 def assert_matches_reference(config: config_lib.Config, devices=None, dropout: bool = True):

@@ -54,6 +54,14 @@ class Strategy(abc.ABC):
     """((loss, metrics), grads) of the batch."""
     return jax.value_and_grad(self.loss, has_aux=True)(params, batch, dropout_key)
 
+  def from_reference(self, params: dict) -> dict:
+    """Reference parameter layout -> this strategy's (e.g. padded head slots); traceable."""
+    return params
+
+  def to_reference(self, params: dict) -> dict:
+    """This strategy's parameter (or gradient) layout -> the reference layout."""
+    return params
+
   def param_shardings(self, params: dict) -> dict:
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
 

@@ -1,0 +1,399 @@
+"""`ma_sep`: MA Separation, attention on `attn_devices` devices and experts on `moe_devices`.
+
+One jitted SPMD program: `jax.shard_map` over the role mesh of `mas_jax.mesh`, where each device
+runs only its role's work, chosen per device with `lax.switch` on its row (a real HLO
+conditional: the other role's computation is not executed, forward or backward).
+
+Per layer and micro-batch (the seed's Stage 1-3, then the MoE):
+  Stage 1  every attention device holds the layer input x[b, T, D] of the micro-batch and
+           projects its own head slots (heads [i*N/A, (i+1)*N/A), padded slots masked).
+  Stage 2  causal attention of those heads.
+  Stage 3  output projection: a partial sum over heads, out[b,T,D]{U_heads}. One `psum` over
+           the whole mesh (expert devices add zeros) is the seed's 12 -> 1 all-reduce and the
+           broadcast to the expert devices at once; `hierarchical_allreduce` reduces inside a
+           row first, then across rows.
+  MoE      every expert device now holds every token of the micro-batch, so it routes all of
+           them itself (the router is replicated; top-k, capacity or dropless), gathers the
+           tokens of its own experts into capacity buffers, runs them, and combines their
+           gate-weighted outputs: a partial sum over experts, y[b,T,D]{U_experts}. The same
+           mesh-wide `psum` (attention devices add zeros) adds the experts' parts and returns
+           the result to the attention devices. Because the broadcast has already put every
+           token on every expert device, dispatch needs no all_to_all: each device selects
+           its tokens locally, which moves fewer bytes than splitting and re-exchanging them.
+
+Co-execution: with M >= 2 micro-batches the schedule is a software pipeline of "ticks"; in one
+tick the attention devices run layer l of micro-batch m while the expert devices run the MoE of
+the previous item, then both exchange in the tick's one psum (the seed's barrier: the collective
+is where the two groups meet). Both contributions travel in one buffer [2, b, T, D]. The tick
+table is static (see `schedule`) and logged with each role's busy and idle ticks.
+
+Placement of the rest, and why:
+  - Embedding (replicated) is looked up on every device: a gather, cheaper than sending x.
+  - The residual stream x and post-attention h of every micro-batch live on every device: the
+    psums leave them replicated, so each role reads its input without another transfer.
+  - Norms run where their output is consumed: attn_norm on attention devices, mlp_norm on
+    expert devices; the final norm with the head.
+  - The output head and the loss are split by tokens over all devices (each takes B*T/n tokens),
+    so no role idles through the largest matmul of a small model; cross-entropy sums are psum-ed.
+  - Parameters: attention weights are held in head slots sharded over all devices and experts
+    in expert slots sharded over all devices; attention devices hold zero dummy expert slots and
+    expert devices zero dummy head slots (one SPMD program: every device holds same-shaped
+    buffers). The router, norms, embedding and head are replicated. `from_reference` and
+    `to_reference` convert to and from the reference layout. Optimizer state follows the
+    parameters. Dummy slots get zero gradients and stay zero under AdamW.
+
+Load balancing: expert load fractions and the aux/z losses are computed every step (they are
+identical on every expert device, so their sums are divided by moe_devices). The head assignment
+is computed from the config. "Dynamic" rebalancing as the seed describes would need the slot
+tables to become step inputs (traced gather indices instead of constants) and a parameter
+re-shuffle across devices when they change; not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from mas_jax import mesh as mesh_lib
+from mas_jax import model as model_lib
+from mas_jax.config import ConfigError
+from mas_jax.layers import attention as attn_lib
+from mas_jax.layers import moe as moe_lib
+from mas_jax.mesh import ALL_AXES, ATTN_AXIS, EXPERT_AXIS
+from mas_jax.strategies import base
+
+_SLOTTED = P(None, ALL_AXES)  # [L, slots, ...] sharded over every device
+
+
+@dataclasses.dataclass(frozen=True)
+class Tick:
+  """One step of the co-execution schedule: (layer, micro-batch) per role, or None if idle."""
+
+  attn: tuple[int, int] | None
+  moe: tuple[int, int] | None
+
+
+def schedule(num_layers: int, num_microbatches: int) -> list[Tick]:
+  """Greedy ping-pong: each role takes its next item as soon as its input exists.
+
+  Attention of (l, m) needs the MoE of (l - 1, m) finished in an earlier tick; the MoE of
+  (l, m) needs the attention of (l, m). With M >= 2 the roles overlap in every tick but the
+  first and last; with M = 1 they alternate.
+  """
+  items = [(l, m) for l in range(num_layers) for m in range(num_microbatches)]
+  attn_done, moe_done = {}, {}
+  ai = ei = 0
+  ticks: list[Tick] = []
+  while ei < len(items):
+    t = len(ticks)
+    a = e = None
+    if ai < len(items):
+      l, m = items[ai]
+      if l == 0 or moe_done.get((l - 1, m), t) < t:
+        a = items[ai]
+    if attn_done.get(items[ei], t) < t:
+      e = items[ei]
+    if a is not None:
+      attn_done[a], ai = t, ai + 1
+    if e is not None:
+      moe_done[e], ei = t, ei + 1
+    ticks.append(Tick(a, e))
+  return ticks
+
+
+def schedule_picture(ticks: list[Tick]) -> str:
+  """Two text rows, one per role: 'l.m' in a busy tick, '--' in an idle one."""
+  fmt = lambda item: f'{item[0]}.{item[1]}' if item else ' --'
+  attn = ' '.join(f'{fmt(t.attn):>4}' for t in ticks)
+  moe = ' '.join(f'{fmt(t.moe):>4}' for t in ticks)
+  return f'  attention | {attn}\n  experts   | {moe}'
+
+
+def _to_varying(tree):
+  """Casts every leaf to device-varying over the whole mesh, where it is not already.
+
+  Every operand of the per-device switch must be varying: an invariant value used inside a
+  branch would get an implicit cast there whose transpose, a psum inside the backward branch,
+  spans devices that do not take it and deadlocks.
+  """
+
+  def cast(x):
+    aval = jax.typeof(x)
+    have = aval.manual_axis_type.varying if hasattr(aval, 'manual_axis_type') else aval.vma
+    missing = tuple(a for a in ALL_AXES if a not in have)
+    return lax.pcast(x, missing, to='varying') if missing else x
+
+  return jax.tree.map(cast, tree)
+
+
+def _layer(tree, index):
+  return jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, index, keepdims=False), tree)
+
+
+class MASeparation(base.Strategy):
+  """Attention on the first `attn_devices` devices, experts on the remaining `moe_devices`."""
+
+  name = 'ma_sep'
+
+  def __init__(self, config, devices=None):
+    super().__init__(config, devices)
+    m, p, d = config.model, config.parallel, config.data
+    n = len(self.devices)
+    if p.attn_devices < 1 or p.moe_devices < 1:
+      raise ConfigError(
+        f'parallel.attn_devices={p.attn_devices} and parallel.moe_devices='
+        f'{p.moe_devices} must both be >= 1'
+      )
+    if p.attn_devices + p.moe_devices != n:
+      raise ConfigError(
+        f'parallel.attn_devices={p.attn_devices} + parallel.moe_devices='
+        f'{p.moe_devices} != device count {n}'
+      )
+    if m.num_experts % p.moe_devices:
+      raise ConfigError(
+        f'model.num_experts={m.num_experts} does not divide over '
+        f'parallel.moe_devices={p.moe_devices}'
+      )
+    if (d.batch_size * d.seq_len) % n:
+      raise ConfigError(
+        f'data.batch_size * data.seq_len = {d.batch_size * d.seq_len} tokens do '
+        f'not divide over {n} devices (the output head splits tokens)'
+      )
+    self.layout = mesh_lib.RoleLayout(p.attn_devices, p.moe_devices, m.num_heads, m.num_experts)
+    if p.attn_devices > m.num_heads:
+      idle = [i for i in range(p.attn_devices) if not self.layout.heads_of(i)]
+      logging.warning(
+        'parallel.attn_devices=%d > model.num_heads=%d: attention devices %s hold '
+        'no real head and only run padding.',
+        p.attn_devices,
+        m.num_heads,
+        idle,
+      )
+    self._mesh = mesh_lib.make_mesh(self.layout, self.devices)
+    self.ticks = schedule(m.num_layers, p.num_microbatches)
+
+  @property
+  def mesh(self):
+    return self._mesh
+
+  # -------------------------------------------------------------------------------------------
+  # Parameter layout.
+  # -------------------------------------------------------------------------------------------
+
+  def param_specs(self, params):
+    specs = jax.tree.map(lambda _: P(), params)
+    attn, moe = specs['blocks']['attn'], specs['blocks']['moe']
+    for name in ('wq', 'wk', 'wv'):
+      attn[name] = P(None, None, ALL_AXES)  # [L, D, slots, H]
+    attn['wo'] = _SLOTTED  # [L, slots, H, D]
+    moe['w_in'] = moe['w_out'] = _SLOTTED  # [L, expert slots, ...]
+    return specs
+
+  def from_reference(self, params):
+    """Reference layout -> head and expert slots (dummy slots zero)."""
+    lay = self.layout
+    slots = lay.slot_heads()
+    real = jnp.asarray(slots >= 0)
+    idx = jnp.asarray(np.maximum(slots, 0))
+    out = jax.tree.map(lambda x: x, params)
+    attn = out['blocks']['attn']
+    for name in ('wq', 'wk', 'wv'):
+      attn[name] = jnp.take(attn[name], idx, axis=2) * real[None, None, :, None]
+    attn['wo'] = jnp.take(attn['wo'], idx, axis=1) * real[None, :, None, None]
+    moe = out['blocks']['moe']
+    dummy = lay.n_attn * lay.local_experts
+    for name in ('w_in', 'w_out'):
+      w = moe[name]
+      moe[name] = jnp.concatenate([jnp.zeros((w.shape[0], dummy, *w.shape[2:]), w.dtype), w], 1)
+    return out
+
+  def to_reference(self, params):
+    """Head and expert slots -> reference layout (the inverse of `from_reference`)."""
+    lay = self.layout
+    slots = lay.slot_heads()
+    inv = np.zeros(lay.num_heads, np.int32)
+    inv[slots[slots >= 0]] = np.nonzero(slots >= 0)[0]
+    out = jax.tree.map(lambda x: x, params)
+    attn = out['blocks']['attn']
+    for name in ('wq', 'wk', 'wv'):
+      attn[name] = jnp.take(attn[name], jnp.asarray(inv), axis=2)
+    attn['wo'] = jnp.take(attn['wo'], jnp.asarray(inv), axis=1)
+    moe = out['blocks']['moe']
+    for name in ('w_in', 'w_out'):
+      moe[name] = moe[name][:, lay.n_attn * lay.local_experts :]
+    return out
+
+  def batch_spec(self):
+    return P()
+
+  def describe(self):
+    lay, p = self.layout, self.config.parallel
+    busy_a = sum(t.attn is not None for t in self.ticks)
+    busy_e = sum(t.moe is not None for t in self.ticks)
+    n = len(self.ticks)
+    pad = lay.head_slots * lay.n_attn - lay.num_heads
+    return '\n'.join(
+      [
+        f'strategy=ma_sep {lay.n_attn}:{lay.n_moe} mesh={dict(self.mesh.shape)} '
+        f'({lay.attn_rows} attention rows, {lay.shape[0] - lay.attn_rows} expert rows); '
+        f'{lay.head_slots} head slots per attention device ({pad} padding slots, '
+        f'{pad / (lay.head_slots * lay.n_attn):.0%} of attention compute wasted); '
+        f'{lay.local_experts} experts per expert device; hierarchical_allreduce='
+        f'{p.hierarchical_allreduce}',
+        lay.placement_table(),
+        f'Schedule: M={p.num_microbatches} micro-batches, {n} ticks per step; attention busy '
+        f'{busy_a}/{n} (idle {n - busy_a}), experts busy {busy_e}/{n} (idle {n - busy_e}); '
+        'item = layer.micro-batch:',
+        schedule_picture(self.ticks),
+      ]
+    )
+
+  # -------------------------------------------------------------------------------------------
+  # The program.
+  # -------------------------------------------------------------------------------------------
+
+  def _exchange(self, contrib):
+    """psum over the whole mesh: attention partials (expert devices add zeros) and vice versa."""
+    if self.config.parallel.hierarchical_allreduce:
+      # contrib[2,b,T,D]{U_attn,U_expert} -> {U_attn} inside each row, then -> reduced.
+      return lax.psum(lax.psum(contrib, EXPERT_AXIS), ATTN_AXIS)
+    return lax.psum(contrib, ALL_AXES)  # contrib[2,b,T,D]{U_attn,U_expert} -> contrib[2,b,T,D]
+
+  def _attention_part(self, p, x, device):
+    """Stages 1-3 on this attention device's head slots: x[b,T,D] -> out[b,T,D]{U_heads}."""
+    cfg, lay = self.config.model, self.layout
+    counts = jnp.asarray(lay.head_counts())
+    head_mask = (jnp.arange(lay.head_slots) < counts[device]).astype(jnp.float32)  # [S_h]
+    h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
+    with jax.named_scope('attention'):
+      return attn_lib.attention(h, p['attn'], jnp.arange(x.shape[1]), cfg.rope_base, head_mask)
+
+  def _moe_part(self, p, h, key, device, group_offset):
+    """Routing of all tokens, this device's experts only: h[b,T,D] -> y[b,T,D]{U_experts}."""
+    cfg, lay = self.config.model, self.layout
+    first = (device - lay.n_attn) * lay.local_experts
+    x = attn_lib.rms_norm(h, p['mlp_norm']['scale'])
+    cap = moe_lib.capacity(
+      x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless
+    )
+    with jax.named_scope('route'):
+      route = moe_lib.router(x, p['moe']['router'], cfg.top_k)
+      stats = moe_lib.routing_stats(route, cfg.num_experts)
+      pos = moe_lib.dispatch_positions(route['experts'], cfg.num_experts)
+      stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+      local = route['experts'] - first  # [b, T, K]
+      mine = (local >= 0) & (local < lay.local_experts)
+      # Tokens of other devices' experts get slot `cap`: dropped here, computed there.
+      pos_local = jnp.where(mine, pos, cap)
+      local = jnp.where(mine, local, 0)
+    with jax.named_scope('dispatch'):
+      xe = moe_lib.dispatch(x, local, pos_local, lay.local_experts, cap)  # [b, E_loc, C, D]
+    with jax.named_scope('experts'):
+      mask = None
+      if key is not None and cfg.expert_dropout > 0:
+        mask = moe_lib.dropout_keep_mask(
+          key,
+          group_offset + jnp.arange(x.shape[0]),
+          first + jnp.arange(lay.local_experts),
+          (cap, cfg.expert_hidden),
+          cfg.expert_dropout,
+        )
+      ye = moe_lib.expert_ffn(
+        xe, p['moe']['w_in'], p['moe']['w_out'], cfg.activation, mask, cfg.expert_dropout
+      )
+    with jax.named_scope('combine'):
+      y = moe_lib.combine(ye, local, pos_local, route['gates'])
+    return y, stats
+
+  def loss(self, params, batch, dropout_key):
+    cfg, lay = self.config, self.layout
+    mcfg = cfg.model
+    n_mb = cfg.parallel.num_microbatches
+    b = cfg.data.batch_size // n_mb
+    dtype = jnp.dtype(mcfg.compute_dtype)
+    # Static tick table: layer and micro-batch of each role, -1 when idle.
+    table = np.array([[*(t.attn or (-1, -1)), *(t.moe or (-1, -1))] for t in self.ticks], np.int32)
+
+    def program(params, batch, key):
+      device = mesh_lib.device_index()
+      is_attn = device < lay.n_attn
+      inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
+      x0 = params['embed'][inputs].astype(dtype).reshape(n_mb, b, *inputs.shape[1:], -1)
+      keys = model_lib.layer_keys(key, mcfg.num_layers)
+      zero_stats = jax.tree.map(
+        jnp.zeros_like,
+        moe_lib.routing_stats(
+          {
+            'logits': jnp.zeros((1, 1, mcfg.num_experts)),
+            'probs': jnp.zeros((1, 1, mcfg.num_experts)),
+            'experts': jnp.zeros((1, 1, mcfg.top_k), jnp.int32),
+          },
+          mcfg.num_experts,
+        ),
+      )
+      zero_stats['dropped'] = jnp.zeros(())
+      zero_stats = _to_varying(zero_stats)
+      blocks = _to_varying(params['blocks'])
+
+      def tick(carry, row):
+        xs, hs, stats = carry  # xs, hs: [M, b, T, D] residual before / after attention
+        la, ma, le, me = row[0], row[1], row[2], row[3]
+        x_in = _to_varying(xs[jnp.maximum(ma, 0)])
+        h_in = _to_varying(hs[jnp.maximum(me, 0)])
+        zeros = _to_varying(jnp.zeros((2, *x_in.shape), dtype))
+
+        def attn_branch(x_in, h_in):
+          part = self._attention_part(_layer(blocks, jnp.maximum(la, 0)), x_in, device)
+          return zeros.at[0].set(part.astype(dtype)), zero_stats
+
+        def moe_branch(x_in, h_in):
+          layer = jnp.maximum(le, 0)
+          k = None if keys is None else _to_varying(keys[layer])
+          y, st = self._moe_part(_layer(blocks, layer), h_in, k, device, jnp.maximum(me, 0) * b)
+          return zeros.at[1].set(y.astype(dtype)), st
+
+        def idle_branch(x_in, h_in):
+          return zeros, zero_stats
+
+        role = jnp.where(is_attn, jnp.where(la >= 0, 0, 2), jnp.where(le >= 0, 1, 2))
+        contrib, st = lax.switch(role, (attn_branch, moe_branch, idle_branch), x_in, h_in)
+        out = self._exchange(contrib)
+        stats = jax.tree.map(jnp.add, stats, st)
+        new_h = jnp.where(la >= 0, xs[jnp.maximum(ma, 0)] + out[0], hs[jnp.maximum(ma, 0)])
+        hs = hs.at[jnp.maximum(ma, 0)].set(new_h)
+        new_x = jnp.where(le >= 0, hs[jnp.maximum(me, 0)] + out[1], xs[jnp.maximum(me, 0)])
+        xs = xs.at[jnp.maximum(me, 0)].set(new_x)
+        return (xs, hs, stats), None
+
+      (xs, _, stats), _ = lax.scan(tick, (x0, x0, zero_stats), jnp.asarray(table))
+      # stats{U_expert devices}: every expert device routed every token -> divide by n_moe.
+      stats = jax.tree.map(lambda s: lax.psum(s, ALL_AXES) / lay.n_moe, stats)
+      ce_sum = self._head_loss(params, xs.reshape(-1, xs.shape[-1]), targets.reshape(-1), device)
+      ce_sum = lax.psum(ce_sum, ALL_AXES)  # ce{U_all} -> ce: tokens were split over devices
+      return base.finalize(cfg, ce_sum, stats)
+
+    if dropout_key is None:  # shard_map takes arrays, not None
+      return jax.shard_map(
+        lambda p, b: program(p, b, None),
+        mesh=self.mesh,
+        in_specs=(self.param_specs(params), P()),
+        out_specs=(P(), P()),
+      )(params, batch)
+    return jax.shard_map(
+      program, mesh=self.mesh, in_specs=(self.param_specs(params), P(), P()), out_specs=(P(), P())
+    )(params, batch, dropout_key)
+
+  def _head_loss(self, params, x, targets, device):
+    """Final norm, output head and cross entropy of this device's 1/n of the tokens."""
+    n_tok = x.shape[0] // self.layout.n_devices
+    x = lax.dynamic_slice_in_dim(x, device * n_tok, n_tok)  # [B*T/n, D]
+    t = lax.dynamic_slice_in_dim(targets, device * n_tok, n_tok)
+    x = attn_lib.rms_norm(x, params['final_norm']['scale'])
+    logits = jnp.einsum('ND,DV->NV', x, params['unembed'].astype(x.dtype)).astype(jnp.float32)
+    return model_lib.cross_entropy_sum(logits, t)
