@@ -86,7 +86,7 @@ def schedule(num_layers: int, num_microbatches: int) -> list[Tick]:
   (l, m) needs the attention of (l, m). With M >= 2 the roles overlap in every tick but the
   first and last; with M = 1 they alternate.
   """
-  items = [(l, m) for l in range(num_layers) for m in range(num_microbatches)]
+  items = [(layer, m) for layer in range(num_layers) for m in range(num_microbatches)]
   attn_done, moe_done = {}, {}
   ai = ei = 0
   ticks: list[Tick] = []
@@ -94,8 +94,8 @@ def schedule(num_layers: int, num_microbatches: int) -> list[Tick]:
     t = len(ticks)
     a = e = None
     if ai < len(items):
-      l, m = items[ai]
-      if l == 0 or moe_done.get((l - 1, m), t) < t:
+      layer, m = items[ai]
+      if layer == 0 or moe_done.get((layer - 1, m), t) < t:
         a = items[ai]
     if attn_done.get(items[ei], t) < t:
       e = items[ei]
