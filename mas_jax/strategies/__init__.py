@@ -8,13 +8,17 @@ from __future__ import annotations
 from mas_jax.config import Config, ConfigError
 from mas_jax.strategies import base
 from mas_jax.strategies.dp import DataParallel
+from mas_jax.strategies.ep import ExpertParallel
 from mas_jax.strategies.ma_separation import MASeparation
 from mas_jax.strategies.reference import Reference
+from mas_jax.strategies.tp_pp import TensorPipeline
 
 REGISTRY: dict[str, type[base.Strategy]] = {
   Reference.name: Reference,
   DataParallel.name: DataParallel,
   MASeparation.name: MASeparation,
+  ExpertParallel.name: ExpertParallel,
+  TensorPipeline.name: TensorPipeline,
 }
 
 

@@ -1,0 +1,198 @@
+"""`ep`: expert parallelism with data-parallel attention (the MaxText / Megatron-Core standard).
+
+Mesh (data, expert) = (n / ep, ep). The batch is sharded by sequence over all n devices; every
+device runs attention, the router and the norms on its own sequences with replicated weights.
+The experts of every layer are split over the 'expert' axis (E/ep per device) and replicated over
+'data'. In each MoE layer a device fills capacity buffers [G, E, C, D] for its groups, one
+`all_to_all` over 'expert' sends each expert's slots to the device that holds it (splitting E,
+concatenating groups), the local experts run on [ep*G, E/ep, C, D], and a second `all_to_all`
+brings the outputs back for the combine. Loss sums and routing statistics are psum-ed over both
+axes; replicated weights get their gradient all-reduce from the transpose of their implicit
+broadcast, as in `dp`.
+
+Dims: G groups (sequences) per device, S tokens, D d_model, E experts, C capacity, F expert hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from mas_jax import model as model_lib
+from mas_jax.config import Config, ConfigError, ModelConfig
+from mas_jax.layers import attention as attn_lib
+from mas_jax.layers import moe as moe_lib
+from mas_jax.strategies import base
+
+DATA_AXIS = 'data'
+EXPERT_AXIS = 'expert'
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """Shapes and dtypes of the parameter dict, without allocating it."""
+  return jax.eval_shape(
+    lambda: nnx.to_pure_dict(nnx.state(model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  )
+
+
+def param_bytes_per_device(mesh: jax.sharding.Mesh, specs: dict, params: dict) -> int:
+  """Bytes of parameters one device holds, from each leaf's shape and PartitionSpec."""
+
+  def leaf_bytes(spec: P, p) -> int:
+    shards = 1
+    for axes in spec:
+      for axis in (axes,) if isinstance(axes, str) else axes or ():
+        shards *= mesh.shape[axis]
+    return math.prod(p.shape) * jnp.dtype(p.dtype).itemsize // shards
+
+  leaves = jax.tree.leaves(
+    jax.tree.map(leaf_bytes, specs, params, is_leaf=lambda x: isinstance(x, P))
+  )
+  return sum(leaves)
+
+
+def ep_moe_ffn(
+  cfg: ModelConfig, x: jax.Array, p: dict, cap: int, dropout_key: jax.Array | None, offset
+) -> tuple[jax.Array, dict]:
+  """The MoE FFN of one device of the 'expert' axis; normed x[G, S, D] -> y[G, S, D], stats.
+
+  Args:
+    cfg: model config.
+    x: this device's normed groups [G, S, D].
+    p: {'router': [D, E], 'w_in': [E/ep, D, F], 'w_out': [E/ep, F, D]} (this device's experts).
+    cap: capacity per group and expert.
+    dropout_key: this layer's expert dropout key, or None.
+    offset: global index of the first group of this device's row of the 'expert' axis.
+  """
+  num_experts = cfg.num_experts
+  ep = lax.axis_size(EXPERT_AXIS)
+  g = x.shape[0]
+  with jax.named_scope('route'):
+    route = moe_lib.router(x, p['router'], cfg.top_k)
+    stats = moe_lib.routing_stats(route, num_experts)
+    pos = moe_lib.dispatch_positions(route['experts'], num_experts)  # [G, S, K]
+    stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+  with jax.named_scope('dispatch'):
+    xe_local = moe_lib.dispatch(x, route['experts'], pos, num_experts, cap)  # [G, E, C, D]
+    # xe[G, E_expert, C, D] -> xe[G*ep, E/ep, C, D]: each expert's slots go to its owner.
+    xe_local = lax.all_to_all(xe_local, EXPERT_AXIS, 1, 0, tiled=True)
+  with jax.named_scope('experts'):
+    mask = None
+    if dropout_key is not None and cfg.expert_dropout > 0:
+      # Received groups are those of expert-axis devices 0..ep-1 of this row, in order.
+      groups = offset + jnp.arange(ep * g)
+      experts = lax.axis_index(EXPERT_AXIS) * (num_experts // ep) + jnp.arange(num_experts // ep)
+      mask = moe_lib.dropout_keep_mask(
+        dropout_key, groups, experts, (cap, cfg.expert_hidden), cfg.expert_dropout
+      )
+    ye_local = moe_lib.expert_ffn(
+      xe_local, p['w_in'], p['w_out'], cfg.activation, mask, cfg.expert_dropout
+    )  # [G*ep, E/ep, C, D]
+  with jax.named_scope('combine'):
+    # ye[G_expert, E/ep, C, D] -> ye[G, E, C, D]: outputs return to the groups' devices.
+    ye_local = lax.all_to_all(ye_local, EXPERT_AXIS, 0, 1, tiled=True)
+    y = moe_lib.combine(ye_local, route['experts'], pos, route['gates'])  # [G, S, D]
+  return y, stats
+
+
+class ExpertParallel(base.Strategy):
+  """Experts split over 'expert', everything else data parallel over all devices."""
+
+  name = 'ep'
+
+  def __init__(self, config: Config, devices=None):
+    super().__init__(config, devices)
+    n, ep, e = len(self.devices), config.parallel.ep, config.model.num_experts
+    if ep <= 0 or n % ep:
+      raise ConfigError(f'parallel.ep={ep} does not divide the device count {n}')
+    if e % ep:
+      raise ConfigError(f'model.num_experts={e} is not divisible by parallel.ep={ep}')
+    self.check_batch(n, 'devices (data x expert)')
+    self._mesh = jax.make_mesh(
+      (n // ep, ep),
+      (DATA_AXIS, EXPERT_AXIS),
+      devices=self.devices,
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+    )
+
+  @property
+  def mesh(self):
+    return self._mesh
+
+  def param_specs(self, params):
+    specs = jax.tree.map(lambda _: P(), params)
+    # w_in[L, E, D, F], w_out[L, E, F, D]: experts split over the expert axis.
+    specs['blocks']['moe']['w_in'] = P(None, EXPERT_AXIS, None, None)
+    specs['blocks']['moe']['w_out'] = P(None, EXPERT_AXIS, None, None)
+    return specs
+
+  def batch_spec(self):
+    return P((DATA_AXIS, EXPERT_AXIS))
+
+  def describe(self) -> str:
+    cfg, n = self.config, len(self.devices)
+    params = abstract_params(cfg.model)
+    param_bytes = param_bytes_per_device(self.mesh, self.param_specs(params), params)
+    return '\n'.join(
+      [
+        f'strategy=ep mesh={dict(self.mesh.shape)}: attention data parallel over {n} devices, '
+        f'{cfg.model.num_experts // cfg.parallel.ep} experts per device',
+        f'ep: {cfg.data.batch_size // n} sequences per device; 2 all_to_all per MoE layer '
+        f'forward (dispatch, combine)',
+        f'ep: parameter bytes per device {param_bytes / 2**20:.3f} MiB (x3 with AdamW moments)',
+      ]
+    )
+
+  def loss(self, params, batch, dropout_key):
+    cfg = self.config
+    mcfg = cfg.model
+    local_b = cfg.data.batch_size // len(self.devices)
+    ep = self.mesh.shape[EXPERT_AXIS]
+    cap = moe_lib.capacity(
+      cfg.data.seq_len, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, mcfg.dropless
+    )
+
+    def block(x, p, key, row_offset):
+      # x: f32[G, S, D] this device's sequences; p: one layer, local experts.
+      positions = jnp.arange(x.shape[1])
+      with jax.named_scope('attention'):
+        h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
+        x = x + attn_lib.attention(h, p['attn'], positions, mcfg.rope_base)
+      with jax.named_scope('moe'):
+        h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
+        y, stats = ep_moe_ffn(mcfg, h, p['moe'], cap, key, row_offset)
+      return x + y, stats
+
+    def local_loss(params, batch_local, key):
+      # batch_local: i32[B/n, T+1]; device (d, e) holds sequences (d*ep + e) * B/n onwards, so
+      # the 'expert' row d holds ep * B/n consecutive sequences from row_offset.
+      row_offset = lax.axis_index(DATA_AXIS) * ep * local_b
+      inputs, targets = batch_local[:, :-1], batch_local[:, 1:]
+      dtype = jnp.dtype(mcfg.compute_dtype)
+      x = params['embed'][inputs].astype(dtype)  # [G, S, D]
+      keys = model_lib.layer_keys(key, mcfg.num_layers)
+
+      def body(x, layer):
+        p, k = layer
+        return block(x, p, k, row_offset)
+
+      x, stats = lax.scan(body, x, (params['blocks'], keys))
+      stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+      x = attn_lib.rms_norm(x, params['final_norm']['scale'])
+      logits = jnp.einsum('BTD,DV->BTV', x, params['unembed'].astype(dtype)).astype(jnp.float32)
+      ce_sum = model_lib.cross_entropy_sum(logits, targets)
+      # sums[..]{U_data,U_expert} -> sums[..]: the global batch's loss and routing statistics.
+      ce_sum, stats = lax.psum((ce_sum, stats), (DATA_AXIS, EXPERT_AXIS))
+      return base.finalize(cfg, ce_sum, stats)
+
+    return jax.shard_map(
+      local_loss,
+      mesh=self.mesh,
+      in_specs=(self.param_specs(params), self.batch_spec(), P()),
+      out_specs=(P(), P()),
+    )(params, batch, dropout_key)
