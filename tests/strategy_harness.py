@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -46,17 +47,18 @@ def run(config: config_lib.Config, devices=None, dropout: bool = True):
   return jax.device_get(jax.jit(step)(params, batch))
 
 
+@functools.lru_cache(maxsize=8)
+def _reference(config: config_lib.Config, dropout: bool):
+  return run(config, dropout=dropout)
+
+
 def assert_matches_reference(config: config_lib.Config, devices=None, dropout: bool = True):
   (loss, metrics), grads = run(config, devices, dropout)
-  ref_config = config_lib.Config(
-    **{
-      **config.__dict__,
-      'parallel': config.parallel.__class__(
-        **{**config.parallel.__dict__, 'strategy': 'reference'}
-      ),
-    }
+  # The reference depends on the model, data and seed only: share it between strategy tests.
+  reference = dataclasses.replace(
+    config, parallel=config_lib.ParallelConfig('reference', 1, 1, 1, False, 1, 1, 1)
   )
-  (ref_loss, ref_metrics), ref_grads = run(ref_config, dropout=dropout)
+  (ref_loss, ref_metrics), ref_grads = _reference(reference, dropout)
   assert_trees_close(loss, ref_loss, RTOL)
   assert_trees_close(metrics, ref_metrics, RTOL, atol=1e-7)
   assert_trees_close(grads, ref_grads, RTOL)
