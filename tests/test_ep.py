@@ -1,34 +1,14 @@
 """`ep` equals the reference model in loss, metrics and gradients; bad shapes fail at once."""
 
-import dataclasses
-import functools
-
-import jax
 import pytest
-from conftest import assert_trees_close
-from strategy_harness import RTOL, run, small_config
+from strategy_harness import assert_matches_reference, small_config
 
 from mas_jax import strategies
 from mas_jax.config import ConfigError
 
 
-@functools.lru_cache(maxsize=4)
-def _reference(config):
-  """The reference run of config's model and data (one compile per model shape)."""
-  parallel = dataclasses.replace(config.parallel, strategy='reference', ep=16, tp=8, pp=2)
-  return run(dataclasses.replace(config, parallel=parallel))
-
-
-def assert_matches(config, devices=None):
-  (loss, metrics), grads = run(config, devices)
-  (ref_loss, ref_metrics), ref_grads = _reference(config)
-  assert_trees_close(loss, ref_loss, RTOL)
-  assert_trees_close(metrics, ref_metrics, RTOL, atol=1e-7)
-  assert_trees_close(grads, ref_grads, RTOL)
-  return metrics
-
-
 def ep_config(ep, dropless=False, **overrides):
+  """The dp test's model (a shared reference) with a tight capacity factor."""
   return small_config(
     **{
       'parallel.strategy': 'ep',
@@ -43,20 +23,14 @@ def ep_config(ep, dropless=False, **overrides):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize('ep', [16, 8])
 def test_ep_matches_reference_with_dropped_tokens(ep):
-  metrics = assert_matches(ep_config(ep))
+  metrics = assert_matches_reference(ep_config(ep))
   assert metrics['dropped_token_fraction'] > 0
 
 
 @pytest.mark.timeout(120)
 def test_ep_dropless_matches_reference():
-  metrics = assert_matches(ep_config(8, dropless=True))
+  metrics = assert_matches_reference(ep_config(8, dropless=True))
   assert metrics['dropped_token_fraction'] == 0
-
-
-@pytest.mark.timeout(120)
-def test_ep_on_four_devices():
-  """EP=2 x DP=2 on a sub-set of the devices."""
-  assert_matches(ep_config(2), devices=jax.devices()[:4])
 
 
 @pytest.mark.parametrize(
