@@ -132,6 +132,18 @@ def _to_varying(tree):
   return jax.tree.map(cast, tree)
 
 
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def _reference_params(config):
+  from mas_jax import train_lib  # late import: train_lib imports the strategy registry
+
+  return train_lib.init_params(config)
+
+
 def _layer(tree, index):
   return jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, index, keepdims=False), tree)
 
@@ -251,8 +263,61 @@ class MASeparation(base.Strategy):
         f'{busy_a}/{n} (idle {n - busy_a}), experts busy {busy_e}/{n} (idle {n - busy_e}); '
         'item = layer.micro-batch:',
         schedule_picture(self.ticks),
+        self._memory_summary(),
       ]
     )
+
+  def _memory_summary(self) -> str:
+    rows = self.memory_rows()
+    line = 'Memory per device (parameters + AdamW moments): {} MB held; used by role:'.format(
+      f'{rows[0]["state_held"] / 1e6:.4g}'
+    )
+    for role in ('attention', 'expert'):
+      eff = [r['efficiency'] for r in rows if r['role'] == role]
+      line += f' {role} efficiency {min(eff):.1%}-{max(eff):.1%};'
+    return line
+
+  def memory_rows(self, activation_bytes: int | None = None) -> list[dict]:
+    """Bytes per device: parameters and AdamW moments held vs used by the device's role.
+
+    Held counts every local buffer (dummy slots included); used counts what the role reads:
+    attention devices their real head slots, expert devices their experts and the router, both
+    the embedding, the output head and their own norm. `activation_bytes` (the compiled step's
+    temporary buffers, the same program on every device) is reported beside them.
+    """
+    lay = self.layout
+    abstract = jax.eval_shape(lambda: self.from_reference(_reference_params(self.config)))
+    specs = self.param_specs(abstract)
+    counts = lay.head_counts()
+    rows = []
+    for device in range(lay.n_devices):
+      is_attn = device < lay.n_attn
+      held = used = 0
+      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        name = jax.tree_util.keystr(path)
+        spec = _get(specs, path)
+        local = leaf.size * leaf.dtype.itemsize // (lay.n_devices if spec != P() else 1)
+        held += local
+        if "'attn'" in name:
+          used += local * int(counts[device]) // lay.head_slots if is_attn else 0
+        elif 'w_in' in name or 'w_out' in name or 'router' in name or 'mlp_norm' in name:
+          used += 0 if is_attn else local
+        elif 'attn_norm' in name:
+          used += local if is_attn else 0
+        else:  # embedding, final norm, output head: every device
+          used += local
+      # State = parameters + AdamW's two moments, all float32 and sharded alike.
+      rows.append(
+        {
+          'device': device,
+          'role': 'attention' if is_attn else 'expert',
+          'state_held': 3 * held,
+          'state_used': 3 * used,
+          'efficiency': used / held,
+          'activations': activation_bytes,
+        }
+      )
+    return rows
 
   # -------------------------------------------------------------------------------------------
   # The program.
