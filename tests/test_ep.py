@@ -49,4 +49,4 @@ def test_ep_bad_shapes(overrides, message):
 
 def test_ep_describe_reports_parameter_bytes():
   text = strategies.get(ep_config(16)).describe()
-  assert 'parameter bytes per device' in text and len(text.splitlines()) >= 2
+  assert 'Memory per device (parameters + AdamW moments)' in text and len(text.splitlines()) >= 2

@@ -59,4 +59,4 @@ def test_tp_pp_describe_reports_bubble_and_parameter_bytes():
   assert strategy.bubble_fraction == pytest.approx(1 / 5)
   text = strategy.describe()
   assert 'bubble fraction (pp-1)/(M+pp-1) = 0.200' in text
-  assert 'parameter bytes per device' in text
+  assert 'Memory per device (parameters + AdamW moments)' in text
