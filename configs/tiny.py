@@ -48,6 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = 'float32'
   # RoPE base frequency.
   config.model.rope_base = 10000.0
+  # Attention kernel: 'auto' (JAX chooses), 'cudnn' (flash attention; GPU, bf16) or 'xla'.
+  config.model.attention_impl = 'auto'
+  # Rematerialisation of each block in the backward pass: 'none', 'full' (recompute the block)
+  # or 'save_dots' (keep matmul outputs, recompute the rest).
+  config.model.remat = 'none'
 
   config.data = ml_collections.ConfigDict()
   # 'c4': TFDS C4 (the embedded sample when data_dir holds no prepared C4); 'synthetic': random.

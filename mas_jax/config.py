@@ -15,6 +15,8 @@ import ml_collections
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _ACTIVATIONS = ('gelu', 'relu')
 _SOURCES = ('c4', 'synthetic')
+_ATTENTION_IMPLS = ('auto', 'cudnn', 'xla')
+_REMAT = ('none', 'full', 'save_dots')
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,13 @@ class ModelConfig:
   z_loss_coef: float = 1e-3
   compute_dtype: str = 'float32'
   rope_base: float = 10000.0
+  attention_impl: str = 'auto'
+  remat: str = 'none'
+
+  @property
+  def attention_implementation(self) -> str | None:
+    """The `implementation` argument of jax.nn.dot_product_attention."""
+    return None if self.attention_impl == 'auto' else self.attention_impl
 
   @property
   def head_dim(self) -> int:
@@ -138,6 +147,11 @@ def validate(config: Config) -> None:
     'expert_hidden',
   ):
     _check(getattr(m, name) > 0, f'model.{name}={getattr(m, name)} must be positive')
+  _check(
+    m.attention_impl in _ATTENTION_IMPLS,
+    f'model.attention_impl={m.attention_impl!r} is not one of {_ATTENTION_IMPLS}',
+  )
+  _check(m.remat in _REMAT, f'model.remat={m.remat!r} is not one of {_REMAT}')
   _check(
     m.d_model % m.num_heads == 0,
     f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}',

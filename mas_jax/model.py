@@ -103,7 +103,9 @@ def block_forward(
   """One block on x[B, T, D] (compute dtype) with one layer's parameters p (no layer axis)."""
   positions = jnp.arange(x.shape[1])
   h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
-  x = x + attn_lib.attention(h, p['attn'], positions, cfg.rope_base)
+  x = x + attn_lib.attention(
+    h, p['attn'], positions, cfg.rope_base, implementation=cfg.attention_implementation
+  )
   h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
   cap = moe_lib.capacity(x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless)
   y, stats = moe_lib.moe_ffn(
@@ -145,6 +147,10 @@ def forward(
   def body(x, layer):
     p, key = layer
     return block_forward(cfg, p, x, key, group_offset)
+
+  if cfg.remat != 'none':
+    policy = {'full': None, 'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    body = jax.checkpoint(body, policy=policy[cfg.remat])
 
   x, stats = jax.lax.scan(body, x, (params['blocks'], keys))
   stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)

@@ -39,6 +39,8 @@ def test_paper_config_is_the_seed_model():
     ({'model.top_k': 17}, 'model.top_k=17 exceeds model.num_experts=16'),
     ({'model.activation': 'swish'}, "model.activation='swish' is not one of"),
     ({'model.compute_dtype': 'int8'}, "model.compute_dtype='int8' is not one of"),
+    ({'model.attention_impl': 'flash'}, "model.attention_impl='flash' is not one of"),
+    ({'model.remat': 'some'}, "model.remat='some' is not one of"),
     ({'model.expert_dropout': 1.0}, 'model.expert_dropout=1.0 must be in [0, 1)'),
     ({'model.capacity_factor': 0.0}, 'model.capacity_factor=0.0 must be positive'),
     ({'model.d_model': 0}, 'model.d_model=0 must be positive'),

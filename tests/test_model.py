@@ -109,3 +109,15 @@ def test_dropout_mask_is_shard_invariant():
   full = moe.dropout_keep_mask(key, jnp.arange(4), jnp.arange(6), (2, 5), 0.5)
   part = moe.dropout_keep_mask(key, jnp.arange(2, 4), jnp.arange(3, 6), (2, 5), 0.5)
   np.testing.assert_array_equal(full[2:, 3:], part)
+
+
+@pytest.mark.parametrize('remat', ['full', 'save_dots'])
+def test_remat_keeps_loss_and_gradients(params, remat):
+  import dataclasses
+
+  batch = jax.random.randint(jax.random.key(2), (2, 9), 0, CFG.vocab_size)
+  grad = lambda cfg: jax.jit(jax.grad(lambda p: model_lib.loss_fn(cfg, p, batch)[0]))(params)
+  expected = grad(CFG)
+  actual = grad(dataclasses.replace(CFG, remat=remat))
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-7)

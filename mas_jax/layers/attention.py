@@ -61,11 +61,15 @@ def qkv_projection(
   return rope(q, positions, rope_base), rope(k, positions, rope_base), v
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Stage 2: causal softmax attention per head; q, k, v, output: [B, T, N, H]."""
-  # jax.nn.dot_product_attention picks cuDNN flash attention on GPU when shapes allow and is
-  # exact (softmax in float32) on CPU.
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+def causal_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None
+) -> jax.Array:
+  """Stage 2: causal softmax attention per head; q, k, v, output: [B, T, N, H].
+
+  `implementation`: None lets JAX choose, 'cudnn' forces cuDNN flash attention (GPU, bf16/fp16),
+  'xla' the plain softmax(QK^T)V.
+  """
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
 def output_projection(o: jax.Array, wo: jax.Array) -> jax.Array:
@@ -79,6 +83,7 @@ def attention(
   positions: jax.Array,
   rope_base: float,
   head_mask: jax.Array | None = None,
+  implementation: str | None = None,
 ) -> jax.Array:
   """Multi-head causal self-attention of normed x[B, T, D] -> [B, T, D].
 
@@ -89,9 +94,10 @@ def attention(
     rope_base: RoPE base frequency.
     head_mask: optional [N] of 0/1; heads with 0 contribute nothing (padding slots of a strategy
       whose devices hold more head slots than there are heads).
+    implementation: see `causal_attention`.
   """
   q, k, v = qkv_projection(x, params['wq'], params['wk'], params['wv'], positions, rope_base)
-  o = causal_attention(q, k, v)  # [B, T, N, H]
+  o = causal_attention(q, k, v, implementation)  # [B, T, N, H]
   if head_mask is not None:
     o = o * head_mask.astype(o.dtype)[None, None, :, None]
   return output_projection(o, params['wo'])

@@ -337,7 +337,9 @@ class MASeparation(base.Strategy):
     head_mask = (jnp.arange(lay.head_slots) < counts[device]).astype(jnp.float32)  # [S_h]
     h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
     with jax.named_scope('attention'):
-      return attn_lib.attention(h, p['attn'], jnp.arange(x.shape[1]), cfg.rope_base, head_mask)
+      return attn_lib.attention(
+        h, p['attn'], jnp.arange(x.shape[1]), cfg.rope_base, head_mask, cfg.attention_implementation
+      )
 
   def _moe_part(self, p, h, key, device, group_offset):
     """Routing of all tokens, this device's experts only: h[b,T,D] -> y[b,T,D]{U_experts}."""

@@ -1,0 +1,368 @@
+"""One-device benchmark: ceilings, per-role kernels at the seed's shapes, and the full train step.
+
+Everything runs in one process so the figures share one device state:
+  1. ceilings: bf16 matmul (8192^3, random data) and an HBM copy (bytes read + written);
+  2. attention block (QKV, causal attention, output projection; forward, and forward + backward)
+     with k heads per device over batch x 2048 tokens, d_model 4096, head_dim 128, for the cuDNN
+     and the XLA attention kernel;
+  3. expert FFN (d 4096 -> 16384 -> 4096, GELU) of 1..16 local experts on top-2 routed tokens:
+     the capacity-padded batched einsum and `jax.lax.ragged_dot` (dropless), with the rate of
+     useful FLOPs (routed tokens only) against the matmul ceiling;
+  4. the mas-jax train step (forward, backward, AdamW; `train_lib` with synthetic data) of the
+     largest seed-shaped model that fits one GPU, with MFU against the datasheet peak.
+Writes docs/benchmarks/<device>.json, a markdown table next to it, and the planner's
+calibration file docs/benchmarks/<device>_calibration.json.
+
+  python bench/gpu_bench.py                 # on a GPU
+  python bench/gpu_bench.py --smoke         # tiny shapes on CPU (run by the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mas_jax import metrics as metrics_lib  # noqa: E402
+from mas_jax.layers import attention as attn_lib  # noqa: E402
+from mas_jax.layers import moe as moe_lib  # noqa: E402
+
+
+def bench(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
+  """Median wall time (s) of fn(*args) after warm-up, synchronising on the outputs."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def ceilings(s: dict) -> dict:
+  n = s['matmul_n']
+  keys = jax.random.split(jax.random.key(0), 2)
+  a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
+  b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
+  # Long warm-up: the first seconds of GPU work run below full clocks.
+  t = bench(jax.jit(lambda x, y: x @ y), a, b, repeats=50, warmup=100)
+  x = jax.random.normal(keys[0], (s['copy_elems'],), jnp.float32)
+  tc = bench(jax.jit(lambda v: v * 2.0), x, repeats=20, warmup=10)
+  return {
+    'matmul_bf16_tflops': 2 * n**3 / t / 1e12,
+    'matmul_n': n,
+    'hbm_copy_gbps': 2 * x.size * 4 / tc / 1e9,
+  }
+
+
+def attention_sweep(s: dict) -> list[dict]:
+  rows = []
+  d, hd, seq, batch = s['d_model'], 128, s['seq'], s['attn_batch']
+  x = jax.random.normal(jax.random.key(1), (batch, seq, d), jnp.bfloat16)
+  for impl in s['attn_impls']:
+    for heads in s['heads']:
+      ks = jax.random.split(jax.random.key(heads), 4)
+      p = {
+        n: jax.random.normal(k, (d, heads, hd), jnp.float32) / d**0.5
+        for n, k in zip(('wq', 'wk', 'wv'), ks[:3], strict=True)
+      }
+      p['wo'] = jax.random.normal(ks[3], (heads, hd, d), jnp.float32) / d**0.5
+      fwd = lambda p, x, impl=impl: attn_lib.attention(
+        x, p, jnp.arange(seq), 1e4, implementation=impl
+      )
+      try:
+        tf = bench(jax.jit(fwd), p, x)
+        grad = jax.jit(
+          jax.grad(lambda p, x, fwd=fwd: jnp.sum(fwd(p, x).astype(jnp.float32)), (0, 1))
+        )
+        tb = bench(grad, p, x)
+      except Exception as e:  # noqa: BLE001  (a kernel that does not support the shape)
+        rows.append({'impl': impl, 'heads': heads, 'error': str(e).splitlines()[0][:120]})
+        continue
+      proj = 2 * batch * seq * d * heads * hd * 4
+      core = 2 * 2 * batch * heads * seq * seq * hd / 2  # causal half
+      rows.append(
+        {
+          'impl': impl,
+          'heads': heads,
+          'batch': batch,
+          'seq': seq,
+          'fwd_s': tf,
+          'fwd_bwd_s': tb,
+          'fwd_tflops': (proj + core) / tf / 1e12,
+          'fwd_bwd_tflops': 3 * (proj + core) / tb / 1e12,
+        }
+      )
+  return rows
+
+
+def expert_sweep(s: dict) -> list[dict]:
+  rows = []
+  d, f, tokens, total_e, k = s['d_model'], s['expert_hidden'], s['tokens'], 16, 2
+  for local in s['local_experts']:
+    # Tokens reaching this device: its share of the top-2 assignments of `tokens` tokens.
+    pairs = tokens * k * local // total_e
+    per = pairs // local
+    cap = int(np.ceil(1.25 * per))
+    keys = jax.random.split(jax.random.key(local), 3)
+    w_in = jax.random.normal(keys[0], (local, d, f), jnp.bfloat16) / d**0.5
+    w_out = jax.random.normal(keys[1], (local, f, d), jnp.bfloat16) / f**0.5
+    xe = jax.random.normal(keys[2], (1, local, cap, d), jnp.bfloat16)
+    xr = xe[0, :, :per].reshape(local * per, d)
+    sizes = jnp.full((local,), per, jnp.int32)
+    einsum = jax.jit(lambda x, a, b: moe_lib.expert_ffn(x, a, b, 'gelu'))
+    ragged = jax.jit(
+      lambda x, a, b, g: jax.lax.ragged_dot(
+        jax.nn.gelu(jax.lax.ragged_dot(x, a, g), approximate=True), b, g
+      )
+    )
+    useful = 2 * 2 * pairs * d * f
+    te = bench(einsum, xe, w_in, w_out)
+    tr = bench(ragged, xr, w_in, w_out, sizes)
+    rows.append(
+      {
+        'local_experts': local,
+        'tokens': pairs,
+        'capacity': cap,
+        'einsum_s': te,
+        'einsum_useful_tflops': useful / te / 1e12,
+        'ragged_s': tr,
+        'ragged_useful_tflops': useful / tr / 1e12,
+      }
+    )
+  return rows
+
+
+def train_step(overrides: dict, repeats: int) -> dict:
+  """Times the mas-jax train step of a seed-shaped model (reference strategy, one device)."""
+  from configs import paper
+  from mas_jax import config as config_lib
+  from mas_jax import strategies, train_lib
+
+  cd = paper.get_config()
+  cd.parallel.strategy = 'reference'
+  cd.data.source = 'synthetic'
+  for dotted, value in overrides.items():
+    section, field = dotted.split('.')
+    cd[section][field] = value
+  config = config_lib.from_config_dict(cd)
+  strategy = strategies.get(config)
+  tx = train_lib.make_optimizer(config.train)
+  state, shardings = train_lib.create_train_state(config, strategy, tx)
+  step = train_lib.compile_train_step(config, strategy, tx, shardings, state)
+  batch = jax.device_put(
+    np.random.default_rng(0).integers(
+      0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1), dtype=np.int32
+    ),
+    strategy.batch_sharding(),
+  )
+  for _ in range(2):
+    state, m = step(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  t = statistics.median(times)
+  tokens = config.data.batch_size * config.data.seq_len
+  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  return {
+    'overrides': overrides,
+    'step_s': t,
+    'tokens_per_s': tokens / t,
+    'model_tflops': flops / t / 1e12,
+    'mfu': flops / t / peak if peak else None,
+    'params': metrics_lib.param_count(config.model)['total'],
+    'loss': float(m['loss']),
+  }
+
+
+GPU = {
+  'matmul_n': 8192,
+  'copy_elems': 1 << 28,
+  'd_model': 4096,
+  'seq': 2048,
+  'attn_batch': 4,
+  'heads': [1, 2, 3, 4, 8, 16, 32],
+  'attn_impls': ['cudnn', 'xla'],
+  'expert_hidden': 16384,
+  'tokens': 8192,
+  'local_experts': [1, 2, 4, 8, 16],
+  'train_repeats': 5,
+  'train_overrides': [
+    {
+      'parallel.num_microbatches': 1,
+      'model.num_layers': 1,
+      'data.batch_size': batch,
+      'model.attention_impl': 'cudnn',
+      'model.remat': remat,
+    }
+    for batch, remat in ((4, 'none'), (8, 'none'), (8, 'save_dots'), (16, 'full'), (32, 'full'))
+  ],
+}
+SMOKE = {
+  'matmul_n': 64,
+  'copy_elems': 1 << 12,
+  'd_model': 64,
+  'seq': 16,
+  'attn_batch': 2,
+  'heads': [1, 2],
+  'attn_impls': ['xla'],
+  'expert_hidden': 128,
+  'tokens': 64,
+  'local_experts': [1, 2],
+  'train_repeats': 1,
+  'train_overrides': [
+    {
+      'parallel.num_microbatches': 1,
+      'model.num_layers': 1,
+      'model.d_model': 64,
+      'model.num_heads': 4,
+      'model.expert_hidden': 128,
+      'model.vocab_size': 256,
+      'data.batch_size': 2,
+      'data.seq_len': 16,
+      'model.compute_dtype': 'float32',
+    }
+  ],
+}
+
+
+def calibration(device: str, result: dict) -> dict:
+  """The planner's calibration file (schema: mas_jax/perf_model.py)."""
+  attn = [
+    {
+      'mode': 'train',
+      'heads': r['heads'],
+      'batch': r['batch'],
+      'seq': r['seq'],
+      'time_s': r['fwd_s'],
+    }
+    for r in result['attention']
+    if r.get('impl') == 'cudnn' and 'fwd_s' in r
+  ]
+  ffn = [
+    {
+      'local_experts': r['local_experts'],
+      'tokens': r['tokens'],
+      'time_s': min(r['einsum_s'], r['ragged_s']),
+    }
+    for r in result['expert_ffn']
+  ]
+  return {
+    'device': device,
+    'matmul_tflops': result['ceilings']['matmul_bf16_tflops'],
+    'hbm_gbps': result['ceilings']['hbm_copy_gbps'],
+    'kernels': {'attention': attn, 'expert_ffn': ffn},
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--smoke', action='store_true', help='tiny shapes (CPU smoke test)')
+  parser.add_argument('--out', default='docs/benchmarks')
+  parser.add_argument('--skip', default='', help='comma list of: attention,experts,train')
+  args = parser.parse_args()
+  s = SMOKE if args.smoke else GPU
+  skip = set(filter(None, args.skip.split(',')))
+  device = jax.devices()[0].device_kind
+  result = {
+    'device': device,
+    'jax': jax.__version__,
+    'command': ' '.join(sys.argv),
+    'ceilings': ceilings(s),
+  }
+  print('ceilings', result['ceilings'], flush=True)
+  result['attention'] = [] if 'attention' in skip else attention_sweep(s)
+  result['expert_ffn'] = [] if 'experts' in skip else expert_sweep(s)
+  result['train_step'] = (
+    [] if 'train' in skip else [train_step(o, s['train_repeats']) for o in s['train_overrides']]
+  )
+  name = 'cpu_smoke' if args.smoke else re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(args.out, f'{name}_calibration.json'), 'w') as f:
+    json.dump(calibration(device, result), f, indent=1)
+  table = markdown(result)
+  with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
+    f.write(table)
+  print(table)
+
+
+def markdown(r: dict) -> str:
+  c = r['ceilings']
+  out = [
+    f'# {r["device"]}, JAX {r["jax"]}',
+    '',
+    f'Command: `python {r["command"]}`',
+    '',
+    f'Ceilings: bf16 matmul {c["matmul_n"]}^3 {c["matmul_bf16_tflops"]:.1f} TFLOP/s; '
+    f'HBM copy {c["hbm_copy_gbps"]:.0f} GB/s (read + write).',
+    '',
+    '## Attention block (QKV + causal attention + output projection)',
+    '',
+    '| impl | heads | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |',
+    '|---|---|---|---|---|---|',
+  ]
+  for a in r['attention']:
+    if 'error' in a:
+      out.append(f'| {a["impl"]} | {a["heads"]} | error: {a["error"]} | | | |')
+    else:
+      out.append(
+        f'| {a["impl"]} | {a["heads"]} | {a["fwd_s"] * 1e3:.3f} | '
+        f'{a["fwd_tflops"]:.0f} | {a["fwd_bwd_s"] * 1e3:.3f} | '
+        f'{a["fwd_bwd_tflops"]:.0f} |'
+      )
+  out += [
+    '',
+    '## Expert FFN (forward; useful FLOPs = routed tokens only)',
+    '',
+    '| local experts | routed pairs | capacity | einsum ms | einsum TFLOP/s | % of matmul '
+    '| ragged_dot ms | ragged_dot TFLOP/s | % of matmul |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for e in r['expert_ffn']:
+    mm = c['matmul_bf16_tflops']
+    out.append(
+      f'| {e["local_experts"]} | {e["tokens"]} | {e["capacity"]} | '
+      f'{e["einsum_s"] * 1e3:.3f} | {e["einsum_useful_tflops"]:.0f} | '
+      f'{e["einsum_useful_tflops"] / mm:.0%} | {e["ragged_s"] * 1e3:.3f} | '
+      f'{e["ragged_useful_tflops"]:.0f} | {e["ragged_useful_tflops"] / mm:.0%} |'
+    )
+  if r['train_step']:
+    out += [
+      '',
+      '## Train step (mas-jax, forward + backward + AdamW)',
+      '',
+      '| overrides of configs/paper.py | params | step ms | tokens/s | model TFLOP/s | MFU |',
+      '|---|---|---|---|---|---|',
+    ]
+    for t in r['train_step']:
+      if 'error' in t:
+        out.append(f'| `{t["overrides"]}` | error: {t["error"]} | | | | |')
+        continue
+      mfu = '-' if t['mfu'] is None else f'{t["mfu"]:.1%}'
+      out.append(
+        f'| `{t["overrides"]}` | {t["params"]:.4g} | {t["step_s"] * 1e3:.1f} | '
+        f'{t["tokens_per_s"]:.0f} | {t["model_tflops"]:.0f} | {mfu} |'
+      )
+  return '\n'.join(out) + '\n'
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,24 @@
+"""The benchmark scripts run end to end at tiny shapes on CPU (smoke, not timing)."""
+
+import json
+import sys
+
+import pytest
+
+sys.path.insert(0, 'bench')
+
+import gpu_bench  # noqa: E402
+
+
+@pytest.mark.timeout(240)
+def test_gpu_bench_smoke(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['gpu_bench.py', '--smoke', '--out', str(tmp_path)])
+  gpu_bench.main()
+  result = json.loads((tmp_path / 'cpu_smoke.json').read_text())
+  assert result['ceilings']['matmul_bf16_tflops'] > 0
+  assert {r['heads'] for r in result['attention']} == {1, 2}
+  assert all(r['einsum_s'] > 0 and r['ragged_s'] > 0 for r in result['expert_ffn'])
+  assert result['train_step'][0]['step_s'] > 0
+  calibration = json.loads((tmp_path / 'cpu_smoke_calibration.json').read_text())
+  assert calibration['kernels']['expert_ffn']
+  assert (tmp_path / 'cpu_smoke.md').read_text().startswith('# ')
