@@ -15,6 +15,7 @@ Dims: G groups (sequences) per device, S tokens, D d_model, E experts, C capacit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -54,6 +55,14 @@ def param_bytes_per_device(mesh: jax.sharding.Mesh, specs: dict, params: dict) -
     jax.tree.map(leaf_bytes, specs, params, is_leaf=lambda x: isinstance(x, P))
   )
   return sum(leaves)
+
+
+def remat_layer(fn, cfg: ModelConfig):
+  """fn (one layer's scan body) rematerialised in the backward pass as `cfg.remat` says."""
+  if cfg.remat == 'none':
+    return fn
+  policy = {'full': None, 'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return jax.checkpoint(fn, policy=policy[cfg.remat])
 
 
 def ep_moe_ffn(
@@ -164,7 +173,9 @@ class ExpertParallel(base.Strategy):
       positions = jnp.arange(x.shape[1])
       with jax.named_scope('attention'):
         h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
-        x = x + attn_lib.attention(h, p['attn'], positions, mcfg.rope_base)
+        x = x + attn_lib.attention(
+          h, p['attn'], positions, mcfg.rope_base, implementation=mcfg.attention_implementation
+        )
       with jax.named_scope('moe'):
         h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
         y, stats = ep_moe_ffn(mcfg, h, p['moe'], cap, key, row_offset)
@@ -179,6 +190,7 @@ class ExpertParallel(base.Strategy):
       x = params['embed'][inputs].astype(dtype)  # [G, S, D]
       keys = model_lib.layer_keys(key, mcfg.num_layers)
 
+      @functools.partial(remat_layer, cfg=mcfg)
       def body(x, layer):
         p, k = layer
         return block(x, p, k, row_offset)

@@ -32,7 +32,7 @@ from mas_jax.config import Config, ConfigError, ModelConfig
 from mas_jax.layers import attention as attn_lib
 from mas_jax.layers import moe as moe_lib
 from mas_jax.strategies import base
-from mas_jax.strategies.ep import abstract_params, param_bytes_per_device
+from mas_jax.strategies.ep import abstract_params, param_bytes_per_device, remat_layer
 
 PIPE_AXIS = 'pipe'
 TENSOR_AXIS = 'tensor'
@@ -49,7 +49,7 @@ def tp_attention(cfg: ModelConfig, x: jax.Array, p: dict) -> jax.Array:
   """Attention of normed x[G, S, D] on this device's heads; -> [G, S, D] summed over 'tensor'."""
   positions = jnp.arange(x.shape[1])
   q, k, v = attn_lib.qkv_projection(x, p['wq'], p['wk'], p['wv'], positions, cfg.rope_base)
-  o = attn_lib.causal_attention(q, k, v)  # [G, S, N/tp, H]
+  o = attn_lib.causal_attention(q, k, v, cfg.attention_implementation)  # [G, S, N/tp, H]
   out = attn_lib.output_projection(o, p['wo'])  # [G, S, D]{U_tensor}
   return lax.psum(out, TENSOR_AXIS)  # out[G,S,D]{U_tensor} -> out[G,S,D]
 
@@ -188,9 +188,8 @@ class TensorPipeline(base.Strategy):
       return x + y, stats
 
     def stage_forward(blocks_local, keys_local, x, group_offset):
-      x, stats = lax.scan(
-        lambda x, layer: block(x, layer, group_offset), x, (blocks_local, keys_local)
-      )
+      body = remat_layer(lambda x, layer: block(x, layer, group_offset), mcfg)
+      x, stats = lax.scan(body, x, (blocks_local, keys_local))
       return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
 
     def head(x, head_params, targets):
