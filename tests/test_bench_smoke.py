@@ -22,3 +22,23 @@ def test_gpu_bench_smoke(tmp_path, monkeypatch):
   calibration = json.loads((tmp_path / 'cpu_smoke_calibration.json').read_text())
   assert calibration['kernels']['expert_ffn']
   assert (tmp_path / 'cpu_smoke.md').read_text().startswith('# ')
+
+
+@pytest.mark.timeout(300)
+def test_multi_gpu_bench_smoke(tmp_path):
+  """bench/multi_gpu.py on 8 fake CPU devices (its own process: it sets the device count)."""
+  import subprocess
+
+  subprocess.run(
+    [sys.executable, 'bench/multi_gpu.py', '--smoke', '--out', str(tmp_path)],
+    check=True,
+    capture_output=True,
+    timeout=280,
+  )
+  result = json.loads((tmp_path / 'multi_gpu_smoke.json').read_text())
+  names = [r['overrides']['parallel.strategy'] for r in result['rows']]
+  assert names.count('ma_sep') >= 1 and 'tp_pp' in names and 'ep' in names
+  losses = [r['loss'] for r in result['rows']]
+  # Same model, batch, seed and number of steps: every strategy reaches the same loss.
+  assert max(losses) - min(losses) < 1e-4 * abs(losses[0])
+  assert all(r['step_s'] > 0 and 'predicted' in r for r in result['rows'])
