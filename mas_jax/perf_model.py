@@ -19,6 +19,17 @@ node. Each time term carries the resource that bounds it: compute, hbm, scale-up
 latency. Training keeps fp32 parameters, fp32 gradients and two fp32 Adam moments (16 B/param),
 no ZeRO; decode keeps weights in the compute dtype.
 
+Optimizer update (training, every strategy): once per step, after the backward pass and any
+gradient all-reduce, every device updates the parameters it holds. It is HBM-bound and charged as
+the term `optimizer` (bound 'hbm'): OPTIMIZER_BYTES_PER_PARAM * params held / HBM bandwidth, where
+the 32 B/param are AdamW's fp32 reads of param, grad, m, v and writes of param, m, v (28 B) plus
+one read of the fp32 gradients for clip_by_global_norm's norm (4 B; the scaling fuses into the
+update). Gradient accumulation does not repeat it; collectives are unchanged by it (the
+all-reduce precedes it and cannot overlap it). Not modelled: the fp32 -> bf16 weight casts and
+the bf16 -> fp32 gradient casts (up to 6 + 6 B/param if XLA does not fuse them into the matmuls
+and the update), elementwise kernels (norms, GELU, dropout, softmax cross-entropy), dispatch
+scatter / combine gather and the embedding-gradient scatter.
+
 Calibration JSON (written by a GPU benchmark; every field optional):
   {"device": "NVIDIA A100-SXM4-80GB",
    "matmul_tflops": 250.0,        # measured dense matmul rate in compute dtype -> peak FLOP/s
@@ -33,11 +44,13 @@ Calibration JSON (written by a GPU benchmark; every field optional):
        {"local_experts": 4, "tokens": 48, "time_s": 5.3e-4}]}}
   attention: `heads` local heads, `batch` sequences, `seq` context (decode: one new token per
   sequence; train: forward over `seq` tokens, backward taken as 2 x forward). expert_ffn: `tokens`
-  token-expert pairs reaching the device's `local_experts` experts. Entries may also give
-  "d_model", "head_dim" or "expert_hidden" (local width); entries that disagree with the model are
-  ignored. Timings are used for an exact match, or fitted linearly (time = k1 * x + k2, as
-  MegaScale-Infer does) through the two nearest entries in batch / tokens with the other keys
-  equal; everything else stays modelled, and predictions list which terms were measured.
+  routed token-expert pairs reaching the device's `local_experts` experts, before capacity padding
+  (the time includes whatever padding the kernel computes; bench/gpu_bench.py writes it so).
+  Entries may also give "d_model", "head_dim" or "expert_hidden" (local width); entries that
+  disagree with the model are ignored. Timings are used for an exact match, or fitted linearly
+  (time = k1 * x + k2, as MegaScale-Infer does) through the two nearest entries in batch / tokens
+  with the other keys equal; everything else stays modelled, and predictions list which terms
+  were measured.
 """
 
 from __future__ import annotations
@@ -51,6 +64,11 @@ from typing import Any
 TRAIN_BYTES_PER_PARAM = 16
 # Gradients are synchronised in fp32 (parameters are fp32).
 GRAD_BYTES = 4
+# HBM traffic of the optimizer update per parameter held: AdamW reads fp32 param, grad, m, v and
+# writes param, m, v (7 x 4 B); clip_by_global_norm reads the gradient once more for its norm.
+ADAMW_BYTES_PER_PARAM = 28
+CLIP_BYTES_PER_PARAM = 4
+OPTIMIZER_BYTES_PER_PARAM = ADAMW_BYTES_PER_PARAM + CLIP_BYTES_PER_PARAM
 # Fraction of HBM usable by weights, optimizer state and activations (the rest: runtime, buffers).
 USABLE_HBM = 0.9
 
@@ -298,6 +316,11 @@ def roofline(flops: float, nbytes: float, hw: Hardware, dtype: str) -> tuple[flo
 def _largest(parts: dict[str, float]) -> tuple[float, str]:
   name = max(parts, key=parts.get)
   return parts[name], name
+
+
+def optimizer_update(params: float, hw: Hardware) -> tuple[float, str]:
+  """One optimizer step over `params` parameters held by a device: HBM-bound elementwise."""
+  return params * OPTIMIZER_BYTES_PER_PARAM / hw.hbm_bw, 'hbm'
 
 
 def all_reduce(nbytes: float, ranks: int, hw: Hardware) -> tuple[float, str]:
@@ -559,7 +582,9 @@ class _Kernels:
     nbytes = (
       active * m.n_mat * m.d_model * hidden * m.act_bytes + pairs * 2 * m.d_model * m.act_bytes
     )
-    measured = self.cal.expert_time(m, local, pairs, hidden) if self.cal else None
+    # Calibration is keyed by routed pairs before capacity padding (see the module docstring).
+    routed = pairs / m.capacity if w.mode == 'train' else pairs
+    measured = self.cal.expert_time(m, local, routed, hidden) if self.cal else None
     if measured is not None:
       return measured, 'measured', True
     return (*roofline(flops, nbytes, self.hw, m.compute_dtype), False)
@@ -637,10 +662,11 @@ def predict_ma_sep(
     x = afd_exchange(m, hw, n_attn, n_moe, tokens)
     return attn, reduce, exp, x['dispatch'], x['combine']
 
+  attn_p = m.num_layers * (4 * d * m.head_dim * slots + 2 * d + d * m.num_experts)
+  attn_p += embed_params(m) / n_attn
+  exp_p = m.num_layers * local * m.n_mat * d * hidden
+
   def memory(chunk_seqs):
-    attn_p = m.num_layers * (4 * d * m.head_dim * slots + 2 * d + d * m.num_experts)
-    attn_p += embed_params(m) / n_attn
-    exp_p = m.num_layers * local * m.n_mat * d * hidden
     if not train:
       kv = w.batch * w.context * 2 * m.head_dim * slots * m.num_layers * b
       return {'attention': (attn_p * b, kv), 'experts': (exp_p * b, 0.0)}
@@ -666,7 +692,9 @@ def predict_ma_sep(
     bwd = [2 * attn[0] + reduce[0], disp[0], 2 * exp[0], comb[0]]
     chunk_s += pipeline(bwd, microbatches, m.num_layers)
     head *= 3
-  step = accum * (chunk_s + head)
+  # Both roles update their own parameters at once; the step waits for the slower.
+  opt = optimizer_update(max(attn_p, exp_p), hw) if train else (0.0, 'hbm')
+  step = accum * (chunk_s + head) + opt[0]
   passes = 3 if train else 1  # compute multiplier
   comms = 2 if train else 1
   n = accum * microbatches * m.num_layers
@@ -677,6 +705,7 @@ def predict_ma_sep(
     Term('dispatch', n * comms * disp[0], disp[1]),
     Term('combine', n * comms * comb[0], comb[1]),
     Term('lm_head', accum * head, 'compute'),
+    Term('optimizer', opt[0], opt[1]),
   ]
   busy = {
     'attention': (terms[0].time_s + terms[5].time_s) / step,
@@ -736,9 +765,10 @@ def predict_tp_pp(
     p2p = tokens * d * b / tp / bw + lat if pp > 1 else 0.0  # each TP rank sends its slice
     return attn, exp, reduce, p2p, k.head(w, seqs, 1 / tp)
 
+  params = layers * (attn_params_per_layer(m) + moe_params_per_layer(m)) / tp
+  params += (2 if pp == 1 else 1) * m.vocab_size * d / tp  # embedding first stage, unembedding last
+
   def memory(chunk_seqs):
-    params = layers * (attn_params_per_layer(m) + moe_params_per_layer(m)) / tp
-    params += m.vocab_size * d / tp
     if not train:
       kv = w.batch * w.context * 2 * m.head_dim * heads * layers * b
       return {'all': (params * b, kv)}
@@ -753,8 +783,10 @@ def predict_tp_pp(
   if train:
     slots = accum * microbatches + pp - 1
     stage_s = fwd + layers * (2 * attn[0] + 2 * exp[0] + 2 * reduce[0]) + 2 * head + p2p
-    step, passes, reduces, n_mb = slots * stage_s, 3, 4, accum * microbatches
+    opt = optimizer_update(params, hw)
+    step, passes, reduces, n_mb = slots * stage_s + opt[0], 3, 4, accum * microbatches
   else:
+    opt = (0.0, 'hbm')
     step, passes, reduces, n_mb = max(pp, microbatches) * fwd, 1, 2, microbatches
   n = n_mb * layers
   terms = [
@@ -763,7 +795,8 @@ def predict_tp_pp(
     Term('tp_allreduce', n * reduces * reduce[0], reduce[1]),
     Term('pp_p2p', n_mb * (2 if train else 1) * p2p, 'scale-out' if cross_node else 'scale-up'),
     Term('lm_head', n_mb * passes * head, 'compute'),
-    Term('pp_bubble', step * (pp - 1) / (n_mb + pp - 1) if train else 0.0, 'schedule'),
+    Term('pp_bubble', (step - opt[0]) * (pp - 1) / (n_mb + pp - 1) if train else 0.0, 'schedule'),
+    Term('optimizer', opt[0], opt[1]),
   ]
   busy = {'all': (terms[0].time_s + terms[1].time_s + terms[4].time_s / pp) / step}
   return _finish(
@@ -821,9 +854,10 @@ def predict_ep(
     sync = all_reduce(shared * GRAD_BYTES, n, hw)[0]
     sync += all_reduce(experts * GRAD_BYTES, n // ep, hw)[0]
     exposed = max(0.0, sync - accum * (bwd - 2 * m.num_layers * a2a[0]))
-    step, passes, a2as = accum * (fwd + bwd) + exposed, 3, 4
+    opt = optimizer_update(shared + experts, hw)
+    step, passes, a2as = accum * (fwd + bwd) + exposed + opt[0], 3, 4
   else:
-    step, passes, a2as, sync, exposed = fwd, 1, 2, 0.0, 0.0
+    step, passes, a2as, sync, exposed, opt = fwd, 1, 2, 0.0, 0.0, (0.0, 'hbm')
   n_l = accum * m.num_layers
   terms = [
     Term('attention', n_l * passes * attn[0], attn[1], attn[2]),
@@ -831,6 +865,7 @@ def predict_ep(
     Term('all_to_all', n_l * a2as * a2a[0], a2a[1]),
     Term('lm_head', accum * passes * head, 'compute'),
     Term('grad_sync_exposed', exposed, 'scale-out' if n > hw.gpus_per_node else 'scale-up'),
+    Term('optimizer', opt[0], opt[1]),
   ]
   busy = {'all': (terms[0].time_s + terms[1].time_s + terms[3].time_s) / step}
   name, split = ('ep', f'ep{ep}xdp{n // ep}') if ep > 1 else ('dp', f'dp{n}')

@@ -4,6 +4,10 @@ Rank every strategy and attention:expert split of a config, and write plots:
   python -m mas_jax.plan --config=configs/paper.py --hardware=a100_80g --mode=train --devices=16
   python -m mas_jax.plan --config=configs/paper.py --mode=decode --batch=24 \
     --calibration=docs/benchmarks/calibration.json
+Compare the one-device training step with a GPU benchmark's measured train steps:
+  python -m mas_jax.plan --config=configs/paper.py --hardware=h100 \
+    --calibration=docs/benchmarks/nvidia_h100_80gb_hbm3_calibration.json \
+    --measured=docs/benchmarks/nvidia_h100_80gb_hbm3.json
 Reproduce the AFD paper's roofline and penalties, or check the seed paper's claims:
   python -m mas_jax.plan --reproduce=afd
   python -m mas_jax.plan --reproduce=seed
@@ -11,8 +15,10 @@ Reproduce the AFD paper's roofline and penalties, or check the seed paper's clai
 
 from __future__ import annotations
 
+import json
 import os
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -34,6 +40,9 @@ _CONTEXT = flags.DEFINE_integer('context', 0, 'Decode context length; 0: config 
 _CALIBRATION = flags.DEFINE_string('calibration', None, 'Calibration JSON of measured timings.')
 _PLOT_DIR = flags.DEFINE_string('plot_dir', 'docs/plots', 'Where PNG plots are written.')
 _TOP = flags.DEFINE_integer('top', 25, 'Rows of the ranked table.')
+_MEASURED = flags.DEFINE_string(
+  'measured', None, 'Bench JSON (bench/gpu_bench.py): predicted vs measured train steps.'
+)
 _REPRODUCE = flags.DEFINE_enum('reproduce', None, ['afd', 'seed'], 'Print a paper reproduction.')
 
 # The seed's cluster: 4 nodes of 4 A100 80GB, NVLink 3 (600 GB/s total), InfiniBand HDR 200 Gb/s.
@@ -516,10 +525,16 @@ def run_planner(config) -> None:
   batch = _BATCH.value or m.batch_size
   context = m.seq_len if mode == 'train' else (_CONTEXT.value or m.seq_len)
   w = pm.Workload(mode, batch, context)
+  print_plan(m, hw, w, n, cal, measured, _PLOT_DIR.value, _TOP.value)
+
+
+def print_plan(m, hw, w, n, cal=None, measured=(), plot_dir=None, top=25) -> list[pm.Prediction]:
+  """Prints the ranked table of every strategy on n devices; plots when plot_dir is given."""
   preds = pm.plan(m, hw, w, n, cal)
   acc = pm.accounting(m)
   print(
-    f'# {mode} on {n} x {hw.name} ({hw.gpus_per_node} per node): batch {batch}, context {context}'
+    f'# {w.mode} on {n} x {hw.name} ({hw.gpus_per_node} per node): batch {w.batch}, '
+    f'context {w.context}'
   )
   print(
     f'model: {acc["params_total"] / 1e9:.2f} B params, {acc["params_active_matmul"] / 1e9:.2f}'
@@ -531,20 +546,66 @@ def run_planner(config) -> None:
       f'calibration: {cal.device}; the "measured" column names terms taken from it, '
       'the rest are modelled'
     )
-  print(table(PRED_HEADERS, [prediction_row(i + 1, p) for i, p in enumerate(preds[: _TOP.value])]))
+  print(table(PRED_HEADERS, [prediction_row(i + 1, p) for i, p in enumerate(preds[:top])]))
   best = preds[0]
-  best_ma = next(p for p in preds if p.strategy == 'ma_sep')
+  best_ma = next((p for p in preds if p.strategy == 'ma_sep'), None)
+  ma = (
+    f'best ma_sep split {best_ma.split} (M={best_ma.microbatches})'
+    if best_ma
+    else f'no ma_sep split on {n} device(s) (it needs 2 or more): no split sweep'
+  )
   print(
-    f'\nbest: {best.strategy} {best.split}; best ma_sep split {best_ma.split} '
-    f'(M={best_ma.microbatches}); step = {"training step" if mode == "train" else "TPOT"}; '
+    f'\nbest: {best.strategy} {best.split}; {ma}; '
+    f'step = {"training step" if w.mode == "train" else "TPOT"}; '
     'busy = compute-kernel time / step.'
   )
-  os.makedirs(_PLOT_DIR.value, exist_ok=True)
-  sweep = os.path.join(_PLOT_DIR.value, f'split_sweep_{mode}.png')
-  plot_split_sweep(preds, sweep, f'{mode}: {n} x {hw.name}, batch {batch}, context {context}')
-  roof = os.path.join(_PLOT_DIR.value, 'afd_roofline.png')
-  plot_afd_roofline(roof)
-  print(f'wrote {sweep} and {roof}')
+  if plot_dir:
+    os.makedirs(plot_dir, exist_ok=True)
+    roof = os.path.join(plot_dir, 'afd_roofline.png')
+    plot_afd_roofline(roof)
+    written = [roof]
+    if best_ma:
+      sweep = os.path.join(plot_dir, f'split_sweep_{w.mode}.png')
+      title = f'{w.mode}: {n} x {hw.name}, batch {w.batch}, context {w.context}'
+      plot_split_sweep(preds, sweep, title)
+      written.insert(0, sweep)
+    print('wrote ' + ' and '.join(written))
+  return preds
+
+
+def compare_measured(config, hw, cal, bench_path: str) -> list[list]:
+  """Prints the one-device (dp1 = reference strategy) training step vs each measured train step.
+
+  Each entry's overrides are applied to the config. The model has no rematerialisation: entries
+  with model.remat other than 'none' get a prediction without recomputation and no error.
+  """
+  with open(bench_path) as f:
+    bench = json.load(f)
+  rows = []
+  for entry in bench.get('train_step', []):
+    cd = ml_collections.ConfigDict(config.to_dict())
+    for dotted, value in entry['overrides'].items():
+      section, field = dotted.split('.')
+      cd[section][field] = value
+    m = pm.ModelSpec.from_config(cd)
+    p = pm.predict_ep(m, hw, pm.Workload('train', m.batch_size, m.seq_len), 1, 1, cal)
+    remat = entry['overrides'].get('model.remat', 'none')
+    err = (p.step_s - entry['step_s']) / entry['step_s']
+    rows.append(
+      [
+        m.batch_size,
+        remat,
+        f'{p.step_s * 1e3:.1f}',
+        f'{entry["step_s"] * 1e3:.1f}',
+        f'{err:+.1%}' if remat == 'none' else 'n/a (no remat model)',
+        ', '.join(f'{t.name} {t.time_s * 1e3:.1f}' for t in p.terms if t.time_s > 0),
+        ', '.join(p.measured) or '-',
+      ]
+    )
+  print(f'# one-device training step: predicted ({hw.name}) vs measured ({bench.get("device")})')
+  headers = ['batch', 'remat', 'predicted ms', 'measured ms', 'error', 'terms ms', 'measured terms']
+  print(table(headers, rows))
+  return rows
 
 
 def main(argv: list[str]) -> None:
@@ -558,6 +619,10 @@ def main(argv: list[str]) -> None:
     m = pm.ModelSpec.from_config(config)
     cal = pm.Calibration.load(_CALIBRATION.value) if _CALIBRATION.value else None
     reproduce_seed(m, cal)
+  elif _MEASURED.value:
+    config = _CONFIG.value
+    hw, cal, _ = _hardware(config.model.compute_dtype)
+    compare_measured(config, hw, cal, _MEASURED.value)
   else:
     run_planner(_CONFIG.value)
 
