@@ -111,6 +111,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.num_microbatches = 1
   # MA Separation: reduce attention outputs inside a row first, then across rows.
   config.parallel.hierarchical_allreduce = False
+  # MA Separation MoE dispatch: 'all_to_all' (each expert device routes its share of the
+  # sequences, all_to_all inside the expert row, ppermute back to attention rows), 'replicated'
+  # (each expert device routes every token, psum back), or 'auto' (all_to_all when the expert
+  # devices form one mesh row and the micro-batch divides over them).
+  config.parallel.moe_dispatch = 'auto'
   # Hybrid tensor x pipeline parallelism: tp * pp == device count.
   config.parallel.tp = 8
   config.parallel.pp = 2

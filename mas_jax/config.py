@@ -17,6 +17,7 @@ _ACTIVATIONS = ('gelu', 'relu')
 _SOURCES = ('c4', 'synthetic')
 _ATTENTION_IMPLS = ('auto', 'cudnn', 'xla')
 _REMAT = ('none', 'full', 'save_dots')
+_DISPATCH = ('auto', 'all_to_all', 'replicated')
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,7 @@ class ParallelConfig:
   tp: int
   pp: int
   ep: int
+  moe_dispatch: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +197,10 @@ def validate(config: Config) -> None:
   for name in ('log_every', 'eval_every', 'eval_steps', 'checkpoint_every', 'keep_checkpoints'):
     _check(getattr(t, name) > 0, f'train.{name}={getattr(t, name)} must be positive')
 
+  _check(
+    p.moe_dispatch in _DISPATCH,
+    f'parallel.moe_dispatch={p.moe_dispatch!r} is not one of {_DISPATCH}',
+  )
   _check(p.num_microbatches > 0, f'parallel.num_microbatches={p.num_microbatches} must be positive')
   _check(
     d.batch_size % p.num_microbatches == 0,

@@ -57,6 +57,7 @@ def test_paper_config_is_the_seed_model():
     ({'train.b2': 1.0}, 'train.b2=1.0'),
     ({'train.grad_clip': 0.0}, 'train.grad_clip=0.0'),
     ({'train.log_every': 0}, 'train.log_every=0 must be positive'),
+    ({'parallel.moe_dispatch': 'ring'}, "parallel.moe_dispatch='ring' is not one of"),
     ({'parallel.num_microbatches': 0}, 'parallel.num_microbatches=0 must be positive'),
     (
       {'parallel.num_microbatches': 3},

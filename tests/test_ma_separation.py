@@ -32,14 +32,23 @@ def ma_config(attn, moe, microbatches, **overrides):
   'attn, moe, microbatches, overrides',
   [
     (12, 4, 1, {}),
-    (12, 4, 2, {'parallel.hierarchical_allreduce': True}),
+    (12, 4, 2, {'parallel.hierarchical_allreduce': True, 'parallel.moe_dispatch': 'replicated'}),
+    (8, 8, 2, {'parallel.hierarchical_allreduce': True}),
     (8, 8, 4, {}),
     (4, 12, 2, {'model.num_experts': 24, 'model.num_heads': 16, 'model.d_model': 64}),
     (12, 4, 4, {'model.dropless': True}),
   ],
 )
 def test_matches_reference_on_16_devices(attn, moe, microbatches, overrides):
-  metrics = assert_matches_reference(ma_config(attn, moe, microbatches, **overrides))
+  config = ma_config(attn, moe, microbatches, **overrides)
+  # 'auto' takes all_to_all where the expert devices form one mesh row and the micro-batch
+  # divides over them: 12:4 M=1 and M=4, 8:8 M=2; replicated for 8:8 M=4 and 4:12.
+  expected = overrides.get('parallel.moe_dispatch')
+  if expected is None:
+    one_row = attn % moe == 0
+    expected = 'all_to_all' if one_row and (16 // microbatches) % moe == 0 else 'replicated'
+  assert strategies.get(config).dispatch == expected
+  metrics = assert_matches_reference(config)
   assert (metrics['dropped_token_fraction'] == 0) == bool(overrides.get('model.dropless'))
 
 
@@ -119,6 +128,11 @@ def test_each_role_runs_only_its_own_work():
   assert dots['attention'] and dots['experts']
   assert dots['attention'] <= reach[0] and not dots['attention'] & (reach[1] | reach[2])
   assert dots['experts'] <= reach[1] and not dots['experts'] & (reach[0] | reach[2])
+  # The expert dispatch's all_to_all runs inside the expert branch only (its replica groups are
+  # the mesh rows, and only the expert row takes that branch).
+  a2a = {c for c, body in bodies.items() if ' all-to-all(' in body}
+  assert strategy.dispatch == 'all_to_all' and a2a
+  assert a2a <= reach[1] and not a2a & (reach[0] | reach[2])
 
 
 def _computations(hlo: str) -> dict[str, str]:
@@ -166,6 +180,20 @@ def _reachable(bodies: dict[str, str], root: str) -> set[str]:
     (
       {'parallel.attn_devices': 16, 'parallel.moe_devices': 0},
       'parallel.moe_devices=0 must both be >= 1',
+    ),
+    (
+      {
+        'parallel.attn_devices': 4,
+        'parallel.moe_devices': 12,
+        'model.num_experts': 24,
+        'parallel.moe_dispatch': 'all_to_all',
+      },
+      'parallel.moe_dispatch=all_to_all needs the 12 expert devices in one mesh row',
+    ),
+    (
+      {'parallel.num_microbatches': 8, 'parallel.moe_dispatch': 'all_to_all'},
+      'parallel.moe_dispatch=all_to_all: 2 sequences per micro-batch do not divide over '
+      'moe_devices=4',
     ),
     (
       {'data.batch_size': 3, 'data.seq_len': 5},

@@ -12,19 +12,22 @@ Per layer and micro-batch (the seed's Stage 1-3, then the MoE):
            the whole mesh (expert devices add zeros) is the seed's 12 -> 1 all-reduce and the
            broadcast to the expert devices at once; `hierarchical_allreduce` reduces inside a
            row first, then across rows.
-  MoE      every expert device now holds every token of the micro-batch, so it routes all of
-           them itself (the router is replicated; top-k, capacity or dropless), gathers the
-           tokens of its own experts into capacity buffers, runs them, and combines their
-           gate-weighted outputs: a partial sum over experts, y[b,T,D]{U_experts}. The same
-           mesh-wide `psum` (attention devices add zeros) adds the experts' parts and returns
-           the result to the attention devices. Because the broadcast has already put every
-           token on every expert device, dispatch needs no all_to_all: each device selects
-           its tokens locally, which moves fewer bytes than splitting and re-exchanging them.
+  MoE      `moe_dispatch='all_to_all'` (the default where the expert devices form one mesh
+           row): expert device c takes its 1/n_moe of the micro-batch's sequences, routes them
+           (router, top-k, capacity or dropless), sends each expert's capacity buffer to the
+           device holding that expert with `all_to_all` inside the expert row, runs its experts,
+           returns the outputs with a second `all_to_all`, combines, and all_gathers the row's
+           sequences; `ppermute`s then carry the result to every attention row.
+           `moe_dispatch='replicated'` (any split, e.g. 4:12 whose expert devices span rows):
+           every expert device routes every token (the broadcast already put them there),
+           computes its own experts' part, and the mesh-wide psum that also carries the
+           attention output adds the parts and returns them.
 
 Co-execution: with M >= 2 micro-batches the schedule is a software pipeline of "ticks"; in one
 tick the attention devices run layer l of micro-batch m while the expert devices run the MoE of
-the previous item, then both exchange in the tick's one psum (the seed's barrier: the collective
-is where the two groups meet). Both contributions travel in one buffer [2, b, T, D]. The tick
+the previous item, then both exchange in the tick's collectives (the seed's barrier: the
+collectives are where the two groups meet). All collectives that span both groups run outside
+the per-role branch; inside it only the expert row's all_to_all/all_gather. The tick
 table is static (see `schedule`) and logged with each role's busy and idle ticks.
 
 Placement of the rest, and why:
@@ -42,8 +45,9 @@ Placement of the rest, and why:
     `to_reference` convert to and from the reference layout. Optimizer state follows the
     parameters. Dummy slots get zero gradients and stay zero under AdamW.
 
-Load balancing: expert load fractions and the aux/z losses are computed every step (they are
-identical on every expert device, so their sums are divided by moe_devices). The head assignment
+Load balancing: expert load fractions and the aux/z losses are computed every step (with
+replicated dispatch they are identical on every expert device, so their sums are divided by
+moe_devices). The head assignment
 is computed from the config. "Dynamic" rebalancing as the seed describes would need the slot
 tables to become step inputs (traced gather indices instead of constants) and a parameter
 re-shuffle across devices when they change; not implemented.
@@ -189,6 +193,27 @@ class MASeparation(base.Strategy):
       )
     self._mesh = mesh_lib.make_mesh(self.layout, self.devices)
     self.ticks = schedule(m.num_layers, p.num_microbatches)
+    self.dispatch = self._resolve_dispatch()
+
+  def _resolve_dispatch(self) -> str:
+    """'all_to_all' needs every expert device in one mesh row and whole sequences per device."""
+    p, lay = self.config.parallel, self.layout
+    micro = self.config.data.batch_size // p.num_microbatches
+    one_row = lay.shape[0] - lay.attn_rows == 1
+    fits = one_row and micro % lay.n_moe == 0
+    if p.moe_dispatch == 'all_to_all' and not one_row:
+      raise ConfigError(
+        f'parallel.moe_dispatch=all_to_all needs the {lay.n_moe} expert devices in one mesh row '
+        f'(moe_devices={lay.n_moe} must divide attn_devices={lay.n_attn}); use replicated'
+      )
+    if p.moe_dispatch == 'all_to_all' and not fits:
+      raise ConfigError(
+        f'parallel.moe_dispatch=all_to_all: {micro} sequences per micro-batch do not divide '
+        f'over moe_devices={lay.n_moe}'
+      )
+    if p.moe_dispatch == 'auto':
+      return 'all_to_all' if fits else 'replicated'
+    return p.moe_dispatch
 
   @property
   def mesh(self):
@@ -256,7 +281,8 @@ class MASeparation(base.Strategy):
         f'({lay.attn_rows} attention rows, {lay.shape[0] - lay.attn_rows} expert rows); '
         f'{lay.head_slots} head slots per attention device ({pad} padding slots, '
         f'{pad / (lay.head_slots * lay.n_attn):.0%} of attention compute wasted); '
-        f'{lay.local_experts} experts per expert device; hierarchical_allreduce='
+        f'{lay.local_experts} experts per expert device; moe_dispatch={self.dispatch}; '
+        f'hierarchical_allreduce='
         f'{p.hierarchical_allreduce}',
         lay.placement_table(),
         f'Schedule: M={p.num_microbatches} micro-batches, {n} ticks per step; attention busy '
@@ -324,11 +350,28 @@ class MASeparation(base.Strategy):
   # -------------------------------------------------------------------------------------------
 
   def _exchange(self, contrib):
-    """psum over the whole mesh: attention partials (expert devices add zeros) and vice versa."""
-    if self.config.parallel.hierarchical_allreduce:
-      # contrib[2,b,T,D]{U_attn,U_expert} -> {U_attn} inside each row, then -> reduced.
-      return lax.psum(lax.psum(contrib, EXPERT_AXIS), ATTN_AXIS)
-    return lax.psum(contrib, ALL_AXES)  # contrib[2,b,T,D]{U_attn,U_expert} -> contrib[2,b,T,D]
+    """Delivers both roles' outputs of a tick to every device; contrib: [2, b, T, D].
+
+    Slot 0, attention partials over heads (expert devices add zeros): one psum over the mesh,
+    the seed's 12 -> 1 all-reduce and broadcast to the expert devices in one collective, or
+    hierarchical (inside each row, then across rows). Slot 1, the MoE output: with 'replicated'
+    dispatch a partial sum over experts, psum-ed likewise; with 'all_to_all' dispatch the full
+    output already sits on every expert device and `ppermute`s carry it to the attention rows.
+    """
+    hier = self.config.parallel.hierarchical_allreduce
+    if self.dispatch == 'replicated':
+      if hier:  # contrib[2,b,T,D]{U_attn,U_expert} -> {U_attn} inside each row -> reduced
+        return lax.psum(lax.psum(contrib, EXPERT_AXIS), ATTN_AXIS)
+      return lax.psum(contrib, ALL_AXES)  # contrib[2,b,T,D]{U_attn,U_expert} -> contrib[2,b,T,D]
+    if hier:  # attn[b,T,D]{U_attn,U_expert} -> {U_attn} inside each row -> reduced
+      attn = lax.psum(lax.psum(contrib[0], EXPERT_AXIS), ATTN_AXIS)
+    else:
+      attn = lax.psum(contrib[0], ALL_AXES)  # attn[b,T,D]{U_attn,U_expert} -> attn[b,T,D]
+    moe, expert_row = contrib[1], self.layout.attn_rows
+    for row in range(expert_row):
+      # y[b,T,D] on the expert row -> the same column of attention row `row` (zeros elsewhere).
+      moe = moe + lax.ppermute(contrib[1], ATTN_AXIS, [(expert_row, row)])
+    return attn, moe
 
   def _attention_part(self, p, x, device):
     """Stages 1-3 on this attention device's head slots: x[b,T,D] -> out[b,T,D]{U_heads}."""
@@ -378,6 +421,52 @@ class MASeparation(base.Strategy):
       y = moe_lib.combine(ye, local, pos_local, route['gates'])
     return y, stats
 
+  def _moe_part_all_to_all(self, p, h, key, device, group_offset):
+    """Expert-parallel MoE inside the expert row: h[b,T,D] -> y[b,T,D] on every expert device.
+
+    Expert device c routes its 1/n_moe of the sequences, sends every expert's capacity buffer to
+    the device that holds it (all_to_all over the expert row), runs its experts on the tokens of
+    all sequences, sends the outputs back (all_to_all), combines them, and all_gathers the row's
+    sequences so that each expert device holds the whole micro-batch's output.
+    """
+    cfg, lay = self.config.model, self.layout
+    col = lax.axis_index(EXPERT_AXIS)
+    share = h.shape[0] // lay.n_moe
+    first = (device - lay.n_attn) * lay.local_experts
+    h_local = lax.dynamic_slice_in_dim(h, col * share, share)  # [b/n_moe, T, D]
+    x = attn_lib.rms_norm(h_local, p['mlp_norm']['scale'])
+    cap = moe_lib.capacity(
+      x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless
+    )
+    with jax.named_scope('route'):
+      route = moe_lib.router(x, p['moe']['router'], cfg.top_k)
+      stats = moe_lib.routing_stats(route, cfg.num_experts)
+      pos = moe_lib.dispatch_positions(route['experts'], cfg.num_experts)
+      stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+    with jax.named_scope('dispatch'):
+      xe = moe_lib.dispatch(x, route['experts'], pos, cfg.num_experts, cap)  # [b/n, E, C, D]
+      # xe[G/n, E, C, D] -> [G, E/n, C, D]: each device receives its experts' slots of all groups.
+      xe = lax.all_to_all(xe, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
+    with jax.named_scope('experts'):
+      mask = None
+      if key is not None and cfg.expert_dropout > 0:
+        mask = moe_lib.dropout_keep_mask(
+          key,
+          group_offset + jnp.arange(h.shape[0]),
+          first + jnp.arange(lay.local_experts),
+          (cap, cfg.expert_hidden),
+          cfg.expert_dropout,
+        )
+      ye = moe_lib.expert_ffn(
+        xe, p['moe']['w_in'], p['moe']['w_out'], cfg.activation, mask, cfg.expert_dropout
+      )
+    with jax.named_scope('combine'):
+      # ye[G, E/n, C, D] -> [G/n, E, C, D]: outputs return to the devices that routed them.
+      ye = lax.all_to_all(ye, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+      y = moe_lib.combine(ye, route['experts'], pos, route['gates'])  # [b/n, T, D]
+      y = lax.all_gather(y, EXPERT_AXIS, axis=0, tiled=True)  # y[b/n..] -> y[b, T, D]
+    return y, stats
+
   def loss(self, params, batch, dropout_key):
     cfg, lay = self.config, self.layout
     mcfg = cfg.model
@@ -422,7 +511,8 @@ class MASeparation(base.Strategy):
         def moe_branch(x_in, h_in):
           layer = jnp.maximum(le, 0)
           k = None if keys is None else _to_varying(keys[layer])
-          y, st = self._moe_part(_layer(blocks, layer), h_in, k, device, jnp.maximum(me, 0) * b)
+          moe_part = self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all
+          y, st = moe_part(_layer(blocks, layer), h_in, k, device, jnp.maximum(me, 0) * b)
           return zeros.at[1].set(y.astype(dtype)), st
 
         def idle_branch(x_in, h_in):
@@ -438,9 +528,12 @@ class MASeparation(base.Strategy):
         xs = xs.at[jnp.maximum(me, 0)].set(new_x)
         return (xs, hs, stats), None
 
-      (xs, _, stats), _ = lax.scan(tick, (x0, x0, zero_stats), jnp.asarray(table))
-      # stats{U_expert devices}: every expert device routed every token -> divide by n_moe.
-      stats = jax.tree.map(lambda s: lax.psum(s, ALL_AXES) / lay.n_moe, stats)
+      # The carry is typed device-varying: ppermute results are not known to be replicated.
+      init = _to_varying((x0, x0, zero_stats))
+      (xs, _, stats), _ = lax.scan(tick, init, jnp.asarray(table))
+      # With replicated dispatch every expert device routed every token: divide by n_moe.
+      copies = lay.n_moe if self.dispatch == 'replicated' else 1
+      stats = jax.tree.map(lambda s: lax.psum(s, ALL_AXES) / copies, stats)
       ce_sum = self._head_loss(params, xs.reshape(-1, xs.shape[-1]), targets.reshape(-1), device)
       ce_sum = lax.psum(ce_sum, ALL_AXES)  # ce{U_all} -> ce: tokens were split over devices
       return base.finalize(cfg, ce_sum, stats)
