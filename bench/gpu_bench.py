@@ -28,12 +28,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mas_jax import metrics as metrics_lib  # noqa: E402
 from mas_jax.layers import attention as attn_lib  # noqa: E402
 from mas_jax.layers import moe as moe_lib  # noqa: E402
 
@@ -146,49 +147,9 @@ def expert_sweep(s: dict) -> list[dict]:
 
 def train_step(overrides: dict, repeats: int) -> dict:
   """Times the mas-jax train step of a seed-shaped model (reference strategy, one device)."""
-  from configs import paper
-  from mas_jax import config as config_lib
-  from mas_jax import strategies, train_lib
-
-  cd = paper.get_config()
-  cd.parallel.strategy = 'reference'
-  cd.data.source = 'synthetic'
-  for dotted, value in overrides.items():
-    section, field = dotted.split('.')
-    cd[section][field] = value
-  config = config_lib.from_config_dict(cd)
-  strategy = strategies.get(config)
-  tx = train_lib.make_optimizer(config.train)
-  state, shardings = train_lib.create_train_state(config, strategy, tx)
-  step = train_lib.compile_train_step(config, strategy, tx, shardings, state)
-  batch = jax.device_put(
-    np.random.default_rng(0).integers(
-      0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1), dtype=np.int32
-    ),
-    strategy.batch_sharding(),
-  )
-  for _ in range(2):
-    state, m = step(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
-  t = statistics.median(times)
-  tokens = config.data.batch_size * config.data.seq_len
-  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
-  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
-  return {
-    'overrides': overrides,
-    'step_s': t,
-    'tokens_per_s': tokens / t,
-    'model_tflops': flops / t / 1e12,
-    'mfu': flops / t / peak if peak else None,
-    'params': metrics_lib.param_count(config.model)['total'],
-    'loss': float(m['loss']),
-  }
+  row = common.time_train_step({'parallel.strategy': 'reference', **overrides}, repeats)
+  row.pop('strategy')
+  return row
 
 
 GPU = {

@@ -15,21 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 if '--smoke' in sys.argv:
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs import paper  # noqa: E402
-from mas_jax import config as config_lib  # noqa: E402
-from mas_jax import metrics as metrics_lib  # noqa: E402
-from mas_jax import perf_model, strategies, train_lib  # noqa: E402
+from mas_jax import perf_model  # noqa: E402
 
 GPU_MODEL = {'model.num_layers': 2, 'data.batch_size': 16}
 SMOKE_MODEL = {
@@ -106,43 +103,10 @@ def predict(cd, overrides: dict) -> perf_model.Prediction:
 
 
 def measure(model: dict, overrides: dict, repeats: int) -> dict:
+  row = common.time_train_step({**model, **overrides}, repeats, warmup=1)
+  strategy = row.pop('strategy')
   cd = paper.get_config()
-  cd.data.source = 'synthetic'
   _apply(cd, {**model, **overrides})
-  config = config_lib.from_config_dict(cd)
-  strategy = strategies.get(config)
-  tx = train_lib.make_optimizer(config.train)
-  state, shardings = train_lib.create_train_state(config, strategy, tx)
-  step = train_lib.compile_train_step(config, strategy, tx, shardings, state)
-  mem = step.memory_analysis()
-  batch = jax.device_put(
-    np.random.default_rng(0).integers(
-      0, config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1), dtype=np.int32
-    ),
-    strategy.batch_sharding(),
-  )
-  state, m = step(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
-  t = statistics.median(times)
-  tokens = config.data.batch_size * config.data.seq_len
-  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
-  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
-  row = {
-    'overrides': overrides,
-    'step_s': t,
-    'tokens_per_s': tokens / t,
-    'mfu': flops / t / (peak * len(strategy.devices)) if peak else None,
-    'loss': float(m['loss']),
-    'memory_per_device_gb': None
-    if mem is None
-    else (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 1e9,
-  }
   if hasattr(strategy, 'ticks'):
     n = len(strategy.ticks)
     row['busy_ticks'] = {
@@ -156,7 +120,7 @@ def measure(model: dict, overrides: dict, repeats: int) -> dict:
     'mfu': pred.mfu,
     'busy': pred.busy,
   }
-  row['step_error'] = (pred.step_s - t) / t
+  row['step_error'] = (pred.step_s - row['step_s']) / row['step_s']
   return row
 
 

@@ -384,10 +384,9 @@ class MASeparation(base.Strategy):
         h, p['attn'], jnp.arange(x.shape[1]), cfg.rope_base, head_mask, cfg.attention_implementation
       )
 
-  def _moe_part(self, p, h, key, device, group_offset):
-    """Routing of all tokens, this device's experts only: h[b,T,D] -> y[b,T,D]{U_experts}."""
-    cfg, lay = self.config.model, self.layout
-    first = (device - lay.n_attn) * lay.local_experts
+  def _route(self, p, h):
+    """Norm and routing of h[g, T, D]: (normed x, route, stats, slots, capacity)."""
+    cfg = self.config.model
     x = attn_lib.rms_norm(h, p['mlp_norm']['scale'])
     cap = moe_lib.capacity(
       x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless
@@ -397,26 +396,38 @@ class MASeparation(base.Strategy):
       stats = moe_lib.routing_stats(route, cfg.num_experts)
       pos = moe_lib.dispatch_positions(route['experts'], cfg.num_experts)
       stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
-      local = route['experts'] - first  # [b, T, K]
-      mine = (local >= 0) & (local < lay.local_experts)
-      # Tokens of other devices' experts get slot `cap`: dropped here, computed there.
-      pos_local = jnp.where(mine, pos, cap)
-      local = jnp.where(mine, local, 0)
-    with jax.named_scope('dispatch'):
-      xe = moe_lib.dispatch(x, local, pos_local, lay.local_experts, cap)  # [b, E_loc, C, D]
+    return x, route, stats, pos, cap
+
+  def _experts(self, p, xe, key, groups, first):
+    """This device's experts on their buffers xe[G, E_loc, C, D] (global group ids `groups`)."""
+    cfg, lay = self.config.model, self.layout
     with jax.named_scope('experts'):
       mask = None
       if key is not None and cfg.expert_dropout > 0:
         mask = moe_lib.dropout_keep_mask(
           key,
-          group_offset + jnp.arange(x.shape[0]),
+          groups,
           first + jnp.arange(lay.local_experts),
-          (cap, cfg.expert_hidden),
+          (xe.shape[2], cfg.expert_hidden),
           cfg.expert_dropout,
         )
-      ye = moe_lib.expert_ffn(
+      return moe_lib.expert_ffn(
         xe, p['moe']['w_in'], p['moe']['w_out'], cfg.activation, mask, cfg.expert_dropout
       )
+
+  def _moe_part(self, p, h, key, device, group_offset):
+    """Routing of all tokens, this device's experts only: h[b,T,D] -> y[b,T,D]{U_experts}."""
+    lay = self.layout
+    first = (device - lay.n_attn) * lay.local_experts
+    x, route, stats, pos, cap = self._route(p, h)
+    local = route['experts'] - first  # [b, T, K]
+    mine = (local >= 0) & (local < lay.local_experts)
+    # Tokens of other devices' experts get slot `cap`: dropped here, computed there.
+    pos_local = jnp.where(mine, pos, cap)
+    local = jnp.where(mine, local, 0)
+    with jax.named_scope('dispatch'):
+      xe = moe_lib.dispatch(x, local, pos_local, lay.local_experts, cap)  # [b, E_loc, C, D]
+    ye = self._experts(p, xe, key, group_offset + jnp.arange(h.shape[0]), first)
     with jax.named_scope('combine'):
       y = moe_lib.combine(ye, local, pos_local, route['gates'])
     return y, stats
@@ -430,36 +441,15 @@ class MASeparation(base.Strategy):
     sequences so that each expert device holds the whole micro-batch's output.
     """
     cfg, lay = self.config.model, self.layout
-    col = lax.axis_index(EXPERT_AXIS)
     share = h.shape[0] // lay.n_moe
     first = (device - lay.n_attn) * lay.local_experts
-    h_local = lax.dynamic_slice_in_dim(h, col * share, share)  # [b/n_moe, T, D]
-    x = attn_lib.rms_norm(h_local, p['mlp_norm']['scale'])
-    cap = moe_lib.capacity(
-      x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless
-    )
-    with jax.named_scope('route'):
-      route = moe_lib.router(x, p['moe']['router'], cfg.top_k)
-      stats = moe_lib.routing_stats(route, cfg.num_experts)
-      pos = moe_lib.dispatch_positions(route['experts'], cfg.num_experts)
-      stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+    h_local = lax.dynamic_slice_in_dim(h, lax.axis_index(EXPERT_AXIS) * share, share)
+    x, route, stats, pos, cap = self._route(p, h_local)  # x: [b/n, T, D]
     with jax.named_scope('dispatch'):
       xe = moe_lib.dispatch(x, route['experts'], pos, cfg.num_experts, cap)  # [b/n, E, C, D]
       # xe[G/n, E, C, D] -> [G, E/n, C, D]: each device receives its experts' slots of all groups.
       xe = lax.all_to_all(xe, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
-    with jax.named_scope('experts'):
-      mask = None
-      if key is not None and cfg.expert_dropout > 0:
-        mask = moe_lib.dropout_keep_mask(
-          key,
-          group_offset + jnp.arange(h.shape[0]),
-          first + jnp.arange(lay.local_experts),
-          (cap, cfg.expert_hidden),
-          cfg.expert_dropout,
-        )
-      ye = moe_lib.expert_ffn(
-        xe, p['moe']['w_in'], p['moe']['w_out'], cfg.activation, mask, cfg.expert_dropout
-      )
+    ye = self._experts(p, xe, key, group_offset + jnp.arange(h.shape[0]), first)
     with jax.named_scope('combine'):
       # ye[G, E/n, C, D] -> [G/n, E, C, D]: outputs return to the devices that routed them.
       ye = lax.all_to_all(ye, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)

@@ -1,0 +1,62 @@
+"""Shared by the benchmark scripts: time the mas-jax train step of a config on all devices."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from configs import paper
+from mas_jax import config as config_lib
+from mas_jax import metrics as metrics_lib
+from mas_jax import strategies, train_lib
+
+
+def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
+  """configs/paper.py with dotted overrides and synthetic data: median step time and figures.
+
+  The train step is the trainer's own (`train_lib.compile_train_step`: forward, backward, AdamW,
+  donated state), on one fixed batch; MFU is against the datasheet peak of all devices used.
+  """
+  cd = paper.get_config()
+  cd.data.source = 'synthetic'
+  for dotted, value in overrides.items():
+    section, field = dotted.split('.')
+    cd[section][field] = value
+  config = config_lib.from_config_dict(cd)
+  strategy = strategies.get(config)
+  tx = train_lib.make_optimizer(config.train)
+  state, shardings = train_lib.create_train_state(config, strategy, tx)
+  step = train_lib.compile_train_step(config, strategy, tx, shardings, state)
+  shape = (config.data.batch_size, config.data.seq_len + 1)
+  tokens_np = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, np.int32)
+  batch = jax.device_put(tokens_np, strategy.batch_sharding())
+  for _ in range(warmup):
+    state, m = step(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  t = statistics.median(times)
+  tokens = config.data.batch_size * config.data.seq_len
+  flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * tokens
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  mem = step.memory_analysis()
+  return {
+    'overrides': overrides,
+    'step_s': t,
+    'tokens_per_s': tokens / t,
+    'model_tflops': flops / t / 1e12,
+    'mfu': flops / t / (peak * len(strategy.devices)) if peak else None,
+    'params': metrics_lib.param_count(config.model)['total'],
+    'loss': float(m['loss']),
+    'memory_per_device_gb': None
+    if mem is None
+    else (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 1e9,
+    'strategy': strategy,
+  }
