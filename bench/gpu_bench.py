@@ -171,8 +171,17 @@ GPU = {
       'data.batch_size': batch,
       'model.attention_impl': 'cudnn',
       'model.remat': remat,
+      'train.grad_accum_steps': accum,
     }
-    for batch, remat in ((4, 'none'), (8, 'none'), (8, 'save_dots'), (16, 'full'), (32, 'full'))
+    for batch, remat, accum in (
+      (4, 'none', 1),
+      (8, 'none', 1),
+      (8, 'save_dots', 1),
+      (16, 'full', 1),
+      (32, 'full', 1),
+      (32, 'none', 4),
+      (64, 'none', 8),
+    )
   ],
 }
 SMOKE = {

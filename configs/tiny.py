@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.b2 = 0.95
   config.train.eps = 1e-8
   config.train.weight_decay = 0.1
+  # Micro-batches whose gradients are accumulated before each optimizer step (the strategy sees
+  # batch_size / grad_accum_steps sequences at a time).
+  config.train.grad_accum_steps = 1
   # Global-norm gradient clipping threshold.
   config.train.grad_clip = 1.0
   # Steps between metric lines (metrics.jsonl, TensorBoard, log).

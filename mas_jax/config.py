@@ -87,6 +87,7 @@ class TrainConfig:
   eval_steps: int
   checkpoint_every: int
   keep_checkpoints: int
+  grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +198,7 @@ def validate(config: Config) -> None:
   for name in ('log_every', 'eval_every', 'eval_steps', 'checkpoint_every', 'keep_checkpoints'):
     _check(getattr(t, name) > 0, f'train.{name}={getattr(t, name)} must be positive')
 
+  _check(t.grad_accum_steps > 0, f'train.grad_accum_steps={t.grad_accum_steps} must be positive')
   _check(
     p.moe_dispatch in _DISPATCH,
     f'parallel.moe_dispatch={p.moe_dispatch!r} is not one of {_DISPATCH}',
@@ -206,4 +208,9 @@ def validate(config: Config) -> None:
     d.batch_size % p.num_microbatches == 0,
     f'parallel.num_microbatches={p.num_microbatches} does not divide '
     f'data.batch_size={d.batch_size}',
+  )
+  _check(
+    d.batch_size % (t.grad_accum_steps * p.num_microbatches) == 0,
+    f'train.grad_accum_steps={t.grad_accum_steps} x parallel.num_microbatches='
+    f'{p.num_microbatches} does not divide data.batch_size={d.batch_size}',
   )

@@ -6,6 +6,7 @@ parameter and batch shardings and the loss; everything here works for all of the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -106,14 +107,53 @@ def create_train_state(config: Config, strategy, tx) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def micro_config(config: Config) -> Config:
+  """The config one accumulation step sees: batch_size / grad_accum_steps sequences."""
+  micro = config.data.batch_size // config.train.grad_accum_steps
+  return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=micro))
+
+
+def accumulate(value_and_grad, params, batch: jax.Array, key, steps: int):
+  """Mean loss, metrics and gradients of `value_and_grad` over `steps` equal micro-batches.
+
+  Micro-batch j holds rows j, j + steps, j + 2 * steps, ... of batch[B, T + 1], so each device
+  keeps its own rows of a sequence-sharded batch (nothing moves between devices). Gradients are
+  summed in float32 in a `lax.scan`; micro-batch j draws dropout from fold_in(key, j).
+  """
+  if steps == 1:
+    return value_and_grad(params, batch, key)
+  micro = jnp.swapaxes(batch.reshape(-1, steps, batch.shape[-1]), 0, 1)  # [steps, B/steps, T+1]
+
+  def body(acc, xs):
+    rows, j = xs
+    (loss, metrics), grads = value_and_grad(
+      params, rows, None if key is None else jax.random.fold_in(key, j)
+    )
+    return jax.tree.map(lambda a, g: a + g / steps, acc, grads), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (losses, metrics) = jax.lax.scan(body, zeros, (micro, jnp.arange(steps)))
+  return (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
+
+
 def make_train_step(config: Config, strategy, tx, shardings):
-  """The jitted train step: (state, batch) -> (state, metrics); state buffers are donated."""
+  """The jitted train step: (state, batch) -> (state, metrics); state buffers are donated.
+
+  With train.grad_accum_steps = A > 1 the batch is processed as A micro-batches by a strategy
+  built for batch_size / A (same devices and mesh), and the optimizer runs once per step.
+  """
   base_key = jax.random.key(config.seed)
   schedule = learning_rate_schedule(config.train)
+  steps = config.train.grad_accum_steps
+  micro_strategy = (
+    strategy if steps == 1 else strategies.get(micro_config(config), strategy.devices)
+  )
 
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
-    (_, metrics), grads = strategy.value_and_grad(state['params'], batch, dropout_key)
+    (_, metrics), grads = accumulate(
+      micro_strategy.value_and_grad, state['params'], batch, dropout_key, steps
+    )
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics['grad_norm'] = optax.tree.norm(grads)

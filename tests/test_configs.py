@@ -58,6 +58,11 @@ def test_paper_config_is_the_seed_model():
     ({'train.grad_clip': 0.0}, 'train.grad_clip=0.0'),
     ({'train.log_every': 0}, 'train.log_every=0 must be positive'),
     ({'parallel.moe_dispatch': 'ring'}, "parallel.moe_dispatch='ring' is not one of"),
+    ({'train.grad_accum_steps': 0}, 'train.grad_accum_steps=0 must be positive'),
+    (
+      {'train.grad_accum_steps': 3},
+      'train.grad_accum_steps=3 x parallel.num_microbatches=1 does not divide data.batch_size=16',
+    ),
     ({'parallel.num_microbatches': 0}, 'parallel.num_microbatches=0 must be positive'),
     (
       {'parallel.num_microbatches': 3},

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_config
+from conftest import assert_trees_close, tiny_config
+from strategy_harness import _inputs, small_config
 
-from mas_jax import train_lib
+from mas_jax import strategies, train_lib
 
 OVERRIDES = {
   'data.seq_len': 32,
@@ -86,3 +87,20 @@ def test_resume_is_bit_exact(straight_run):
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('strategy', ['reference', 'dp'])
+def test_gradient_accumulation_matches_one_big_batch(strategy):
+  """Mean of 2 micro-batches' losses and gradients == the whole batch's (no dropout)."""
+  overrides = {'parallel.strategy': strategy, 'data.batch_size': 32}
+  big = small_config(**overrides)
+  accum = small_config(**overrides, **{'train.grad_accum_steps': 2})
+  params, batch = _inputs(big)
+  full = strategies.get(big)
+  micro = strategies.get(train_lib.micro_config(accum))
+  expected = jax.jit(lambda p, b: full.value_and_grad(p, b, None))(params, batch)
+  actual = jax.jit(lambda p, b: train_lib.accumulate(micro.value_and_grad, p, b, None, steps=2))(
+    params, batch
+  )
+  assert_trees_close(actual, expected, rtol=1e-5, atol=1e-7)
