@@ -220,3 +220,19 @@ def test_more_attention_devices_than_heads_warns(caplog):
   cd = tiny_config(**{'parallel.strategy': 'ma_sep', 'model.num_heads': 4, 'model.d_model': 64})
   strategies.get(config_lib.from_config_dict(cd))
   assert 'parallel.attn_devices=12 > model.num_heads=4' in caplog.text
+
+
+def test_memory_accounting_per_role():
+  """Held bytes are equal on every device (one SPMD program); roles use what they read."""
+  cd = tiny_config(**{'parallel.strategy': 'ma_sep', 'model.num_heads': 16})
+  strategy = strategies.get(config_lib.from_config_dict(cd))
+  rows = strategy.memory_rows()
+  assert len({r['state_held'] for r in rows}) == 1
+  attn = [r for r in rows if r['role'] == 'attention']
+  expert = [r for r in rows if r['role'] == 'expert']
+  assert len(attn) == 12 and len(expert) == 4
+  # 16 heads over 12 devices: devices with 2 heads use more than devices with 1.
+  by_heads = {len(strategy.layout.heads_of(r['device'])): r['state_used'] for r in attn}
+  assert by_heads[2] > by_heads[1]
+  # Expert devices hold only real experts; attention devices carry 4 dummy expert slots each.
+  assert min(r['efficiency'] for r in expert) > 0.9 > max(r['efficiency'] for r in attn)
