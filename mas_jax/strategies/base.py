@@ -75,6 +75,15 @@ class Strategy(abc.ABC):
     """A few lines for the start-up log: mesh and placement."""
     return f'strategy={self.name} mesh={dict(self.mesh.shape)}'
 
+  @staticmethod
+  def uniform_memory_line(param_bytes: int) -> str:
+    """Start-up memory line of a strategy whose devices hold only what they use."""
+    return (
+      'Memory per device (parameters + AdamW moments): '
+      f'{3 * param_bytes / 1e6:.4g} MB held, all of it used (parameters '
+      f'{param_bytes / 1e6:.4g} MB; no dummy slots, every device the same)'
+    )
+
   def check_batch(self, divisor: int, what: str) -> None:
     b = self.config.data.batch_size
     if b % divisor:

@@ -153,9 +153,7 @@ class ExpertParallel(base.Strategy):
         f'{cfg.model.num_experts // cfg.parallel.ep} experts per device',
         f'ep: {cfg.data.batch_size // n} sequences per device; 2 all_to_all per MoE layer '
         f'forward (dispatch, combine)',
-        'Memory per device (parameters + AdamW moments): '
-        f'{3 * param_bytes / 1e6:.4g} MB held, all of it used (parameters '
-        f'{param_bytes / 1e6:.4g} MB; no dummy slots, every device the same)',
+        self.uniform_memory_line(param_bytes),
       ]
     )
 

@@ -160,9 +160,7 @@ class TensorPipeline(base.Strategy):
         f'tp_pp: GPipe with {par.num_microbatches} micro-batches of '
         f'{cfg.data.batch_size // par.num_microbatches} sequences; pipeline bubble fraction '
         f'(pp-1)/(M+pp-1) = {self.bubble_fraction:.3f}',
-        'Memory per device (parameters + AdamW moments): '
-        f'{3 * param_bytes / 1e6:.4g} MB held, all of it used (parameters '
-        f'{param_bytes / 1e6:.4g} MB; no dummy slots, every device the same)',
+        self.uniform_memory_line(param_bytes),
       ]
     )
 
