@@ -83,7 +83,6 @@ class C4Source:
       raise ValueError(
         f'data.batch_size={cfg.batch_size} does not divide over {process_count} processes'
       )
-    import tensorflow_datasets as tfds
 
     self.cfg, self.seed = cfg, seed
     self.host_batch = cfg.batch_size // process_count
@@ -109,11 +108,12 @@ class C4Source:
       if not os.path.exists(path):
         tok_lib.train(self._texts(cfg.train_split, shuffle=False, repeat=False), path, vocab_size)
     self.tokenizer = tok_lib.load(path, vocab_size)
-    self._tfds = tfds
 
   def _texts(self, split: str, shuffle: bool, repeat: bool, skip: int = 0) -> Iterator[str]:
-    tf = _import_tf()
-    tfds = __import__('tensorflow_datasets')
+    """Document texts of this host's shard of `split`, after skipping `skip` documents."""
+    _import_tf()  # before tfds touches TensorFlow: hide the GPUs from it
+    import tensorflow_datasets as tfds
+
     split = tfds.split_for_jax_process(
       split, process_index=self.process_index, process_count=self.process_count
     )
@@ -131,7 +131,6 @@ class C4Source:
     if shuffle:
       ds = ds.shuffle(self.cfg.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True)
     ds = ds.skip(skip)
-    del tf
     for text in ds.as_numpy_iterator():
       yield text.decode('utf-8')
 
