@@ -58,3 +58,20 @@ def test_c4_stream_resumes_exactly(source):
   resumed = list(itertools.islice(source.train_batches(straight[2][1]), 3))
   for (a, _), (b, _) in zip(straight[3:], resumed, strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_c4_version_3_0_1_loads_unchanged(tmp_path):
+  """The same tfds.load path reads a prepared c4/en:3.0.1 (here the sample written as 3.0.1)."""
+  cd = tiny_config(
+    **{
+      'data.data_dir': str(tmp_path),
+      'data.version': '3.0.1',
+      'data.batch_size': 2,
+      'data.seq_len': 16,
+    }
+  )
+  source = get_source(config_lib.from_config_dict(cd))
+  assert source.name == 'c4/en:3.0.1'
+  assert (tmp_path / 'c4' / 'en' / '3.0.1' / 'dataset_info.json').exists()
+  batch, _ = next(source.train_batches())
+  assert batch.shape == (2, 17)
