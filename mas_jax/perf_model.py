@@ -25,7 +25,10 @@ the term `optimizer` (bound 'hbm'): OPTIMIZER_BYTES_PER_PARAM * params held / HB
 the 32 B/param are AdamW's fp32 reads of param, grad, m, v and writes of param, m, v (28 B) plus
 one read of the fp32 gradients for clip_by_global_norm's norm (4 B; the scaling fuses into the
 update). Gradient accumulation does not repeat it; collectives are unchanged by it (the
-all-reduce precedes it and cannot overlap it). Not modelled: the fp32 -> bf16 weight casts and
+all-reduce precedes it and cannot overlap it). With A > 1 accumulation chunks (at least the
+config's train.grad_accum_steps, more if memory needs them) the term `grad_accumulation` adds the
+fp32 accumulator's read-modify-write, A * 12 B per parameter held.
+Not modelled: the fp32 -> bf16 weight casts and
 the bf16 -> fp32 gradient casts (up to 6 + 6 B/param if XLA does not fuse them into the matmuls
 and the update), elementwise kernels (norms, GELU, dropout, softmax cross-entropy), dispatch
 scatter / combine gather and the embedding-gradient scatter.
@@ -69,6 +72,9 @@ GRAD_BYTES = 4
 ADAMW_BYTES_PER_PARAM = 28
 CLIP_BYTES_PER_PARAM = 4
 OPTIMIZER_BYTES_PER_PARAM = ADAMW_BYTES_PER_PARAM + CLIP_BYTES_PER_PARAM
+# Gradient accumulation (train.grad_accum_steps > 1): every chunk reads the fp32 accumulator and
+# the chunk's fp32 gradient and writes the accumulator.
+ACCUMULATOR_BYTES_PER_PARAM = 12
 # Fraction of HBM usable by weights, optimizer state and activations (the rest: runtime, buffers).
 USABLE_HBM = 0.9
 
@@ -323,6 +329,13 @@ def optimizer_update(params: float, hw: Hardware) -> tuple[float, str]:
   return params * OPTIMIZER_BYTES_PER_PARAM / hw.hbm_bw, 'hbm'
 
 
+def accumulator_update(params: float, accum: int, hw: Hardware) -> tuple[float, str]:
+  """fp32 gradient accumulator read-modify-write once per chunk when accum > 1 (HBM-bound)."""
+  if accum <= 1:
+    return 0.0, 'hbm'
+  return accum * params * ACCUMULATOR_BYTES_PER_PARAM / hw.hbm_bw, 'hbm'
+
+
 def all_reduce(nbytes: float, ranks: int, hw: Hardware) -> tuple[float, str]:
   """Hierarchical all-reduce of `nbytes` per rank over `ranks` contiguous GPUs.
 
@@ -547,6 +560,7 @@ class Workload:
   mode: str  # 'train' or 'decode'
   batch: int  # sequences
   context: int  # keys per query at decode; sequence length in training
+  accumulation: int = 1  # at least this many gradient-accumulation chunks (train.grad_accum_steps)
 
 
 class _Kernels:
@@ -612,9 +626,14 @@ def _finish(m, hw, w, n_devices, step, **kwargs) -> Prediction:
   )
 
 
-def _fit_accumulation(m: ModelSpec, hw: Hardware, batch: int, micro: int, memory_fn):
-  """Smallest number of gradient-accumulation chunks whose memory fits (the largest if none)."""
-  options = [a for a in range(1, batch + 1) if batch % a == 0 and (batch // a) % micro == 0]
+def _fit_accumulation(
+  m: ModelSpec, hw: Hardware, batch: int, micro: int, memory_fn, minimum: int = 1
+):
+  """Smallest number (a multiple of `minimum`) of gradient-accumulation chunks whose memory fits
+  (the largest if none)."""
+  options = [
+    a for a in range(minimum, batch + 1, minimum) if batch % a == 0 and (batch // a) % micro == 0
+  ]
   for a in options:
     if max(sum(v) for v in memory_fn(batch // a).values()) <= USABLE_HBM * hw.hbm_bytes:
       return a
@@ -682,7 +701,7 @@ def predict_ma_sep(
       ),
     }
 
-  accum = _fit_accumulation(m, hw, w.batch, microbatches, memory) if train else 1
+  accum = _fit_accumulation(m, hw, w.batch, microbatches, memory, w.accumulation) if train else 1
   chunk = w.batch / accum
   attn, reduce, exp, disp, comb = stages(chunk / microbatches)
   fwd = [attn[0] + reduce[0], disp[0], exp[0], comb[0]]
@@ -694,7 +713,8 @@ def predict_ma_sep(
     head *= 3
   # Both roles update their own parameters at once; the step waits for the slower.
   opt = optimizer_update(max(attn_p, exp_p), hw) if train else (0.0, 'hbm')
-  step = accum * (chunk_s + head) + opt[0]
+  acc = accumulator_update(max(attn_p, exp_p), accum, hw)
+  step = accum * (chunk_s + head) + opt[0] + acc[0]
   passes = 3 if train else 1  # compute multiplier
   comms = 2 if train else 1
   n = accum * microbatches * m.num_layers
@@ -706,6 +726,7 @@ def predict_ma_sep(
     Term('combine', n * comms * comb[0], comb[1]),
     Term('lm_head', accum * head, 'compute'),
     Term('optimizer', opt[0], opt[1]),
+    Term('grad_accumulation', acc[0], acc[1]),
   ]
   busy = {
     'attention': (terms[0].time_s + terms[5].time_s) / step,
@@ -776,7 +797,8 @@ def predict_tp_pp(
     act = attn_act_bytes_per_token(m, 1 / tp) + moe_act_bytes_per_token(m) / tp
     return {'all': (params * TRAIN_BYTES_PER_PARAM, in_flight * act)}
 
-  accum = _fit_accumulation(m, hw, w.batch, microbatches, memory) if train else 1
+  accum = _fit_accumulation(m, hw, w.batch, microbatches, memory, w.accumulation) if train else 1
+  acc = accumulator_update(params, accum, hw)
   mb_seqs = w.batch / accum / microbatches
   attn, exp, reduce, p2p, head = stage(mb_seqs)
   fwd = layers * (attn[0] + exp[0] + 2 * reduce[0]) + head + p2p
@@ -784,7 +806,7 @@ def predict_tp_pp(
     slots = accum * microbatches + pp - 1
     stage_s = fwd + layers * (2 * attn[0] + 2 * exp[0] + 2 * reduce[0]) + 2 * head + p2p
     opt = optimizer_update(params, hw)
-    step, passes, reduces, n_mb = slots * stage_s + opt[0], 3, 4, accum * microbatches
+    step, passes, reduces, n_mb = slots * stage_s + opt[0] + acc[0], 3, 4, accum * microbatches
   else:
     opt = (0.0, 'hbm')
     step, passes, reduces, n_mb = max(pp, microbatches) * fwd, 1, 2, microbatches
@@ -795,8 +817,13 @@ def predict_tp_pp(
     Term('tp_allreduce', n * reduces * reduce[0], reduce[1]),
     Term('pp_p2p', n_mb * (2 if train else 1) * p2p, 'scale-out' if cross_node else 'scale-up'),
     Term('lm_head', n_mb * passes * head, 'compute'),
-    Term('pp_bubble', (step - opt[0]) * (pp - 1) / (n_mb + pp - 1) if train else 0.0, 'schedule'),
+    Term(
+      'pp_bubble',
+      (step - opt[0] - acc[0]) * (pp - 1) / (n_mb + pp - 1) if train else 0.0,
+      'schedule',
+    ),
     Term('optimizer', opt[0], opt[1]),
+    Term('grad_accumulation', acc[0], acc[1]),
   ]
   busy = {'all': (terms[0].time_s + terms[1].time_s + terms[4].time_s / pp) / step}
   return _finish(
@@ -838,7 +865,8 @@ def predict_ep(
     tokens = chunk_seqs / n * w.context * m.num_layers
     return {'all': ((shared + experts) * TRAIN_BYTES_PER_PARAM, tokens * act)}
 
-  accum = _fit_accumulation(m, hw, w.batch, n, memory) if train else 1
+  accum = _fit_accumulation(m, hw, w.batch, n, memory, w.accumulation) if train else 1
+  acc = accumulator_update(shared + experts, accum, hw)
   seqs = w.batch / accum / n
   tokens = seqs * per_token_ctx
   attn = k.attention(w, m.num_heads, seqs)
@@ -855,7 +883,7 @@ def predict_ep(
     sync += all_reduce(experts * GRAD_BYTES, n // ep, hw)[0]
     exposed = max(0.0, sync - accum * (bwd - 2 * m.num_layers * a2a[0]))
     opt = optimizer_update(shared + experts, hw)
-    step, passes, a2as = accum * (fwd + bwd) + exposed + opt[0], 3, 4
+    step, passes, a2as = accum * (fwd + bwd) + exposed + opt[0] + acc[0], 3, 4
   else:
     step, passes, a2as, sync, exposed, opt = fwd, 1, 2, 0.0, 0.0, (0.0, 'hbm')
   n_l = accum * m.num_layers
@@ -866,6 +894,7 @@ def predict_ep(
     Term('lm_head', accum * passes * head, 'compute'),
     Term('grad_sync_exposed', exposed, 'scale-out' if n > hw.gpus_per_node else 'scale-up'),
     Term('optimizer', opt[0], opt[1]),
+    Term('grad_accumulation', acc[0], acc[1]),
   ]
   busy = {'all': (terms[0].time_s + terms[1].time_s + terms[3].time_s) / step}
   name, split = ('ep', f'ep{ep}xdp{n // ep}') if ep > 1 else ('dp', f'dp{n}')

@@ -524,7 +524,8 @@ def run_planner(config) -> None:
   mode = _MODE.value
   batch = _BATCH.value or m.batch_size
   context = m.seq_len if mode == 'train' else (_CONTEXT.value or m.seq_len)
-  w = pm.Workload(mode, batch, context)
+  accumulation = config.train.get('grad_accum_steps', 1) if mode == 'train' else 1
+  w = pm.Workload(mode, batch, context, accumulation)
   print_plan(m, hw, w, n, cal, measured, _PLOT_DIR.value, _TOP.value)
 
 
@@ -588,7 +589,9 @@ def compare_measured(config, hw, cal, bench_path: str) -> list[list]:
       section, field = dotted.split('.')
       cd[section][field] = value
     m = pm.ModelSpec.from_config(cd)
-    p = pm.predict_ep(m, hw, pm.Workload('train', m.batch_size, m.seq_len), 1, 1, cal)
+    accumulation = cd.train.get('grad_accum_steps', 1)
+    w = pm.Workload('train', m.batch_size, m.seq_len, accumulation)
+    p = pm.predict_ep(m, hw, w, 1, 1, cal)
     remat = entry['overrides'].get('model.remat', 'none')
     err = (p.step_s - entry['step_s']) / entry['step_s']
     rows.append(

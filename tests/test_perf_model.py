@@ -220,3 +220,16 @@ def test_planner_on_one_device_does_not_crash(capsys):
   preds = plan.print_plan(one_layer, pm.HARDWARE['h100'], pm.Workload('train', 8, 2048), 1)
   assert preds and all(p.strategy != 'ma_sep' for p in preds)
   assert 'no ma_sep split on 1 device' in capsys.readouterr().out
+
+
+def test_grad_accumulation_term_by_hand():
+  # Every chunk reads the fp32 accumulator and gradient and writes the accumulator: 12 B/param.
+  assert pm.accumulator_update(1e9, 1, A100) == (0.0, 'hbm')
+  assert pm.accumulator_update(1e9, 4, A100) == (pytest.approx(4 * 12e9 / 2.039e12), 'hbm')
+  one_layer = dataclasses.replace(SEED, num_layers=1, batch_size=32)
+  h100 = pm.HARDWARE['h100']
+  p = pm.predict_ep(one_layer, h100, pm.Workload('train', 32, 2048, accumulation=4), 1, 1)
+  assert p.accumulation == 4
+  acc = {t.name: t for t in p.terms}['grad_accumulation']
+  assert acc.time_s == pytest.approx(4 * pm.total_params(one_layer) * 12 / 3.35e12)
+  assert p.step_s == pytest.approx(sum(t.time_s for t in p.terms))
