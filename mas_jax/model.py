@@ -121,6 +121,14 @@ def block_forward(
   return x + y, stats
 
 
+def remat(fn, cfg: ModelConfig):
+  """fn (one layer's computation) rematerialised in the backward pass as `cfg.remat` says."""
+  if cfg.remat == 'none':
+    return fn
+  policy = {'full': None, 'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return jax.checkpoint(fn, policy=policy[cfg.remat])
+
+
 def layer_keys(dropout_key: jax.Array | None, num_layers: int) -> jax.Array | None:
   """One dropout key per layer: fold_in(key, layer), the same on every strategy."""
   if dropout_key is None:
@@ -148,9 +156,7 @@ def forward(
     p, key = layer
     return block_forward(cfg, p, x, key, group_offset)
 
-  if cfg.remat != 'none':
-    policy = {'full': None, 'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-    body = jax.checkpoint(body, policy=policy[cfg.remat])
+  body = remat(body, cfg)
 
   x, stats = jax.lax.scan(body, x, (params['blocks'], keys))
   stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)

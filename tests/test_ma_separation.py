@@ -36,7 +36,7 @@ def ma_config(attn, moe, microbatches, **overrides):
     (8, 8, 2, {'parallel.hierarchical_allreduce': True}),
     (8, 8, 4, {}),
     (4, 12, 2, {'model.num_experts': 24, 'model.num_heads': 16, 'model.d_model': 64}),
-    (12, 4, 4, {'model.dropless': True}),
+    (12, 4, 4, {'model.dropless': True, 'model.remat': 'full'}),
   ],
 )
 def test_matches_reference_on_16_devices(attn, moe, microbatches, overrides):

@@ -57,14 +57,6 @@ def param_bytes_per_device(mesh: jax.sharding.Mesh, specs: dict, params: dict) -
   return sum(leaves)
 
 
-def remat_layer(fn, cfg: ModelConfig):
-  """fn (one layer's scan body) rematerialised in the backward pass as `cfg.remat` says."""
-  if cfg.remat == 'none':
-    return fn
-  policy = {'full': None, 'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-  return jax.checkpoint(fn, policy=policy[cfg.remat])
-
-
 def ep_moe_ffn(
   cfg: ModelConfig, x: jax.Array, p: dict, cap: int, dropout_key: jax.Array | None, offset
 ) -> tuple[jax.Array, dict]:
@@ -188,7 +180,7 @@ class ExpertParallel(base.Strategy):
       x = params['embed'][inputs].astype(dtype)  # [G, S, D]
       keys = model_lib.layer_keys(key, mcfg.num_layers)
 
-      @functools.partial(remat_layer, cfg=mcfg)
+      @functools.partial(model_lib.remat, cfg=mcfg)
       def body(x, layer):
         p, k = layer
         return block(x, p, k, row_offset)

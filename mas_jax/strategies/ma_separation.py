@@ -487,6 +487,12 @@ class MASeparation(base.Strategy):
       zero_stats = _to_varying(zero_stats)
       blocks = _to_varying(params['blocks'])
 
+      # Each role's work of a tick is rematerialised in the backward pass as model.remat says.
+      attention_part = model_lib.remat(self._attention_part, mcfg)
+      moe_part = model_lib.remat(
+        self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all, mcfg
+      )
+
       def tick(carry, row):
         xs, hs, stats = carry  # xs, hs: [M, b, T, D] residual before / after attention
         la, ma, le, me = row[0], row[1], row[2], row[3]
@@ -495,13 +501,12 @@ class MASeparation(base.Strategy):
         zeros = _to_varying(jnp.zeros((2, *x_in.shape), dtype))
 
         def attn_branch(x_in, h_in):
-          part = self._attention_part(_layer(blocks, jnp.maximum(la, 0)), x_in, device)
+          part = attention_part(_layer(blocks, jnp.maximum(la, 0)), x_in, device)
           return zeros.at[0].set(part.astype(dtype)), zero_stats
 
         def moe_branch(x_in, h_in):
           layer = jnp.maximum(le, 0)
           k = None if keys is None else _to_varying(keys[layer])
-          moe_part = self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all
           y, st = moe_part(_layer(blocks, layer), h_in, k, device, jnp.maximum(me, 0) * b)
           return zeros.at[1].set(y.astype(dtype)), st
 

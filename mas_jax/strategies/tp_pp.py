@@ -32,7 +32,7 @@ from mas_jax.config import Config, ConfigError, ModelConfig
 from mas_jax.layers import attention as attn_lib
 from mas_jax.layers import moe as moe_lib
 from mas_jax.strategies import base
-from mas_jax.strategies.ep import abstract_params, param_bytes_per_device, remat_layer
+from mas_jax.strategies.ep import abstract_params, param_bytes_per_device
 
 PIPE_AXIS = 'pipe'
 TENSOR_AXIS = 'tensor'
@@ -186,7 +186,7 @@ class TensorPipeline(base.Strategy):
       return x + y, stats
 
     def stage_forward(blocks_local, keys_local, x, group_offset):
-      body = remat_layer(lambda x, layer: block(x, layer, group_offset), mcfg)
+      body = model_lib.remat(lambda x, layer: block(x, layer, group_offset), mcfg)
       x, stats = lax.scan(body, x, (blocks_local, keys_local))
       return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
 
