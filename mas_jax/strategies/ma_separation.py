@@ -148,10 +148,6 @@ def _reference_params(config):
   return train_lib.init_params(config)
 
 
-def _layer(tree, index):
-  return jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, index, keepdims=False), tree)
-
-
 class MASeparation(base.Strategy):
   """Attention on the first `attn_devices` devices, experts on the remaining `moe_devices`."""
 
@@ -463,14 +459,12 @@ class MASeparation(base.Strategy):
     n_mb = cfg.parallel.num_microbatches
     b = cfg.data.batch_size // n_mb
     dtype = jnp.dtype(mcfg.compute_dtype)
-    # Static tick table: layer and micro-batch of each role, -1 when idle.
-    table = np.array([[*(t.attn or (-1, -1)), *(t.moe or (-1, -1))] for t in self.ticks], np.int32)
 
     def program(params, batch, key):
       device = mesh_lib.device_index()
       is_attn = device < lay.n_attn
       inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
-      x0 = params['embed'][inputs].astype(dtype).reshape(n_mb, b, *inputs.shape[1:], -1)
+      x0 = params['embed'][inputs].astype(dtype)  # [B, T, D]
       keys = model_lib.layer_keys(key, mcfg.num_layers)
       zero_stats = jax.tree.map(
         jnp.zeros_like,
@@ -486,6 +480,7 @@ class MASeparation(base.Strategy):
       zero_stats['dropped'] = jnp.zeros(())
       zero_stats = _to_varying(zero_stats)
       blocks = _to_varying(params['blocks'])
+      zeros = _to_varying(jnp.zeros((2, b, *x0.shape[1:]), dtype))
 
       # Each role's work of a tick is rematerialised in the backward pass as model.remat says.
       attention_part = model_lib.remat(self._attention_part, mcfg)
@@ -493,39 +488,49 @@ class MASeparation(base.Strategy):
         self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all, mcfg
       )
 
-      def tick(carry, row):
-        xs, hs, stats = carry  # xs, hs: [M, b, T, D] residual before / after attention
-        la, ma, le, me = row[0], row[1], row[2], row[3]
-        x_in = _to_varying(xs[jnp.maximum(ma, 0)])
-        h_in = _to_varying(hs[jnp.maximum(me, 0)])
-        zeros = _to_varying(jnp.zeros((2, *x_in.shape), dtype))
+      def idle_branch(x_in, h_in):
+        return zeros, zero_stats
 
-        def attn_branch(x_in, h_in):
-          part = attention_part(_layer(blocks, jnp.maximum(la, 0)), x_in, device)
+      def attn_branch(layer):
+        def run(x_in, h_in):
+          part = attention_part(jax.tree.map(lambda p: p[layer], blocks), x_in, device)
           return zeros.at[0].set(part.astype(dtype)), zero_stats
 
-        def moe_branch(x_in, h_in):
-          layer = jnp.maximum(le, 0)
+        return run
+
+      def moe_branch(layer, micro):
+        def run(x_in, h_in):
           k = None if keys is None else _to_varying(keys[layer])
-          y, st = moe_part(_layer(blocks, layer), h_in, k, device, jnp.maximum(me, 0) * b)
+          y, st = moe_part(jax.tree.map(lambda p: p[layer], blocks), h_in, k, device, micro * b)
           return zeros.at[1].set(y.astype(dtype)), st
 
-        def idle_branch(x_in, h_in):
-          return zeros, zero_stats
+        return run
 
-        role = jnp.where(is_attn, jnp.where(la >= 0, 0, 2), jnp.where(le >= 0, 1, 2))
-        contrib, st = lax.switch(role, (attn_branch, moe_branch, idle_branch), x_in, h_in)
+      # Residual streams per micro-batch: xs before attention, hs after. The tick table is static,
+      # so the loop unrolls and every tick touches (and autodiff saves) only its own
+      # micro-batches' [b, T, D] slices. Values are typed device-varying: ppermute results are
+      # not known to be replicated.
+      xs = [_to_varying(x0[m * b : (m + 1) * b]) for m in range(n_mb)]
+      hs = list(xs)
+      stats = zero_stats
+      for t in self.ticks:
+        x_in = xs[t.attn[1]] if t.attn else zeros[0]
+        h_in = hs[t.moe[1]] if t.moe else zeros[0]
+        # Branch order is fixed (attention, experts, idle); a role with no item this tick idles.
+        branches = (
+          attn_branch(t.attn[0]) if t.attn else idle_branch,
+          moe_branch(*t.moe) if t.moe else idle_branch,
+          idle_branch,
+        )
+        role = jnp.where(is_attn, 0 if t.attn else 2, 1 if t.moe else 2)
+        contrib, st = lax.switch(role, branches, x_in, h_in)
         out = self._exchange(contrib)
         stats = jax.tree.map(jnp.add, stats, st)
-        new_h = jnp.where(la >= 0, xs[jnp.maximum(ma, 0)] + out[0], hs[jnp.maximum(ma, 0)])
-        hs = hs.at[jnp.maximum(ma, 0)].set(new_h)
-        new_x = jnp.where(le >= 0, hs[jnp.maximum(me, 0)] + out[1], xs[jnp.maximum(me, 0)])
-        xs = xs.at[jnp.maximum(me, 0)].set(new_x)
-        return (xs, hs, stats), None
-
-      # The carry is typed device-varying: ppermute results are not known to be replicated.
-      init = _to_varying((x0, x0, zero_stats))
-      (xs, _, stats), _ = lax.scan(tick, init, jnp.asarray(table))
+        if t.attn:
+          hs[t.attn[1]] = xs[t.attn[1]] + out[0]
+        if t.moe:
+          xs[t.moe[1]] = hs[t.moe[1]] + out[1]
+      xs = jnp.concatenate(xs, axis=0)  # [B, T, D]
       # With replicated dispatch every expert device routed every token: divide by n_moe.
       copies = lay.n_moe if self.dispatch == 'replicated' else 1
       stats = jax.tree.map(lambda s: lax.psum(s, ALL_AXES) / copies, stats)
