@@ -1,9 +1,10 @@
 """Memory per device and role of MA Separation, for the tiny and the paper config.
 
-Parameters and AdamW moments come from the parameter shapes and shardings (`jax.eval_shape`);
-activations from the compiled train step's memory analysis on fake CPU devices (compiled, not
-run: nothing is allocated, so the paper model compiles on a CPU). Writes
-docs/benchmarks/ma_sep_memory.json and prints a markdown table.
+Configs: tiny, paper as configured (1024 sequences in one step), and paper with
+train.grad_accum_steps=16 and model.remat='full'. Parameters and AdamW moments come from the
+parameter shapes and shardings (`jax.eval_shape`); activations from the compiled train step's
+memory analysis on fake CPU devices (compiled, not run: nothing is allocated, so the paper model
+compiles on a CPU). Writes docs/benchmarks/ma_sep_memory.json and prints a markdown table.
 
   python bench/ma_sep_memory.py [--skip_paper_compile]
 """
@@ -37,9 +38,17 @@ def activation_bytes(config, strategy) -> int:
 
 def main():
   results = {}
-  for name, module in (('tiny', tiny), ('paper', paper)):
+  # The paper step as configured, and with 16 accumulation micro-batches and full remat.
+  variants = (
+    ('tiny', tiny, {}),
+    ('paper', paper, {}),
+    ('paper_accum16_remat', paper, {'train': {'grad_accum_steps': 16}, 'model': {'remat': 'full'}}),
+  )
+  for name, module, overrides in variants:
     cd = module.get_config()
     cd.parallel.strategy = 'ma_sep'
+    for section, fields in overrides.items():
+      cd[section].update(fields)
     config = config_lib.from_config_dict(cd)
     strategy = strategies.get(config)
     mem = None
@@ -49,6 +58,7 @@ def main():
     results[name] = {
       'split': '12:4',
       'num_microbatches': config.parallel.num_microbatches,
+      'overrides': overrides,
       'rows': [
         {k: (float(v) if v is not None else None) if k != 'role' else v for k, v in r.items()}
         for r in rows
