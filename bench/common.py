@@ -14,6 +14,18 @@ from mas_jax import metrics as metrics_lib
 from mas_jax import strategies, train_lib
 
 
+def bench(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
+  """Median wall time (s) of fn(*args) after warm-up, synchronising on the outputs."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
   """configs/paper.py with dotted overrides and synthetic data: median step time and figures.
 

@@ -23,32 +23,19 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import grouped_matmul  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from common import bench  # noqa: E402
 
 from mas_jax.layers import attention as attn_lib  # noqa: E402
-from mas_jax.layers import moe as moe_lib  # noqa: E402
-
-
-def bench(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
-  """Median wall time (s) of fn(*args) after warm-up, synchronising on the outputs."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from mas_jax.layers import grouped_matmul as gmm_lib  # noqa: E402
 
 
 def ceilings(s: dict) -> dict:
@@ -82,10 +69,15 @@ def attention_sweep(s: dict) -> list[dict]:
       fwd = lambda p, x, impl=impl: attn_lib.attention(
         x, p, jnp.arange(seq), 1e4, implementation=impl
       )
+      # A random cotangent (with sum() as the loss XLA turns ones @ W^T into a reduce), and
+      # value_and_grad so the output projection's forward is not dead code.
+      cot = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
       try:
         tf = bench(jax.jit(fwd), p, x)
         grad = jax.jit(
-          jax.grad(lambda p, x, fwd=fwd: jnp.sum(fwd(p, x).astype(jnp.float32)), (0, 1))
+          jax.value_and_grad(
+            lambda p, x, fwd=fwd, c=cot: jnp.vdot(fwd(p, x), c).astype(jnp.float32), (0, 1)
+          )
         )
         tb = bench(grad, p, x)
       except Exception as e:  # noqa: BLE001  (a kernel that does not support the shape)
@@ -109,40 +101,15 @@ def attention_sweep(s: dict) -> list[dict]:
 
 
 def expert_sweep(s: dict) -> list[dict]:
-  rows = []
-  d, f, tokens, total_e, k = s['d_model'], s['expert_hidden'], s['tokens'], 16, 2
-  for local in s['local_experts']:
-    # Tokens reaching this device: its share of the top-2 assignments of `tokens` tokens.
-    pairs = tokens * k * local // total_e
-    per = pairs // local
-    cap = int(np.ceil(1.25 * per))
-    keys = jax.random.split(jax.random.key(local), 3)
-    w_in = jax.random.normal(keys[0], (local, d, f), jnp.bfloat16) / d**0.5
-    w_out = jax.random.normal(keys[1], (local, f, d), jnp.bfloat16) / f**0.5
-    xe = jax.random.normal(keys[2], (1, local, cap, d), jnp.bfloat16)
-    xr = xe[0, :, :per].reshape(local * per, d)
-    sizes = jnp.full((local,), per, jnp.int32)
-    einsum = jax.jit(lambda x, a, b: moe_lib.expert_ffn(x, a, b, 'gelu'))
-    ragged = jax.jit(
-      lambda x, a, b, g: jax.lax.ragged_dot(
-        jax.nn.gelu(jax.lax.ragged_dot(x, a, g), approximate=True), b, g
-      )
-    )
-    useful = 2 * 2 * pairs * d * f
-    te = bench(einsum, xe, w_in, w_out)
-    tr = bench(ragged, xr, w_in, w_out, sizes)
-    rows.append(
-      {
-        'local_experts': local,
-        'tokens': pairs,
-        'capacity': cap,
-        'einsum_s': te,
-        'einsum_useful_tflops': useful / te / 1e12,
-        'ragged_s': tr,
-        'ragged_useful_tflops': useful / tr / 1e12,
-      }
-    )
-  return rows
+  """bench/grouped_matmul.py's expert-FFN sweep with the library's tuned tilings."""
+  kernels = grouped_matmul.reference_kernels() if s['smoke'] else None
+  tiles = {
+    'w_in': gmm_lib.tilings_for(s['d_model'], s['expert_hidden']),
+    'w_out': gmm_lib.tilings_for(s['expert_hidden'], s['d_model']),
+  }
+  return grouped_matmul.ffn_sweep(
+    {**s, 'repeats': 10}, kernels or gmm_lib.mosaic_gpu_kernels(), tiles
+  )
 
 
 def train_step(overrides: dict, repeats: int) -> dict:
@@ -152,7 +119,9 @@ def train_step(overrides: dict, repeats: int) -> dict:
   return row
 
 
+NO_DROPOUT = {'model.expert_dropout': 0.0}
 GPU = {
+  'smoke': False,
   'matmul_n': 8192,
   'copy_elems': 1 << 28,
   'd_model': 4096,
@@ -172,27 +141,34 @@ GPU = {
       'model.attention_impl': 'cudnn',
       'model.remat': remat,
       'train.grad_accum_steps': accum,
+      **extra,
     }
-    for batch, remat, accum in (
-      (4, 'none', 1),
-      (8, 'none', 1),
-      (8, 'save_dots', 1),
-      (16, 'full', 1),
-      (32, 'full', 1),
-      (32, 'none', 4),
-      (64, 'none', 8),
+    for batch, remat, accum, extra in (
+      (4, 'none', 1, {}),
+      (8, 'none', 1, {}),
+      (8, 'save_dots', 1, {}),
+      (32, 'full', 1, {}),
+      (64, 'none', 8, {}),
+      # Without the seed's expert dropout (the yardstick has none); then dropless routing
+      # ('auto' experts: the einsum for capacity routing, the Mosaic-GPU grouped matmul dropless).
+      (8, 'none', 1, NO_DROPOUT),
+      (16, 'none', 1, NO_DROPOUT),
+      (64, 'none', 4, NO_DROPOUT),
+      (64, 'none', 8, NO_DROPOUT),
+      (64, 'none', 4, {**NO_DROPOUT, 'model.dropless': True}),
     )
   ],
 }
 SMOKE = {
+  'smoke': True,
   'matmul_n': 64,
   'copy_elems': 1 << 12,
-  'd_model': 64,
+  'd_model': 128,
   'seq': 16,
   'attn_batch': 2,
   'heads': [1, 2],
   'attn_impls': ['xla'],
-  'expert_hidden': 128,
+  'expert_hidden': 256,
   'tokens': 64,
   'local_experts': [1, 2],
   'train_repeats': 1,
@@ -225,11 +201,11 @@ def calibration(device: str, result: dict) -> dict:
     for r in result['attention']
     if r.get('impl') == 'cudnn' and 'fwd_s' in r
   ]
-  ffn = [
+  ffn = [  # the fastest implementation's forward on the routed rows
     {
       'local_experts': r['local_experts'],
-      'tokens': r['tokens'],
-      'time_s': min(r['einsum_s'], r['ragged_s']),
+      'tokens': r['rows'],
+      'time_s': min(r[f'{i}_fwd_s'] for i in grouped_matmul.IMPL_NAMES if f'{i}_fwd_s' in r),
     }
     for r in result['expert_ffn']
   ]
@@ -257,21 +233,32 @@ def main():
     'ceilings': ceilings(s),
   }
   print('ceilings', result['ceilings'], flush=True)
-  result['attention'] = [] if 'attention' in skip else attention_sweep(s)
-  result['expert_ffn'] = [] if 'experts' in skip else expert_sweep(s)
-  result['train_step'] = (
-    [] if 'train' in skip else [train_step(o, s['train_repeats']) for o in s['train_overrides']]
-  )
   name = 'cpu_smoke' if args.smoke else re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(args.out, f'{name}_calibration.json'), 'w') as f:
-    json.dump(calibration(device, result), f, indent=1)
-  table = markdown(result)
-  with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
-    f.write(table)
-  print(table)
+
+  def save():  # after every section and train row, so a cut-off run keeps what it measured
+    with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, f'{name}_calibration.json'), 'w') as f:
+      json.dump(calibration(device, result), f, indent=1)
+    with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
+      f.write(markdown(result))
+
+  result['attention'] = [] if 'attention' in skip else attention_sweep(s)
+  result['expert_ffn'] = []
+  result['train_step'] = []
+  save()
+  if 'experts' not in skip:
+    result['expert_ffn'] = expert_sweep(s)
+    save()
+  for overrides in [] if 'train' in skip else s['train_overrides']:
+    try:
+      result['train_step'].append(train_step(overrides, s['train_repeats']))
+    except Exception as e:  # noqa: BLE001  (out of memory, say: recorded, the rest still runs)
+      result['train_step'].append({'overrides': overrides, 'error': str(e).splitlines()[0][:160]})
+    print(result['train_step'][-1], flush=True)
+    save()
+  print(markdown(result))
 
 
 def markdown(r: dict) -> str:
@@ -298,22 +285,7 @@ def markdown(r: dict) -> str:
         f'{a["fwd_tflops"]:.0f} | {a["fwd_bwd_s"] * 1e3:.3f} | '
         f'{a["fwd_bwd_tflops"]:.0f} |'
       )
-  out += [
-    '',
-    '## Expert FFN (forward; useful FLOPs = routed tokens only)',
-    '',
-    '| local experts | routed pairs | capacity | einsum ms | einsum TFLOP/s | % of matmul '
-    '| ragged_dot ms | ragged_dot TFLOP/s | % of matmul |',
-    '|---|---|---|---|---|---|---|---|---|',
-  ]
-  for e in r['expert_ffn']:
-    mm = c['matmul_bf16_tflops']
-    out.append(
-      f'| {e["local_experts"]} | {e["tokens"]} | {e["capacity"]} | '
-      f'{e["einsum_s"] * 1e3:.3f} | {e["einsum_useful_tflops"]:.0f} | '
-      f'{e["einsum_useful_tflops"] / mm:.0%} | {e["ragged_s"] * 1e3:.3f} | '
-      f'{e["ragged_useful_tflops"]:.0f} | {e["ragged_useful_tflops"] / mm:.0%} |'
-    )
+  out += grouped_matmul.ffn_table(r['expert_ffn'], c['matmul_bf16_tflops'])
   if r['train_step']:
     out += [
       '',

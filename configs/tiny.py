@@ -50,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.rope_base = 10000.0
   # Attention kernel: 'auto' (JAX chooses), 'cudnn' (flash attention; GPU, bf16) or 'xla'.
   config.model.attention_impl = 'auto'
+  # How a device holding all experts (strategies reference and dp) runs them: 'einsum' over
+  # capacity buffers, or a grouped matmul over the routed rows: 'ragged_dot' (XLA) or
+  # 'mosaic_gpu' (JAX's Hopper kernel). 'auto': einsum for capacity routing, a grouped matmul
+  # when dropless (mosaic_gpu on an sm_90 GPU). Same routing and drops whichever runs.
+  config.model.expert_impl = 'auto'
   # Rematerialisation of each block in the backward pass: 'none', 'full' (recompute the block)
   # or 'save_dots' (keep matmul outputs, recompute the rest).
   config.model.remat = 'none'

@@ -12,6 +12,9 @@ import dataclasses
 
 import ml_collections
 
+from mas_jax.layers import grouped_matmul as gmm_lib
+from mas_jax.layers import moe as moe_lib
+
 _DTYPES = ('float32', 'bfloat16', 'float16')
 _ACTIVATIONS = ('gelu', 'relu')
 _SOURCES = ('c4', 'synthetic')
@@ -44,6 +47,7 @@ class ModelConfig:
   compute_dtype: str = 'float32'
   rope_base: float = 10000.0
   attention_impl: str = 'auto'
+  expert_impl: str = 'auto'
   remat: str = 'none'
 
   @property
@@ -155,6 +159,27 @@ def validate(config: Config) -> None:
     f'model.attention_impl={m.attention_impl!r} is not one of {_ATTENTION_IMPLS}',
   )
   _check(m.remat in _REMAT, f'model.remat={m.remat!r} is not one of {_REMAT}')
+  _check(
+    m.expert_impl in moe_lib.EXPERT_IMPLS,
+    f'model.expert_impl={m.expert_impl!r} is not one of {moe_lib.EXPERT_IMPLS}',
+  )
+  if m.expert_impl not in ('auto', 'einsum'):
+    _check(
+      p.strategy in ('reference', 'dp'),
+      f'model.expert_impl={m.expert_impl!r} runs where one device holds all experts; '
+      f'parallel.strategy={p.strategy!r} runs them on capacity buffers (use einsum or auto)',
+    )
+    _check(
+      m.expert_dropout == 0,
+      f'model.expert_dropout={m.expert_dropout} needs model.expert_impl einsum, '
+      f'not {m.expert_impl!r}',
+    )
+  if m.expert_impl == 'mosaic_gpu':
+    for k, n in ((m.d_model, m.expert_hidden), (m.expert_hidden, m.d_model)):
+      try:
+        gmm_lib.check_shapes(0, k, n, *gmm_lib.tilings_for(k, n))
+      except ValueError as e:
+        raise ConfigError(f'model.expert_impl=mosaic_gpu: {e}') from None
   _check(
     m.d_model % m.num_heads == 0,
     f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}',

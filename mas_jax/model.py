@@ -117,6 +117,7 @@ def block_forward(
     dropout_rate=cfg.expert_dropout,
     dropout_key=dropout_key,
     group_offset=group_offset,
+    impl=moe_lib.resolve_expert_impl(cfg.expert_impl, cfg.dropless, cfg.expert_dropout),
   )
   return x + y, stats
 

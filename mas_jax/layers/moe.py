@@ -28,6 +28,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mas_jax.layers import grouped_matmul as gmm_lib
+
+# How a device that holds all experts runs them (model.expert_impl; 'auto' is resolved by
+# `resolve_expert_impl`): 'einsum' over capacity buffers [G, E, C, D], or one grouped matmul
+# over the routed rows sorted by expert ('ragged_dot': XLA's; 'mosaic_gpu': JAX's Hopper kernel).
+EXPERT_IMPLS = ('auto', 'einsum', 'ragged_dot', 'mosaic_gpu')
+_GROUPED = {'ragged_dot': 'xla', 'mosaic_gpu': 'mosaic_gpu'}
+
 
 def capacity(
   seq_len: int, top_k: int, num_experts: int, capacity_factor: float, dropless: bool
@@ -145,6 +153,57 @@ def expert_ffn(
   return jnp.einsum('GECF,EFD->GECD', h, w_out.astype(dtype))
 
 
+def resolve_expert_impl(impl: str, dropless: bool, dropout_rate: float = 0.0) -> str:
+  """'auto' -> the implementation measured fastest for the routing (docs/benchmarks/README.md).
+
+  Capacity routing: the batched einsum (its padding is the capacity factor's, and it ran at or
+  above every grouped kernel from 2 local experts up). Dropless routing: the einsum would compute
+  num_experts / top_k times the useful FLOPs, so a grouped matmul: JAX's Mosaic-GPU kernel on a
+  Hopper GPU, XLA's ragged_dot elsewhere. Expert dropout always takes the einsum.
+  Raises ValueError for 'mosaic_gpu' off a Hopper GPU.
+  """
+  device = jax.devices()[0]
+  hopper = device.platform == 'gpu' and getattr(device, 'compute_capability', '') == '9.0'
+  if impl == 'mosaic_gpu' and not hopper:
+    raise ValueError(
+      f"model.expert_impl='mosaic_gpu' needs a Hopper (sm_90) GPU, not {device.device_kind}"
+    )
+  if impl != 'auto':
+    return impl
+  if not dropless or dropout_rate > 0:
+    return 'einsum'
+  return 'mosaic_gpu' if hopper else 'ragged_dot'
+
+
+def grouped_expert_ffn(
+  x: jax.Array,
+  experts: jax.Array,
+  weights: jax.Array,
+  w_in: jax.Array,
+  w_out: jax.Array,
+  activation: str,
+  impl: str,
+) -> jax.Array:
+  """Experts on the routed rows sorted by expert: x[G, S, D] -> sum_k weights * expert(x) [G, S, D].
+
+  Every (token, choice) pair is one row of a grouped matmul (no capacity padding); a pair with
+  weight 0 (dropped over capacity) is computed and discarded, which keeps the shapes static.
+  """
+  g, s, k = experts.shape
+  d = x.shape[-1]
+  flat = experts.reshape(-1)  # [G*S*K], token-major
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=w_in.shape[0]).astype(jnp.int32)
+  token = order // k
+  rows = x.reshape(g * s, d)[token]  # [G*S*K, D] sorted by expert
+  backend = _GROUPED[impl]
+  h = gmm_lib.gmm(rows, w_in, sizes, backend, tilings=gmm_lib.tilings_for(d, w_in.shape[-1]))
+  h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
+  y = gmm_lib.gmm(h, w_out, sizes, backend, tilings=gmm_lib.tilings_for(w_in.shape[-1], d))
+  y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+  return jnp.zeros((g * s, d), y.dtype).at[token].add(y).reshape(g, s, d)
+
+
 def moe_ffn(
   x: jax.Array,
   params: dict,
@@ -155,6 +214,7 @@ def moe_ffn(
   dropout_rate: float = 0.0,
   dropout_key: jax.Array | None = None,
   group_offset: int | jax.Array = 0,
+  impl: str = 'einsum',
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The MoE FFN of one device holding all experts: normed x[G, S, D] -> y[G, S, D], stats.
 
@@ -162,8 +222,11 @@ def moe_ffn(
     x: normed tokens [G, S, D] in the compute dtype.
     params: {'router': [D, E], 'w_in': [E, D, F], 'w_out': [E, F, D]}.
     top_k, cap, activation: routing and expert settings.
-    dropout_rate, dropout_key: expert dropout (off when the key is None or the rate is 0).
+    dropout_rate, dropout_key: expert dropout (off when the key is None or the rate is 0;
+      'einsum' only).
     group_offset: global index of this caller's first group (for the dropout mask).
+    impl: one of EXPERT_IMPLS other than 'auto'. Every one makes the same routing and drop
+      decisions; they differ only in how the expert matmuls run.
   """
   num_experts = params['router'].shape[-1]
   with jax.named_scope('route'):
@@ -171,6 +234,15 @@ def moe_ffn(
     stats = routing_stats(route, num_experts)
     pos = dispatch_positions(route['experts'], num_experts)
     stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+  if impl != 'einsum':
+    if dropout_key is not None and dropout_rate > 0:
+      raise ValueError(f'expert dropout needs the einsum experts, not impl={impl!r}')
+    with jax.named_scope('experts'):
+      weights = jnp.where(pos < cap, route['gates'], 0.0)
+      y = grouped_expert_ffn(
+        x, route['experts'], weights, params['w_in'], params['w_out'], activation, impl
+      )
+    return y, stats
   with jax.named_scope('dispatch'):
     xe = dispatch(x, route['experts'], pos, num_experts, cap)  # [G, E, C, D]
   with jax.named_scope('experts'):

@@ -1,0 +1,171 @@
+"""Grouped (ragged) matmul for dropless experts: rows sorted by group, one weight per group.
+
+`gmm(lhs[M, K], rhs[G, K, N], group_sizes[G])` multiplies rows `offset_g .. offset_g + size_g`
+of lhs by rhs[g]; the sizes must sum to M. Two implementations:
+
+  'xla'         `jax.lax.ragged_dot` (any backend; XLA's own autodiff).
+  'mosaic_gpu'  the Hopper Pallas/Mosaic-GPU kernels that ship with JAX
+                (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` and
+                `transposed_ragged_dot_mgpu`), wrapped in a custom VJP:
+                  d lhs = gmm(d out, rhs^T)        (the same kernel, transposed rhs)
+                  d rhs = per-group lhs_g^T @ d out_g   (the transposed kernel)
+                Needs an sm_90 GPU; the kernels are experimental JAX code, so their
+                signatures are pinned by `tests/test_grouped_matmul.py` on CPU (through
+                `kernels=`, which takes any functions with the kernels' signatures).
+
+Unlike the capacity-padded batched einsum, no row is padding: each output tile costs only the
+rows of its group (a tile that straddles two groups is computed twice, once per group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ('xla', 'mosaic_gpu')
+ROW_ALIGN = 8  # the Mosaic-GPU kernels need a row count that is a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Tile sizes of one Mosaic-GPU kernel call (see the kernels' own docs)."""
+
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  grid_block_n: int = 1
+
+  def kwargs(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+class Kernels(NamedTuple):
+  """`forward(lhs, rhs, *, group_sizes, transpose_rhs, **tiling)` -> [M, N] and
+  `transposed(lhs[M, K], rhs[M, N], *, group_sizes, **tiling)` -> [G, K, N] (per group
+  lhs_g^T @ rhs_g), with the signatures of JAX's Mosaic-GPU ops."""
+
+  forward: Callable
+  transposed: Callable
+
+
+def mosaic_gpu_kernels() -> Kernels:
+  """JAX's Hopper kernels (imported on first use: the module needs a GPU-enabled jaxlib)."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+  return Kernels(ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
+
+
+def check_shapes(m: int, k: int, n: int, fwd: Tiling, bwd_data: Tiling, bwd_weight: Tiling):
+  """Raises ValueError naming the numbers when the kernels cannot tile lhs[m, k] @ rhs[g, k, n]."""
+  problems = []
+  if k % fwd.block_k:
+    problems.append(f'k={k} is not a multiple of the forward block_k={fwd.block_k}')
+  if n % (fwd.block_n * fwd.grid_block_n):
+    problems.append(
+      f'n={n} is not a multiple of block_n*grid_block_n={fwd.block_n * fwd.grid_block_n}'
+    )
+  if n % bwd_data.block_k:
+    problems.append(f'n={n} is not a multiple of the backward block_k={bwd_data.block_k}')
+  if k % (bwd_data.block_n * bwd_data.grid_block_n):
+    problems.append(
+      f'k={k} is not a multiple of the backward block_n*grid_block_n='
+      f'{bwd_data.block_n * bwd_data.grid_block_n}'
+    )
+  if k % bwd_weight.block_m or n % bwd_weight.block_n:
+    problems.append(
+      f'weight gradient [{k}, {n}] is not a multiple of its tiles '
+      f'[{bwd_weight.block_m}, {bwd_weight.block_n}]'
+    )
+  if problems:
+    raise ValueError(
+      f'mosaic_gpu grouped matmul of [{m}, {k}] x [{k}, {n}]: ' + '; '.join(problems)
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mosaic_gmm(lhs, rhs, group_sizes, kernels: Kernels, tilings: tuple[Tiling, Tiling, Tiling]):
+  fwd, _, _ = tilings
+  return kernels.forward(lhs, rhs, group_sizes=group_sizes, transpose_rhs=False, **fwd.kwargs())
+
+
+def _mosaic_gmm_fwd(lhs, rhs, group_sizes, kernels, tilings):
+  return _mosaic_gmm(lhs, rhs, group_sizes, kernels, tilings), (lhs, rhs, group_sizes)
+
+
+def _mosaic_gmm_bwd(kernels, tilings, res, d_out):
+  lhs, rhs, group_sizes = res
+  _, bwd_data, bwd_weight = tilings
+  d_out = d_out.astype(lhs.dtype)
+  d_lhs = kernels.forward(
+    d_out, rhs, group_sizes=group_sizes, transpose_rhs=True, **bwd_data.kwargs()
+  )
+  d_rhs = kernels.transposed(lhs, d_out, group_sizes=group_sizes, **bwd_weight.kwargs())
+  return d_lhs, d_rhs.astype(rhs.dtype), None
+
+
+_mosaic_gmm.defvjp(_mosaic_gmm_fwd, _mosaic_gmm_bwd)
+
+DEFAULT_TILINGS = (Tiling(), Tiling(), Tiling())
+# (forward, backward data, backward weight) tilings measured fastest on one H100 at the seed's
+# expert shapes, 4 local experts (`python bench/grouped_matmul.py`,
+# docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.md): for [rows, 4096] x [4096, 16384]
+# (widening, w_in) and [rows, 16384] x [16384, 4096] (narrowing, w_out).
+WIDENING_TILINGS = (Tiling(128, 128), Tiling(128, 128), Tiling(64, 256))
+NARROWING_TILINGS = (
+  Tiling(64, 256),
+  Tiling(128, 128, grid_block_n=8),
+  Tiling(128, 128, grid_block_n=8),
+)
+
+
+def tilings_for(k: int, n: int) -> tuple[Tiling, Tiling, Tiling]:
+  """The measured tilings for lhs[rows, k] x rhs[g, k, n] where they tile it, else the defaults."""
+  tuned = WIDENING_TILINGS if n >= k else NARROWING_TILINGS
+  try:
+    check_shapes(0, k, n, *tuned)
+  except ValueError:
+    return DEFAULT_TILINGS
+  return tuned
+
+
+def gmm(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  group_sizes: jax.Array,
+  impl: str = 'xla',
+  *,
+  tilings: tuple[Tiling, Tiling, Tiling] = DEFAULT_TILINGS,
+  kernels: Kernels | None = None,
+) -> jax.Array:
+  """Grouped matmul lhs[M, K] x rhs[G, K, N] -> [M, N] in lhs.dtype (float32 accumulation).
+
+  Args:
+    lhs: rows sorted by group.
+    rhs: one [K, N] weight per group (cast to lhs.dtype).
+    group_sizes: [G] int32 row counts, summing to M.
+    impl: 'xla' or 'mosaic_gpu'.
+    tilings: (forward, backward data, backward weight) tiles for 'mosaic_gpu'.
+    kernels: the 'mosaic_gpu' kernel functions (default: JAX's Hopper kernels).
+  """
+  rhs = rhs.astype(lhs.dtype)
+  group_sizes = group_sizes.astype(jnp.int32)
+  if impl == 'xla':
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
+  if impl != 'mosaic_gpu':
+    raise ValueError(f'grouped matmul impl={impl!r} is not one of {IMPLS}')
+  (m, k), n = lhs.shape, rhs.shape[-1]
+  check_shapes(m, k, n, *tilings)
+  # The kernels tile rows in multiples of 8: zero rows appended to the last group change
+  # nothing (zero outputs, zero weight-gradient terms) and are sliced off.
+  pad = -m % ROW_ALIGN
+  if pad:
+    lhs = jnp.pad(lhs, ((0, pad), (0, 0)))
+    group_sizes = group_sizes.at[-1].add(pad)
+  out = _mosaic_gmm(lhs, rhs, group_sizes, kernels or mosaic_gpu_kernels(), tuple(tilings))
+  return out[:m] if pad else out
