@@ -15,6 +15,7 @@ calibration file docs/benchmarks/<device>_calibration.json.
 
   python bench/gpu_bench.py                 # on a GPU
   python bench/gpu_bench.py --smoke         # tiny shapes on CPU (run by the test suite)
+  python bench/gpu_bench.py --recalibrate=docs/benchmarks/<device>.json   # calibration only
 """
 
 from __future__ import annotations
@@ -201,13 +202,16 @@ def calibration(device: str, result: dict) -> dict:
     for r in result['attention']
     if r.get('impl') == 'cudnn' and 'fwd_s' in r
   ]
-  ffn = [  # the fastest implementation's forward on the routed rows
+  ffn = [  # per routing, the fastest implementation's forward on the routed rows
     {
       'local_experts': r['local_experts'],
       'tokens': r['rows'],
-      'time_s': min(r[f'{i}_fwd_s'] for i in grouped_matmul.IMPL_NAMES if f'{i}_fwd_s' in r),
+      'dropless': dropless,
+      'time_s': min(r[f'{i}_fwd_s'] for i in impls if f'{i}_fwd_s' in r),
     }
     for r in result['expert_ffn']
+    for dropless, impls in ((False, ('einsum',)), (True, ('ragged_dot', 'mosaic_gpu')))
+    if any(f'{i}_fwd_s' in r for i in impls)
   ]
   return {
     'device': device,
@@ -222,7 +226,20 @@ def main():
   parser.add_argument('--smoke', action='store_true', help='tiny shapes (CPU smoke test)')
   parser.add_argument('--out', default='docs/benchmarks')
   parser.add_argument('--skip', default='', help='comma list of: attention,experts,train')
+  parser.add_argument(
+    '--recalibrate',
+    metavar='RESULT_JSON',
+    help='measure nothing: rewrite the calibration file next to a saved result JSON',
+  )
   args = parser.parse_args()
+  if args.recalibrate:
+    with open(args.recalibrate) as f:
+      saved = json.load(f)
+    path = args.recalibrate.removesuffix('.json') + '_calibration.json'
+    with open(path, 'w') as f:
+      json.dump(calibration(saved['device'], saved), f, indent=1)
+    print(f'wrote {path}')
+    return
   s = SMOKE if args.smoke else GPU
   skip = set(filter(None, args.skip.split(',')))
   device = jax.devices()[0].device_kind

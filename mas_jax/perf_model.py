@@ -49,11 +49,13 @@ Calibration JSON (written by a GPU benchmark; every field optional):
   sequence; train: forward over `seq` tokens, backward taken as 2 x forward). expert_ffn: `tokens`
   routed token-expert pairs reaching the device's `local_experts` experts, before capacity padding
   (the time includes whatever padding the kernel computes; bench/gpu_bench.py writes it so).
-  Entries may also give "d_model", "head_dim" or "expert_hidden" (local width); entries that
-  disagree with the model are ignored. Timings are used for an exact match, or fitted linearly
-  (time = k1 * x + k2, as MegaScale-Infer does) through the two nearest entries in batch / tokens
-  with the other keys equal; everything else stays modelled, and predictions list which terms
-  were measured.
+  Entries may also give "d_model", "head_dim", "expert_hidden" (local width) or "dropless"
+  (expert_ffn: the routing the timing is for; the bench writes the capacity einsum and the grouped
+  kernel apart); entries that disagree with the model are ignored. Timings are used for an exact
+  match, or fitted linearly (time = k1 * x + k2, as MegaScale-Infer does) through the two nearest
+  entries in batch / tokens with the other keys equal; with a single such entry, in proportion to
+  batch / tokens (k2 = 0: these kernels are large enough for their launch cost not to count).
+  Everything else stays modelled, and predictions list which terms were measured.
 """
 
 from __future__ import annotations
@@ -478,12 +480,13 @@ class Calibration:
   def expert_time(self, m: ModelSpec, local_experts: float, tokens: float, hidden: int):
     """Measured forward time of one layer's local experts on one device, or None."""
     required = {'local_experts': local_experts}
-    optional = {'d_model': m.d_model, 'expert_hidden': hidden}
+    optional = {'d_model': m.d_model, 'expert_hidden': hidden, 'dropless': m.dropless}
     return _lookup(self.expert_ffn, required, optional, 'tokens', tokens)
 
 
 def _lookup(entries, required, optional, axis, x):
-  """Exact match on `axis`, else a line through the two nearest entries; None if too few."""
+  """Exact match on `axis`, else a line through the two nearest entries (through the origin when
+  there is one); None if there is none."""
   same = [
     e
     for e in entries
@@ -493,8 +496,10 @@ def _lookup(entries, required, optional, axis, x):
   for e in same:
     if math.isclose(e[axis], x):
       return float(e['time_s'])
-  if len({e[axis] for e in same}) < 2:
+  if not same:
     return None
+  if len({e[axis] for e in same}) < 2:
+    return float(same[0]['time_s']) * x / same[0][axis]
   nearest = sorted(same, key=lambda e: abs(e[axis] - x))
   a = nearest[0]
   b = next(e for e in nearest if e[axis] != a[axis])

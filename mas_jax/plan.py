@@ -594,9 +594,14 @@ def compare_measured(config, hw, cal, bench_path: str) -> list[list]:
     p = pm.predict_ep(m, hw, w, 1, 1, cal)
     remat = entry['overrides'].get('model.remat', 'none')
     err = (p.step_s - entry['step_s']) / entry['step_s']
+    routing = 'dropless' if m.dropless else 'capacity'
+    if cd.model.get('expert_dropout', 0) > 0:
+      routing += f', dropout {cd.model.expert_dropout:g}'
     rows.append(
       [
         m.batch_size,
+        accumulation,
+        routing,
         remat,
         f'{p.step_s * 1e3:.1f}',
         f'{entry["step_s"] * 1e3:.1f}',
@@ -606,7 +611,17 @@ def compare_measured(config, hw, cal, bench_path: str) -> list[list]:
       ]
     )
   print(f'# one-device training step: predicted ({hw.name}) vs measured ({bench.get("device")})')
-  headers = ['batch', 'remat', 'predicted ms', 'measured ms', 'error', 'terms ms', 'measured terms']
+  headers = [
+    'batch',
+    'accum',
+    'experts',
+    'remat',
+    'predicted ms',
+    'measured ms',
+    'error',
+    'terms ms',
+    'measured terms',
+  ]
   print(table(headers, rows))
   return rows
 

@@ -168,6 +168,19 @@ def test_calibration_overrides_modelled_figures(tmp_path):
   assert cal.expert_time(SEED, 4, 48 * 4 / 16 * 4, 16384) == pytest.approx(4.8e-4)
   assert 'experts' in p.measured
   assert cal.attention_time(SEED, 'decode', 4, 24, 2048) is None  # no entry for 4 heads
+  # One entry of a key: in proportion (batch 48 is twice the measured 24).
+  assert cal.attention_time(SEED, 'decode', 3, 48, 2048) == pytest.approx(2e-3)
+
+
+def test_calibration_keeps_capacity_and_dropless_timings_apart():
+  entries = [
+    {'local_experts': 2, 'tokens': 100, 'dropless': False, 'time_s': 1.0},
+    {'local_experts': 2, 'tokens': 100, 'dropless': True, 'time_s': 3.0},
+  ]
+  cal = pm.Calibration(expert_ffn=entries)
+  dropless = dataclasses.replace(SEED, dropless=True)
+  assert cal.expert_time(SEED, 2, 100, SEED.expert_hidden) == pytest.approx(1.0)
+  assert cal.expert_time(dropless, 2, 200, SEED.expert_hidden) == pytest.approx(6.0)
 
 
 def test_load_hardware_json_and_overrides(tmp_path):
