@@ -6,6 +6,7 @@ number of CPU devices comes from XLA_FLAGS=--xla_force_host_platform_device_coun
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # tf.data only reads files here
 
@@ -14,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mas_jax import train_lib
+from mas_jax.config import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -38,7 +40,10 @@ def main(argv):
     jax.devices()[0].device_kind,
   )
   logging.info('Config:\n%s', FLAGS.config)
-  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as e:  # bad input: one line, no traceback (raised before any work)
+    sys.exit(f'ConfigError: {e}')
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ from mas_jax import metrics as metrics_lib
 from mas_jax import model as model_lib
 from mas_jax import strategies
 from mas_jax.config import Config, TrainConfig
+from mas_jax.layers import moe as moe_lib
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer and state.
@@ -295,6 +296,10 @@ def log_model_summary(config: Config, strategy) -> None:
     counts['active_matmul'],
     flops,
   )
+  m = config.model
+  if config.parallel.strategy in ('reference', 'dp'):
+    impl = moe_lib.resolve_expert_impl(m.expert_impl, m.dropless, m.expert_dropout)
+    logging.info('Experts: %s (model.expert_impl=%r).', impl, m.expert_impl)
   for line in strategy.describe().splitlines():
     logging.info('%s', line)
 
