@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import statistics
 import time
 
@@ -12,6 +15,22 @@ from configs import paper
 from mas_jax import config as config_lib
 from mas_jax import metrics as metrics_lib
 from mas_jax import strategies, train_lib
+
+
+def device_stem(smoke: bool) -> str:
+  """File-name stem of a result: the device kind ('nvidia_h100_80gb_hbm3'), or 'cpu_smoke'."""
+  if smoke:
+    return 'cpu_smoke'
+  return re.sub(r'[^a-z0-9]+', '_', jax.devices()[0].device_kind.lower()).strip('_')
+
+
+def write_result(out_dir: str, stem: str, result: dict, table: str) -> None:
+  """Writes <stem>.json (the raw numbers) and <stem>.md (the table) under out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
+    json.dump(result, f, indent=1, default=float)
+  with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
+    f.write(table)
 
 
 def bench(fn, *args, repeats: int = 10, warmup: int = 2) -> float:

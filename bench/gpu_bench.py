@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -250,16 +249,12 @@ def main():
     'ceilings': ceilings(s),
   }
   print('ceilings', result['ceilings'], flush=True)
-  name = 'cpu_smoke' if args.smoke else re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
-  os.makedirs(args.out, exist_ok=True)
+  name = common.device_stem(args.smoke)
 
   def save():  # after every section and train row, so a cut-off run keeps what it measured
-    with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
-      json.dump(result, f, indent=1)
+    common.write_result(args.out, name, result, markdown(result))
     with open(os.path.join(args.out, f'{name}_calibration.json'), 'w') as f:
       json.dump(calibration(device, result), f, indent=1)
-    with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
-      f.write(markdown(result))
 
   result['attention'] = [] if 'attention' in skip else attention_sweep(s)
   result['expert_ffn'] = []

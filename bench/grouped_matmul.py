@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -313,13 +312,8 @@ def main():
     'tilings': rows,
     'expert_ffn': ffn_sweep(s, kernels, tiles),
   }
-  name = 'cpu_smoke' if args.smoke else re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'{name}_grouped_matmul.json'), 'w') as f:
-    json.dump(result, f, indent=1)
   table = markdown(result)
-  with open(os.path.join(args.out, f'{name}_grouped_matmul.md'), 'w') as f:
-    f.write(table)
+  common.write_result(args.out, f'{common.device_stem(args.smoke)}_grouped_matmul', result, table)
   print(table)
 
 

@@ -13,7 +13,6 @@ synthetic data. Writes docs/benchmarks/multi_gpu.json and multi_gpu.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -175,12 +174,8 @@ def main():
     result['rows'].append(measure(model, overrides, 1 if args.smoke else args.repeats))
     print(result['rows'][-1], flush=True)
   name = 'multi_gpu_smoke' if args.smoke else 'multi_gpu'
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1, default=float)
   table = markdown(result)
-  with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
-    f.write(table)
+  common.write_result(args.out, name, result, table)
   print(table)
 
 
