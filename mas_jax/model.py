@@ -166,6 +166,69 @@ def forward(
   return logits, stats
 
 
+# ---------------------------------------------------------------------------------------------
+# Generation: the same blocks with a KV cache (see mas_jax/decode.py for the loop).
+# ---------------------------------------------------------------------------------------------
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, heads: int | None = None) -> dict:
+  """An empty KV cache {'k', 'v'}: [L, B, S, N, H] in the compute dtype (N = `heads` slots)."""
+  shape = (cfg.num_layers, batch, length, heads or cfg.num_heads, cfg.head_dim)
+  dtype = jnp.dtype(cfg.compute_dtype)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def decode_moe(cfg: ModelConfig, p: dict, h: jax.Array) -> jax.Array:
+  """The MoE of generation: dropless, no dropout, on normed h[B, T, D] (groups = sequences).
+
+  Dropless because a capacity limit would make a token's output depend on later tokens of its
+  sequence, which decoding has not seen; every token's output is then its own.
+  """
+  impl = moe_lib.resolve_expert_impl(cfg.expert_impl, dropless=True)
+  y, _ = moe_lib.moe_ffn(
+    h, p, top_k=cfg.top_k, cap=h.shape[1], activation=cfg.activation, impl=impl
+  )
+  return y
+
+
+def block_cached(
+  cfg: ModelConfig, p: dict, x: jax.Array, cache: dict, layer: int, start: jax.Array | None
+) -> tuple[jax.Array, dict]:
+  """One block on the new tokens x[B, T, D] with the KV cache; returns x and the updated cache."""
+  h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
+  out, k, v = attn_lib.attention_cached(
+    h, p['attn'], cache['k'][layer], cache['v'][layer], start, cfg.rope_base
+  )
+  cache = {
+    'k': attn_lib.write_cache(cache['k'], layer, k, start),
+    'v': attn_lib.write_cache(cache['v'], layer, v, start),
+  }
+  x = x + out
+  return x + decode_moe(cfg, p['moe'], attn_lib.rms_norm(x, p['mlp_norm']['scale'])), cache
+
+
+def head_logits(params: dict, x: jax.Array) -> jax.Array:
+  """Final norm and output head: x[..., D] -> float32 logits [..., V]."""
+  x = attn_lib.rms_norm(x, params['final_norm']['scale'])
+  return jnp.einsum('...D,DV->...V', x, params['unembed'].astype(x.dtype)).astype(jnp.float32)
+
+
+def forward_cached(
+  cfg: ModelConfig, params: dict, cache: dict, tokens: jax.Array, start: jax.Array | None
+) -> tuple[jax.Array, dict]:
+  """Prefill (start=None: tokens[B, T] from position 0) or decode (start[B]) with a KV cache.
+
+  Returns logits[B, T, V] float32 and the cache with the new tokens' keys and values written.
+  With dropless routing, the logits equal `forward` over the whole sequence at the same positions.
+  Layers are unrolled (a static layer index keeps every cache update in place).
+  """
+  x = params['embed'][tokens].astype(jnp.dtype(cfg.compute_dtype))  # [B, T, D]
+  for layer in range(cfg.num_layers):
+    p = jax.tree.map(lambda a, i=layer: a[i], params['blocks'])
+    x, cache = block_cached(cfg, p, x, cache, layer, start)
+  return head_logits(params, x), cache
+
+
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Sum over tokens of -log softmax(logits)[target]; logits float32 [..., V]."""
   logp = jax.nn.log_softmax(logits, axis=-1)

@@ -25,11 +25,16 @@ def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form) of x[B, T, N, H] at positions[T]."""
+  """Rotary position embedding (rotate-half form) of x[B, T, N, H] at positions[T] or [B, T].
+
+  Per-sequence positions [B, T] are what decoding needs: each sequence of a batch of prompts of
+  different lengths sits at its own position.
+  """
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
-  angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, H/2]
-  sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+  positions = positions.reshape((-1, positions.shape[-1]))  # [1 or B, T]
+  angle = positions.astype(jnp.float32)[:, :, None] * freq[None, None, :]  # [1|B, T, H/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -48,7 +53,7 @@ def qkv_projection(
   Args:
     x: normed layer input [B, T, D] in the compute dtype.
     wq, wk, wv: [D, N, H] for the N heads this caller owns.
-    positions: [T] token positions.
+    positions: [T] token positions, or [B, T] per sequence.
     rope_base: RoPE base frequency.
 
   Returns:
@@ -101,3 +106,95 @@ def attention(
   if head_mask is not None:
     o = o * head_mask.astype(o.dtype)[None, None, :, None]
   return output_projection(o, params['wo'])
+
+
+def cached_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  k_cache: jax.Array | None = None,
+  v_cache: jax.Array | None = None,
+  cache_len: jax.Array | None = None,
+) -> jax.Array:
+  """Stage 2 of generation: new queries attend to a KV cache and, causally, to each other.
+
+  Query t of sequence b sees cache entries s < cache_len[b] and new keys u <= t. Decode is T = 1
+  (one new token per sequence, at position cache_len[b]); prefill of a prompt from position 0
+  passes no cache. Scores and softmax in float32; the result equals `causal_attention` over the
+  concatenated sequence.
+
+  Args:
+    q, k, v: the new tokens' queries, keys and values [B, T, N, H].
+    k_cache, v_cache: [B, S, N, H] (S the cache length), or None.
+    cache_len: [B] int32, filled entries of each sequence's cache; needed with a cache.
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  t = q.shape[1]
+  scale = q.shape[-1] ** -0.5
+  f32 = jnp.float32
+  scores = jnp.einsum('BTNH,BUNH->BNTU', q, k, preferred_element_type=f32) * scale
+  causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, U]
+  scores = jnp.where(causal[None, None], scores, -jnp.inf)
+  if k_cache is not None:
+    past = jnp.einsum('BTNH,BSNH->BNTS', q, k_cache, preferred_element_type=f32) * scale
+    filled = jnp.arange(k_cache.shape[1])[None, :] < cache_len[:, None]  # [B, S]
+    past = jnp.where(filled[:, None, None, :], past, -jnp.inf)
+    scores = jnp.concatenate([past, scores], axis=-1)  # [B, N, T, S + T]
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum('BNTU,BUNH->BTNH', probs[..., -t:], v)
+  if k_cache is not None:
+    out = out + jnp.einsum('BNTS,BSNH->BTNH', probs[..., :-t], v_cache)
+  return out
+
+
+def write_cache(cache: jax.Array, layer: int, new: jax.Array, start: jax.Array | None) -> jax.Array:
+  """cache[L, B, S, N, H] with new[B, T, N, H] written into `layer` at start[b] .. start[b] + T - 1.
+
+  `start=None` writes at position 0 of every sequence (prefill). One in-place update of the
+  whole cache (no per-layer copy). Positions past S are the caller's error, checked before any
+  work (`mas_jax.decode`).
+  """
+  new = new.astype(cache.dtype)
+  if start is None:
+    return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, 0, 0))
+  write = lambda c, x, s: jax.lax.dynamic_update_slice(c, x[None], (layer, s, 0, 0))
+  return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(cache, new, start)
+
+
+def attention_cached(
+  x: jax.Array,
+  params: dict,
+  k_cache: jax.Array,
+  v_cache: jax.Array,
+  start: jax.Array | None,
+  rope_base: float,
+  head_mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Generation's attention of normed x[B, T, D] (the new tokens) against one layer's cache.
+
+  Args:
+    x: normed new tokens [B, T, D] in the compute dtype.
+    params: {'wq', 'wk', 'wv': [D, N, H], 'wo': [N, H, D]} for the N heads the caller owns.
+    k_cache, v_cache: this layer's cache [B, S, N, H] for the same heads.
+    start: [B] position of each sequence's first new token (= its filled cache length), or
+      None for prefill from position 0 (the cache is not read).
+    rope_base: RoPE base frequency.
+    head_mask: as in `attention`.
+
+  Returns:
+    out [B, T, D] (a partial sum over heads if N is a slice), and the new keys and values
+    [B, T, N, H] to write into the cache at `start`.
+  """
+  positions = jnp.arange(x.shape[1])[None, :]
+  if start is not None:
+    positions = start[:, None] + positions  # [B, T]
+  q, k, v = qkv_projection(x, params['wq'], params['wk'], params['wv'], positions, rope_base)
+  if start is None:
+    o = cached_attention(q, k, v)
+  else:
+    o = cached_attention(q, k, v, k_cache.astype(q.dtype), v_cache.astype(q.dtype), start)
+  if head_mask is not None:
+    o = o * head_mask.astype(o.dtype)[None, None, :, None]
+  return output_projection(o, params['wo']), k, v

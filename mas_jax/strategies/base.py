@@ -84,6 +84,44 @@ class Strategy(abc.ABC):
       f'{param_bytes / 1e6:.4g} MB; no dummy slots, every device the same)'
     )
 
+  # -------------------------------------------------------------------------------------------
+  # Generation (driven by mas_jax/decode.py; the strategy is built from `decode.decode_config`,
+  # whose data.batch_size is the decode batch).
+  # -------------------------------------------------------------------------------------------
+
+  def decode_batch_multiple(self) -> int:
+    """The decode batch must be a multiple of this (mas_jax.decode pads it)."""
+    return 1
+
+  def cache_heads(self) -> int:
+    """Size of the KV cache's head axis in this strategy's layout (head slots for ma_sep)."""
+    return self.config.model.num_heads
+
+  def cache_spec(self) -> P:
+    """PartitionSpec of each KV cache array [L, B, S, heads, H]."""
+    return P()
+
+  def cache_shardings(self) -> dict:
+    sharding = NamedSharding(self.mesh, self.cache_spec())
+    return {'k': sharding, 'v': sharding}
+
+  def init_cache(self, length: int) -> dict:
+    """An empty KV cache of `length` positions for the decode batch, in its shardings."""
+    batch = self.config.data.batch_size
+    return jax.jit(
+      lambda: model_lib.init_cache(self.config.model, batch, length, self.cache_heads()),
+      out_shardings=self.cache_shardings(),
+    )()
+
+  @abc.abstractmethod
+  def forward_cached(
+    self, params: dict, cache: dict, tokens: jax.Array, start: jax.Array | None
+  ) -> tuple[jax.Array, dict]:
+    """Prefill (start=None) or decode step (start[B]) of tokens[B, T]: (logits[B, T, V], cache).
+
+    Equal to `model.forward_cached` (dropless) on the reference layout; traced inside jit.
+    """
+
   def check_batch(self, divisor: int, what: str) -> None:
     b = self.config.data.batch_size
     if b % divisor:

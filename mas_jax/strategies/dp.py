@@ -1,7 +1,8 @@
 """`dp`: data parallelism; parameters replicated, the batch sharded by sequence over all devices.
 
 Each device runs the reference per-device math on its sequences inside `jax.shard_map`; the
-loss sums are psum-ed over 'data'. Parameters enter replicated (invariant), so the transpose of
+loss sums are psum-ed over 'data'. Generation shards the sequences and their KV cache the same
+way, with no collective at all. Parameters enter replicated (invariant), so the transpose of
 their implicit broadcast in the backward pass is the gradient all-reduce.
 """
 
@@ -53,3 +54,27 @@ class DataParallel(base.Strategy):
     return jax.shard_map(
       local_loss, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P())
     )(params, batch, dropout_key)
+
+  def decode_batch_multiple(self):
+    return self.mesh.shape[DATA_AXIS]
+
+  def cache_spec(self):
+    return P(None, DATA_AXIS)  # [L, B, S, N, H]: each device the cache of its sequences
+
+  def forward_cached(self, params, cache, tokens, start):
+    mcfg = self.config.model
+    cache_specs = {'k': self.cache_spec(), 'v': self.cache_spec()}
+    out_specs = (P(DATA_AXIS), cache_specs)
+    if start is None:
+      return jax.shard_map(
+        lambda p, c, t: model_lib.forward_cached(mcfg, p, c, t, None),
+        mesh=self.mesh,
+        in_specs=(P(), cache_specs, P(DATA_AXIS)),
+        out_specs=out_specs,
+      )(params, cache, tokens)
+    return jax.shard_map(
+      lambda p, c, t, s: model_lib.forward_cached(mcfg, p, c, t, s),
+      mesh=self.mesh,
+      in_specs=(P(), cache_specs, P(DATA_AXIS), P(DATA_AXIS)),
+      out_specs=out_specs,
+    )(params, cache, tokens, start)

@@ -32,3 +32,6 @@ class Reference(base.Strategy):
 
   def loss(self, params, batch, dropout_key):
     return model_lib.loss_fn(self.config.model, params, batch, dropout_key)
+
+  def forward_cached(self, params, cache, tokens, start):
+    return model_lib.forward_cached(self.config.model, params, cache, tokens, start)
