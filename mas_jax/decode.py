@@ -41,7 +41,6 @@ from absl import logging
 from mas_jax import strategies
 from mas_jax.config import Config, ConfigError
 
-
 # Dummy rows a batch may be padded with before giving up (the largest multiple any strategy asks
 # for is a few times the device count).
 _MAX_BATCH_PADDING = 4096
