@@ -371,13 +371,16 @@ class MASeparation(base.Strategy):
 
   def _attention_part(self, p, x, device):
     """Stages 1-3 on this attention device's head slots: x[b,T,D] -> out[b,T,D]{U_heads}."""
-    cfg, lay = self.config.model, self.layout
-    counts = jnp.asarray(lay.head_counts())
-    head_mask = (jnp.arange(lay.head_slots) < counts[device]).astype(jnp.float32)  # [S_h]
+    cfg = self.config.model
     h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
     with jax.named_scope('attention'):
       return attn_lib.attention(
-        h, p['attn'], jnp.arange(x.shape[1]), cfg.rope_base, head_mask, cfg.attention_implementation
+        h,
+        p['attn'],
+        jnp.arange(x.shape[1]),
+        cfg.rope_base,
+        self._head_mask(device),
+        cfg.attention_implementation,
       )
 
   def _route(self, p, h):
@@ -453,6 +456,89 @@ class MASeparation(base.Strategy):
       y = lax.all_gather(y, EXPERT_AXIS, axis=0, tiled=True)  # y[b/n..] -> y[b, T, D]
     return y, stats
 
+  def _run_ticks(self, xs, attention, experts, zero_out, zero_stats, attn_operands):
+    """The static co-execution schedule, shared by training and generation.
+
+    Args:
+      xs: per micro-batch residual streams [b, T, D], device-varying (they enter the switch).
+      attention: (layer, micro, x, operands) -> (out[b,T,D]{U_heads}, extra); the attention
+        devices' work of a tick. `extra` is whatever the caller keeps per item (the new keys and
+        values in generation, None in training).
+      experts: (layer, micro, h) -> (y[b,T,D], stats); the expert devices' work of a tick.
+      zero_out: (zeros [2, b, T, D], zeros like `extra`), what a role without work returns.
+      zero_stats: zero routing statistics, device-varying.
+      attn_operands: (layer, micro) -> the extra operands attention reads (e.g. that item's KV
+        cache), device-varying; passed to every branch so their signatures agree.
+
+    Returns:
+      (xs, stats, extras): the final residual streams, the statistics summed over the expert
+      ticks, and {(layer, micro): extra} of every attention item.
+    """
+    device = mesh_lib.device_index()
+    is_attn = device < self.layout.n_attn
+    zeros, zero_extra = zero_out
+
+    def idle_branch(x_in, h_in, operands):
+      return zeros, zero_stats, zero_extra
+
+    def attn_branch(layer, micro):
+      def run(x_in, h_in, operands):
+        part, extra = attention(layer, micro, x_in, operands)
+        return zeros.at[0].set(part.astype(zeros.dtype)), zero_stats, extra
+
+      return run
+
+    def moe_branch(layer, micro):
+      def run(x_in, h_in, operands):
+        y, st = experts(layer, micro, h_in)
+        return zeros.at[1].set(y.astype(zeros.dtype)), st, zero_extra
+
+      return run
+
+    # Residual streams per micro-batch: xs before attention, hs after. The tick table is static,
+    # so the loop unrolls and every tick touches (and autodiff saves) only its own
+    # micro-batches' [b, T, D] slices. Values are typed device-varying: ppermute results are
+    # not known to be replicated.
+    xs, hs = list(xs), list(xs)
+    stats, extras = zero_stats, {}
+    for t in self.ticks:
+      x_in = xs[t.attn[1]] if t.attn else zeros[0]
+      h_in = hs[t.moe[1]] if t.moe else zeros[0]
+      operands = attn_operands(*(t.attn or (0, 0)))
+      # Branch order is fixed (attention, experts, idle); a role with no item this tick idles.
+      branches = (
+        attn_branch(*t.attn) if t.attn else idle_branch,
+        moe_branch(*t.moe) if t.moe else idle_branch,
+        idle_branch,
+      )
+      role = jnp.where(is_attn, 0 if t.attn else 2, 1 if t.moe else 2)
+      contrib, st, extra = lax.switch(role, branches, x_in, h_in, operands)
+      out = self._exchange(contrib)
+      stats = jax.tree.map(jnp.add, stats, st)
+      if t.attn:
+        hs[t.attn[1]] = xs[t.attn[1]] + out[0]
+        extras[t.attn] = extra
+      if t.moe:
+        xs[t.moe[1]] = hs[t.moe[1]] + out[1]
+    return xs, stats, extras
+
+  def _zero_stats(self):
+    mcfg = self.config.model
+    e, k = mcfg.num_experts, mcfg.top_k
+    route = {
+      'logits': jnp.zeros((1, 1, e)),
+      'probs': jnp.zeros((1, 1, e)),
+      'experts': jnp.zeros((1, 1, k), jnp.int32),
+    }
+    stats = jax.tree.map(jnp.zeros_like, moe_lib.routing_stats(route, e))
+    stats['dropped'] = jnp.zeros(())
+    return _to_varying(stats)
+
+  def _head_mask(self, device):
+    """[head_slots] 1 for this device's real heads, 0 for padding slots (none on expert devices)."""
+    counts = jnp.asarray(self.layout.head_counts())
+    return (jnp.arange(self.layout.head_slots) < counts[device]).astype(jnp.float32)
+
   def loss(self, params, batch, dropout_key):
     cfg, lay = self.config, self.layout
     mcfg = cfg.model
@@ -462,25 +548,11 @@ class MASeparation(base.Strategy):
 
     def program(params, batch, key):
       device = mesh_lib.device_index()
-      is_attn = device < lay.n_attn
       inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
       x0 = params['embed'][inputs].astype(dtype)  # [B, T, D]
       keys = model_lib.layer_keys(key, mcfg.num_layers)
-      zero_stats = jax.tree.map(
-        jnp.zeros_like,
-        moe_lib.routing_stats(
-          {
-            'logits': jnp.zeros((1, 1, mcfg.num_experts)),
-            'probs': jnp.zeros((1, 1, mcfg.num_experts)),
-            'experts': jnp.zeros((1, 1, mcfg.top_k), jnp.int32),
-          },
-          mcfg.num_experts,
-        ),
-      )
-      zero_stats['dropped'] = jnp.zeros(())
-      zero_stats = _to_varying(zero_stats)
       blocks = _to_varying(params['blocks'])
-      zeros = _to_varying(jnp.zeros((2, b, *x0.shape[1:]), dtype))
+      layer = lambda i: jax.tree.map(lambda p: p[i], blocks)
 
       # Each role's work of a tick is rematerialised in the backward pass as model.remat says.
       attention_part = model_lib.remat(self._attention_part, mcfg)
@@ -488,48 +560,18 @@ class MASeparation(base.Strategy):
         self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all, mcfg
       )
 
-      def idle_branch(x_in, h_in):
-        return zeros, zero_stats
+      def attention(i, micro, x_in, operands):
+        return attention_part(layer(i), x_in, device), None
 
-      def attn_branch(layer):
-        def run(x_in, h_in):
-          part = attention_part(jax.tree.map(lambda p: p[layer], blocks), x_in, device)
-          return zeros.at[0].set(part.astype(dtype)), zero_stats
+      def experts(i, micro, h_in):
+        k = None if keys is None else _to_varying(keys[i])
+        return moe_part(layer(i), h_in, k, device, micro * b)
 
-        return run
-
-      def moe_branch(layer, micro):
-        def run(x_in, h_in):
-          k = None if keys is None else _to_varying(keys[layer])
-          y, st = moe_part(jax.tree.map(lambda p: p[layer], blocks), h_in, k, device, micro * b)
-          return zeros.at[1].set(y.astype(dtype)), st
-
-        return run
-
-      # Residual streams per micro-batch: xs before attention, hs after. The tick table is static,
-      # so the loop unrolls and every tick touches (and autodiff saves) only its own
-      # micro-batches' [b, T, D] slices. Values are typed device-varying: ppermute results are
-      # not known to be replicated.
       xs = [_to_varying(x0[m * b : (m + 1) * b]) for m in range(n_mb)]
-      hs = list(xs)
-      stats = zero_stats
-      for t in self.ticks:
-        x_in = xs[t.attn[1]] if t.attn else zeros[0]
-        h_in = hs[t.moe[1]] if t.moe else zeros[0]
-        # Branch order is fixed (attention, experts, idle); a role with no item this tick idles.
-        branches = (
-          attn_branch(t.attn[0]) if t.attn else idle_branch,
-          moe_branch(*t.moe) if t.moe else idle_branch,
-          idle_branch,
-        )
-        role = jnp.where(is_attn, 0 if t.attn else 2, 1 if t.moe else 2)
-        contrib, st = lax.switch(role, branches, x_in, h_in)
-        out = self._exchange(contrib)
-        stats = jax.tree.map(jnp.add, stats, st)
-        if t.attn:
-          hs[t.attn[1]] = xs[t.attn[1]] + out[0]
-        if t.moe:
-          xs[t.moe[1]] = hs[t.moe[1]] + out[1]
+      zeros = _to_varying(jnp.zeros((2, b, *x0.shape[1:]), dtype))
+      xs, stats, _ = self._run_ticks(
+        xs, attention, experts, (zeros, None), self._zero_stats(), lambda i, m: None
+      )
       xs = jnp.concatenate(xs, axis=0)  # [B, T, D]
       # With replicated dispatch every expert device routed every token: divide by n_moe.
       copies = lay.n_moe if self.dispatch == 'replicated' else 1
@@ -548,6 +590,99 @@ class MASeparation(base.Strategy):
     return jax.shard_map(
       program, mesh=self.mesh, in_specs=(self.param_specs(params), P(), P()), out_specs=(P(), P())
     )(params, batch, dropout_key)
+
+  # -------------------------------------------------------------------------------------------
+  # Generation: the same ticks; the KV cache lives in the attention devices' head slots.
+  # -------------------------------------------------------------------------------------------
+
+  def decode_batch_multiple(self):
+    """M micro-batches; all_to_all dispatch also splits each one's sequences over the experts.
+
+    The dispatch is resolved for the batch this strategy was built with ('auto' takes
+    all_to_all only where the micro-batch divides over the expert devices).
+    """
+    p = self.config.parallel
+    return p.num_microbatches * (self.layout.n_moe if self.dispatch == 'all_to_all' else 1)
+
+  def cache_heads(self):
+    return self.layout.n_devices * self.layout.head_slots
+
+  def cache_spec(self):
+    return P(None, None, None, ALL_AXES)  # [L, B, S, slots, H]: each device its head slots
+
+  def forward_cached(self, params, cache, tokens, start):
+    cfg = self.config
+    mcfg = cfg.model
+    n_mb = cfg.parallel.num_microbatches
+    batch = tokens.shape[0]
+    if batch % self.decode_batch_multiple():
+      raise ConfigError(
+        f'decode batch={batch} does not divide over {self.decode_batch_multiple()} '
+        f'(num_microbatches x expert devices of the dispatch)'
+      )
+    b = batch // n_mb
+    dtype = jnp.dtype(mcfg.compute_dtype)
+    prefill = start is None
+    moe_part = self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all
+
+    def program(params, cache, tokens, start):
+      device = mesh_lib.device_index()
+      x0 = params['embed'][tokens].astype(dtype)  # [B, T, D]
+      blocks = _to_varying(params['blocks'])
+      layer = lambda i: jax.tree.map(lambda p: p[i], blocks)
+      rows = lambda m: slice(m * b, (m + 1) * b)
+      starts = [None if prefill else _to_varying(start[rows(m)]) for m in range(n_mb)]
+      head_mask = self._head_mask(device)
+
+      def attention(i, micro, x_in, kv):
+        # Only this device's head slots of the cache are read: kv[2] x [b, S, slots, H].
+        p = layer(i)
+        h = attn_lib.rms_norm(x_in, p['attn_norm']['scale'])
+        with jax.named_scope('attention'):
+          out, k, v = attn_lib.attention_cached(
+            h, p['attn'], kv[0], kv[1], starts[micro], mcfg.rope_base, head_mask
+          )
+        return out, (k.astype(cache['k'].dtype), v.astype(cache['v'].dtype))
+
+      def experts(i, micro, h_in):
+        return moe_part(layer(i), h_in, None, device, micro * b)
+
+      t = tokens.shape[1]
+      zeros = _to_varying(jnp.zeros((2, b, t, mcfg.d_model), dtype))
+      kv_zeros = jnp.zeros((b, t, *cache['k'].shape[3:]), cache['k'].dtype)  # [b, T, slots, H]
+      kv_operands = lambda i, m: (cache['k'][i, rows(m)], cache['v'][i, rows(m)])
+      xs = [_to_varying(x0[rows(m)]) for m in range(n_mb)]
+      xs, _, extras = self._run_ticks(
+        xs,
+        attention,
+        experts,
+        (zeros, _to_varying((kv_zeros, kv_zeros))),
+        self._zero_stats(),
+        kv_operands,
+      )
+      # Every device writes its own head slots (expert devices: zeros into their dummy slots).
+      st = None if prefill else _to_varying(start)
+      for i in range(mcfg.num_layers):
+        new = [jnp.concatenate([extras[(i, m)][j] for m in range(n_mb)]) for j in (0, 1)]
+        cache = {
+          'k': attn_lib.write_cache(cache['k'], i, new[0], st),
+          'v': attn_lib.write_cache(cache['v'], i, new[1], st),
+        }
+      # Every device holds the final residual stream; each computes the head for all tokens
+      # (decode reads the head's weights once whatever the token count) and returns its own
+      # copy, of which the caller takes device 0's: no collective.
+      logits = model_lib.head_logits(params, jnp.concatenate(xs, axis=0))  # [B, T, V]
+      return logits, cache
+
+    specs = self.param_specs(params)
+    cache_specs = {'k': self.cache_spec(), 'v': self.cache_spec()}
+    logits, cache = jax.shard_map(
+      program,
+      mesh=self.mesh,
+      in_specs=(specs, cache_specs, P(), P()),
+      out_specs=(P(ALL_AXES), cache_specs),
+    )(params, cache, tokens, jnp.zeros((batch,), jnp.int32) if prefill else start)
+    return logits[:batch], cache
 
   def _head_loss(self, params, x, targets, device):
     """Final norm, output head and cross entropy of this device's 1/n of the tokens."""
