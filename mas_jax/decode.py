@@ -40,6 +40,7 @@ from absl import logging
 
 from mas_jax import strategies
 from mas_jax.config import Config, ConfigError
+from mas_jax.strategies import base
 
 # Dummy rows a batch may be padded with before giving up (the largest multiple any strategy asks
 # for is a few times the device count).
@@ -183,6 +184,12 @@ class Generator:
     if key in self._programs:
       return self._programs[key]
     strategy = self._strategy(batch)
+    logging.info(
+      'Generation memory per device (weights in %s, KV cache of %d positions):\n%s',
+      self.config.model.compute_dtype,
+      self.context,
+      base.decode_memory_table(strategy.decode_memory_rows(self.context)),
+    )
     params = jax.jit(strategy.from_reference)(self._params)
     params = jax.device_put(params, strategy.param_shardings(params))
     cache_sh = strategy.cache_shardings()

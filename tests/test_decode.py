@@ -53,7 +53,9 @@ def run_decode(strategy):
   params = jax.device_put(params, strategy.param_shardings(params))
   forward = jax.jit(strategy.forward_cached, donate_argnums=1)
   lengths = jnp.asarray(LENGTHS, jnp.int32)
-  prompt = jnp.where(jnp.arange(max(LENGTHS))[None, :] < lengths[:, None], tokens[:, : max(LENGTHS)], 0)
+  prompt = jnp.where(
+    jnp.arange(max(LENGTHS))[None, :] < lengths[:, None], tokens[:, : max(LENGTHS)], 0
+  )
   logits, cache = forward(params, strategy.init_cache(CONTEXT), prompt, None)
   outputs = [logits]
   for step in range(STEPS):
@@ -234,3 +236,19 @@ def test_top_k_and_top_p_restrict_the_support():
     frequencies(temperature=1.0, top_p=0.81), np.array([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.015
   )
   np.testing.assert_array_equal(frequencies(n=200, temperature=1.0, top_p=0.1), [1, 0, 0, 0])
+
+
+def test_ma_sep_decode_memory_by_role():
+  """Weights and cache held vs used, from the shapes: 8 heads on 12 slots, 4 expert devices."""
+  _, parallel = STRATEGIES['ma_sep_12_4_m1']
+  rows = strategies.get(strategy_config('ma_sep', **parallel)).decode_memory_rows(CONTEXT)
+  m = strategy_config().model
+  per_head = 2 * m.num_layers * len(LENGTHS) * CONTEXT * m.head_dim * 4  # k and v, float32
+  by_device = {r['device']: r for r in rows}
+  assert by_device[0]['cache_held'] == per_head and by_device[0]['cache_used'] == 0  # no head
+  assert by_device[1]['cache_used'] == per_head  # one real head in its one slot
+  assert by_device[12]['role'] == 'expert' and by_device[12]['cache_used'] == 0
+  expert = 2 * m.num_layers * (m.num_experts // 4) * m.d_model * m.expert_hidden * 4
+  # Experts are 4 of the 16 expert slots' worth on every device; only expert devices use them.
+  assert by_device[12]['weights_used'] - by_device[1]['weights_used'] >= expert * 0.9
+  assert all(r['weights_held'] == rows[0]['weights_held'] for r in rows)

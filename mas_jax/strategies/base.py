@@ -10,6 +10,7 @@ shardings, and the optimizer state is sharded like the parameters it belongs to.
 from __future__ import annotations
 
 import abc
+import math
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,30 @@ class Strategy(abc.ABC):
       out_shardings=self.cache_shardings(),
     )()
 
+  def decode_memory_rows(self, context: int) -> list[dict]:
+    """Generation's memory per device: weights (compute dtype) and KV cache, held vs used.
+
+    Every device of these strategies reads all it holds; ma_sep overrides this per role.
+    """
+    m = self.config.model
+    itemsize = jnp.dtype(m.compute_dtype).itemsize
+    params = jax.eval_shape(lambda: self.from_reference(_reference_params(self.config)))
+    specs = self.param_specs(params)
+    weights = sum(
+      local_bytes(self.mesh, spec, leaf.shape, itemsize)
+      for spec, leaf in zip(
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
+        jax.tree.leaves(params),
+        strict=True,
+      )
+    )
+    shape = (m.num_layers, self.config.data.batch_size, context, self.cache_heads(), m.head_dim)
+    cache = 2 * local_bytes(self.mesh, self.cache_spec(), shape, itemsize)
+    return [
+      decode_memory_row(d, self.name, (weights, weights), (cache, cache))
+      for d in range(self.mesh.size)
+    ]
+
   def forward_cached(
     self, params: dict, cache: dict, tokens: jax.Array, start: jax.Array | None
   ) -> tuple[jax.Array, dict]:
@@ -126,6 +151,51 @@ class Strategy(abc.ABC):
     b = self.config.data.batch_size
     if b % divisor:
       raise ConfigError(f'data.batch_size={b} does not divide over {what}={divisor}')
+
+
+def local_bytes(mesh: jax.sharding.Mesh, spec: P, shape: tuple[int, ...], itemsize: int) -> int:
+  """Bytes of one device's shard of an array of `shape` laid out by `spec` on `mesh`."""
+  shards = 1
+  for axes in spec:
+    for axis in (axes,) if isinstance(axes, str) else axes or ():
+      shards *= mesh.shape[axis]
+  return math.prod(shape) * itemsize // shards
+
+
+def decode_memory_row(device: int, role: str, weights: tuple, cache: tuple) -> dict:
+  """One device's generation memory: (held, used) bytes of weights and of KV cache."""
+  held, used = weights[0] + cache[0], weights[1] + cache[1]
+  return {
+    'device': device,
+    'role': role,
+    'weights_held': weights[0],
+    'weights_used': weights[1],
+    'cache_held': cache[0],
+    'cache_used': cache[1],
+    'efficiency': used / held,
+  }
+
+
+def decode_memory_table(rows: list[dict]) -> str:
+  """Markdown table of `decode_memory_rows`, one line per device (GB)."""
+  lines = [
+    '| device | role | weights held / used (GB) | KV cache held / used (GB) | total held (GB) '
+    '| used / held |',
+    '|---|---|---|---|---|---|',
+  ]
+  for r in rows:
+    lines.append(
+      f'| {r["device"]} | {r["role"]} | {r["weights_held"] / 1e9:.3f} / '
+      f'{r["weights_used"] / 1e9:.3f} | {r["cache_held"] / 1e9:.3f} / {r["cache_used"] / 1e9:.3f} '
+      f'| {(r["weights_held"] + r["cache_held"]) / 1e9:.3f} | {r["efficiency"]:.1%} |'
+    )
+  return '\n'.join(lines)
+
+
+def _reference_params(config: Config) -> dict:
+  from mas_jax import train_lib  # late import: train_lib imports the strategy registry
+
+  return train_lib.init_params(config)
 
 
 def finalize(config: Config, ce_sum: jax.Array, stats: dict) -> tuple[jax.Array, dict]:

@@ -142,12 +142,6 @@ def _get(tree, path):
   return tree
 
 
-def _reference_params(config):
-  from mas_jax import train_lib  # late import: train_lib imports the strategy registry
-
-  return train_lib.init_params(config)
-
-
 class MASeparation(base.Strategy):
   """Attention on the first `attn_devices` devices, experts on the remaining `moe_devices`."""
 
@@ -299,26 +293,26 @@ class MASeparation(base.Strategy):
       line += f' {role} efficiency {min(eff):.1%}-{max(eff):.1%};'
     return line
 
-  def memory_rows(self, activation_bytes: int | None = None) -> list[dict]:
-    """Bytes per device: parameters and AdamW moments held vs used by the device's role.
+  def _param_bytes(self, itemsize: int | None = None) -> list[tuple[int, int]]:
+    """(held, used) parameter bytes of every device; `itemsize` overrides float32's 4 bytes.
 
     Held counts every local buffer (dummy slots included); used counts what the role reads:
     attention devices their real head slots, expert devices their experts and the router, both
-    the embedding, the output head and their own norm. `activation_bytes` (the compiled step's
-    temporary buffers, the same program on every device) is reported beside them.
+    the embedding, the output head and their own norm.
     """
     lay = self.layout
-    abstract = jax.eval_shape(lambda: self.from_reference(_reference_params(self.config)))
+    abstract = jax.eval_shape(lambda: self.from_reference(base._reference_params(self.config)))
     specs = self.param_specs(abstract)
     counts = lay.head_counts()
-    rows = []
+    out = []
     for device in range(lay.n_devices):
       is_attn = device < lay.n_attn
       held = used = 0
       for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name = jax.tree_util.keystr(path)
         spec = _get(specs, path)
-        local = leaf.size * leaf.dtype.itemsize // (lay.n_devices if spec != P() else 1)
+        size = itemsize or leaf.dtype.itemsize
+        local = leaf.size * size // (lay.n_devices if spec != P() else 1)
         held += local
         if "'attn'" in name:
           used += local * int(counts[device]) // lay.head_slots if is_attn else 0
@@ -328,16 +322,49 @@ class MASeparation(base.Strategy):
           used += local if is_attn else 0
         else:  # embedding, final norm, output head: every device
           used += local
+      out.append((held, used))
+    return out
+
+  def memory_rows(self, activation_bytes: int | None = None) -> list[dict]:
+    """Bytes per device: parameters and AdamW moments held vs used by the device's role.
+
+    `activation_bytes` (the compiled step's temporary buffers, the same program on every
+    device) is reported beside them.
+    """
+    rows = []
+    for device, (held, used) in enumerate(self._param_bytes()):
       # State = parameters + AdamW's two moments, all float32 and sharded alike.
       rows.append(
         {
           'device': device,
-          'role': 'attention' if is_attn else 'expert',
+          'role': 'attention' if device < self.layout.n_attn else 'expert',
           'state_held': 3 * held,
           'state_used': 3 * used,
           'efficiency': used / held,
           'activations': activation_bytes,
         }
+      )
+    return rows
+
+  def decode_memory_rows(self, context):
+    """Generation's weights (compute dtype) and KV cache per device, held vs used by role.
+
+    The cache is sharded over every device's head slots like wq, so an expert device holds a
+    dummy cache of head_slots heads that it never reads (one SPMD program: same-shaped buffers).
+    """
+    lay, m = self.layout, self.config.model
+    itemsize = jnp.dtype(m.compute_dtype).itemsize
+    per_head = 2 * m.num_layers * self.config.data.batch_size * context * m.head_dim * itemsize
+    counts = lay.head_counts()
+    rows = []
+    for device, (held, used) in enumerate(self._param_bytes(itemsize)):
+      rows.append(
+        base.decode_memory_row(
+          device,
+          'attention' if device < lay.n_attn else 'expert',
+          (held, used),
+          (per_head * lay.head_slots, per_head * int(counts[device])),
+        )
       )
     return rows
 
