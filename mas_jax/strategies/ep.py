@@ -10,6 +10,10 @@ brings the outputs back for the combine. Loss sums and routing statistics are ps
 axes; replicated weights get their gradient all-reduce from the transpose of their implicit
 broadcast, as in `dp`.
 
+Generation places the sequences and their KV cache the same way (each device the cache of its
+sequences, all heads) and runs the same blocks on the new tokens; the MoE keeps its two
+all_to_all with dropless capacity C = T, the new tokens of a sequence.
+
 Dims: G groups (sequences) per device, S tokens, D d_model, E experts, C capacity, F expert hidden.
 """
 
@@ -101,6 +105,48 @@ def ep_moe_ffn(
   return y, stats
 
 
+def ep_block(
+  cfg: ModelConfig,
+  x: jax.Array,
+  p: dict,
+  cap: int,
+  dropout_key: jax.Array | None,
+  offset,
+  cache: tuple | None = None,
+) -> tuple[jax.Array, dict, tuple | None]:
+  """One pre-norm block on this device's sequences x[G, T, D]: (x, routing stats, new (k, v)).
+
+  Attention runs locally on all heads (replicated weights); the MoE is `ep_moe_ffn`.
+
+  Args:
+    cfg, cap, dropout_key, offset: as in `ep_moe_ffn`.
+    x: this device's sequences [G, T, D].
+    p: one layer's parameters (this device's experts).
+    cache: None in training (causal over x's T positions), or in generation
+      (k_cache, v_cache, start): this layer's cache [G, S, N, H] of x's sequences and start[G]
+      of the new tokens x (None: prefill from position 0; the cache is not read).
+
+  Returns:
+    x, the routing statistics, and with a cache the new tokens' keys and values [G, T, N, H].
+  """
+  with jax.named_scope('attention'):
+    h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
+    if cache is None:
+      positions = jnp.arange(x.shape[1])
+      out = attn_lib.attention(
+        h, p['attn'], positions, cfg.rope_base, implementation=cfg.attention_implementation
+      )
+      kv = None
+    else:
+      out, k, v = attn_lib.attention_cached(h, p['attn'], *cache, cfg.rope_base)
+      kv = (k, v)
+    x = x + out
+  with jax.named_scope('moe'):
+    h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
+    y, stats = ep_moe_ffn(cfg, h, p['moe'], cap, dropout_key, offset)
+  return x + y, stats, kv
+
+
 class ExpertParallel(base.Strategy):
   """Experts split over 'expert', everything else data parallel over all devices."""
 
@@ -158,19 +204,6 @@ class ExpertParallel(base.Strategy):
       cfg.data.seq_len, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, mcfg.dropless
     )
 
-    def block(x, p, key, row_offset):
-      # x: f32[G, S, D] this device's sequences; p: one layer, local experts.
-      positions = jnp.arange(x.shape[1])
-      with jax.named_scope('attention'):
-        h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
-        x = x + attn_lib.attention(
-          h, p['attn'], positions, mcfg.rope_base, implementation=mcfg.attention_implementation
-        )
-      with jax.named_scope('moe'):
-        h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
-        y, stats = ep_moe_ffn(mcfg, h, p['moe'], cap, key, row_offset)
-      return x + y, stats
-
     def local_loss(params, batch_local, key):
       # batch_local: i32[B/n, T+1]; device (d, e) holds sequences (d*ep + e) * B/n onwards, so
       # the 'expert' row d holds ep * B/n consecutive sequences from row_offset.
@@ -182,8 +215,10 @@ class ExpertParallel(base.Strategy):
 
       @functools.partial(model_lib.remat, cfg=mcfg)
       def body(x, layer):
+        # x: f32[G, S, D] this device's sequences; layer: one layer, local experts.
         p, k = layer
-        return block(x, p, k, row_offset)
+        x, stats, _ = ep_block(mcfg, x, p, cap, k, row_offset)
+        return x, stats
 
       x, stats = lax.scan(body, x, (params['blocks'], keys))
       stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
@@ -200,3 +235,47 @@ class ExpertParallel(base.Strategy):
       in_specs=(self.param_specs(params), self.batch_spec(), P()),
       out_specs=(P(), P()),
     )(params, batch, dropout_key)
+
+  # -------------------------------------------------------------------------------------------
+  # Generation: each device its own sequences and their KV cache, the experts through all_to_all.
+  # -------------------------------------------------------------------------------------------
+
+  def decode_batch_multiple(self):
+    return len(self.devices)
+
+  def cache_spec(self):
+    return P(None, (DATA_AXIS, EXPERT_AXIS))  # [L, B, S, N, H]: the cache of its sequences
+
+  def forward_cached(self, params, cache, tokens, start):
+    """Prefill or decode step; groups are sequences, dropless (C = T new tokens per sequence)."""
+    mcfg, n = self.config.model, len(self.devices)
+    b, t = tokens.shape
+    if b % n:
+      raise ConfigError(
+        f'decode batch {b} does not divide over devices (data x expert)={n} (pad it to a '
+        f'multiple of {n}, as mas_jax.decode.Generator does)'
+      )
+    cap = moe_lib.capacity(t, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, dropless=True)
+    dtype = jnp.dtype(mcfg.compute_dtype)
+
+    def local_forward(params, cache, tokens, start):
+      # tokens: i32[B/n, T], start: i32[B/n] or None; cache: [L, B/n, S, N, H].
+      x = params['embed'][tokens].astype(dtype)  # [G, T, D]
+      for layer in range(mcfg.num_layers):  # unrolled: a static layer index updates in place
+        p = jax.tree.map(lambda a, i=layer: a[i], params['blocks'])
+        layer_cache = (cache['k'][layer], cache['v'][layer], start)
+        x, _, (k, v) = ep_block(mcfg, x, p, cap, None, 0, layer_cache)
+        cache = {
+          'k': attn_lib.write_cache(cache['k'], layer, k, start),
+          'v': attn_lib.write_cache(cache['v'], layer, v, start),
+        }
+      return model_lib.head_logits(params, x), cache
+
+    rows = P((DATA_AXIS, EXPERT_AXIS))
+    cache_specs = {'k': self.cache_spec(), 'v': self.cache_spec()}
+    return jax.shard_map(
+      local_forward,
+      mesh=self.mesh,
+      in_specs=(self.param_specs(params), cache_specs, rows, rows),
+      out_specs=(rows, cache_specs),
+    )(params, cache, tokens, start)

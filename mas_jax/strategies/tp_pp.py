@@ -16,6 +16,11 @@ and `ppermute`s its output to stage s + 1. Autodiff turns the scan around into t
 ticks, so forward and backward follow the GPipe schedule, with bubble (pp - 1) / (M + pp - 1).
 Ticks outside a stage's micro-batches compute on zeros and are masked out of the sums.
 
+Generation runs the same ticks (`gpipe`, `tp_block`) on the new tokens, with the KV cache
+[L, B, S, N, H] split like the weights (layers by stage, heads by tp) as the ticks' carried
+state: in its tick a stage reads and writes the cache rows of its micro-batch, and writes nothing
+on the other ticks. The head runs on the last stage; a psum over 'pipe' replicates the logits.
+
 Dims: M micro-batches, G sequences per micro-batch, S tokens, D d_model, N heads, H head_dim,
 E experts, C capacity, F expert hidden, V vocab.
 """
@@ -45,13 +50,31 @@ def _vary(x: jax.Array, axis: str) -> jax.Array:
   return lax.pcast(x, (axis,), to='varying')
 
 
-def tp_attention(cfg: ModelConfig, x: jax.Array, p: dict) -> jax.Array:
-  """Attention of normed x[G, S, D] on this device's heads; -> [G, S, D] summed over 'tensor'."""
-  positions = jnp.arange(x.shape[1])
-  q, k, v = attn_lib.qkv_projection(x, p['wq'], p['wk'], p['wv'], positions, cfg.rope_base)
-  o = attn_lib.causal_attention(q, k, v, cfg.attention_implementation)  # [G, S, N/tp, H]
-  out = attn_lib.output_projection(o, p['wo'])  # [G, S, D]{U_tensor}
-  return lax.psum(out, TENSOR_AXIS)  # out[G,S,D]{U_tensor} -> out[G,S,D]
+def tp_attention(
+  cfg: ModelConfig, x: jax.Array, p: dict, cache: tuple | None = None
+) -> tuple[jax.Array, tuple | None]:
+  """Attention of normed x[G, T, D] on this device's heads, summed over 'tensor'.
+
+  Args:
+    cfg: model config.
+    x: normed tokens [G, T, D] (the same on the tp devices of a stage).
+    p: {'wq', 'wk', 'wv': [D, N/tp, H], 'wo': [N/tp, H, D]}.
+    cache: None in training (causal over x's T positions), or in generation
+      (k_cache, v_cache, start): this layer's cache rows [G, S, N/tp, H] of x's sequences and
+      start[G] of the new tokens x (None: prefill from position 0; the cache is not read).
+
+  Returns:
+    out[G, T, D], and the new tokens' keys and values [G, T, N/tp, H] with a cache (else None).
+  """
+  if cache is None:
+    positions = jnp.arange(x.shape[1])
+    q, k, v = attn_lib.qkv_projection(x, p['wq'], p['wk'], p['wv'], positions, cfg.rope_base)
+    o = attn_lib.causal_attention(q, k, v, cfg.attention_implementation)  # [G, T, N/tp, H]
+    out, kv = attn_lib.output_projection(o, p['wo']), None  # [G, T, D]{U_tensor}
+  else:
+    out, k, v = attn_lib.attention_cached(x, p, *cache, cfg.rope_base)  # [G, T, D]{U_tensor}
+    kv = (k, v)
+  return lax.psum(out, TENSOR_AXIS), kv  # out[G,T,D]{U_tensor} -> out[G,T,D]
 
 
 def tp_moe_ffn(
@@ -94,6 +117,96 @@ def tp_moe_ffn(
     y = moe_lib.combine(ye, route['experts'], pos, route['gates'])  # [G, S, D]{U_tensor}
     y = lax.psum(y, TENSOR_AXIS)  # y[G,S,D]{U_tensor} -> y[G,S,D]
   return y, stats
+
+
+def tp_block(
+  cfg: ModelConfig,
+  x: jax.Array,
+  p: dict,
+  cap: int,
+  dropout_key: jax.Array | None,
+  group_offset,
+  cache: tuple | None = None,
+) -> tuple[jax.Array, dict, tuple | None]:
+  """One pre-norm block of a stage on x[G, T, D]: (x, routing stats, new (k, v) or None).
+
+  `cache` is `tp_attention`'s: None in training, this layer's cache rows in generation.
+  """
+  with jax.named_scope('attention'):
+    out, kv = tp_attention(cfg, attn_lib.rms_norm(x, p['attn_norm']['scale']), p['attn'], cache)
+    x = x + out
+  with jax.named_scope('moe'):
+    h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
+    y, stats = tp_moe_ffn(cfg, h, p['moe'], cap, dropout_key, group_offset)
+  return x + y, stats, kv
+
+
+def gpipe(stage_input, stage_fn, state, buf: jax.Array, num_microbatches: int):
+  """The GPipe forward schedule over 'pipe': M + pp - 1 ticks, in tick t stage s runs m = t - s.
+
+  Every device runs every tick (the ppermute is collective); a stage outside its micro-batches
+  computes on whatever it holds and `stage_fn` must mask what it keeps (`valid` is False).
+
+  Args:
+    stage_input: i -> stage 0's input of micro-batch i, shaped like buf.
+    stage_fn: (x, m, valid, state) -> (y, state, out): this stage's layers on micro-batch m.
+    state: carried from tick to tick (the KV cache in generation, None in training).
+    buf: zeros like one micro-batch's activations [G, T, D], varying over 'pipe'.
+    num_microbatches: M.
+
+  Returns:
+    ys[M + pp - 1, G, T, D] (on the last stage ys[pp - 1:] are micro-batches 0..M-1 in order),
+    the outs of every tick stacked the same way, and the final state.
+  """
+  pp, mb = lax.axis_size(PIPE_AXIS), num_microbatches
+  stage = lax.axis_index(PIPE_AXIS)
+
+  def tick(carry, t):
+    buf, state = carry  # buf: what the previous stage sent in the last tick
+    with jax.named_scope('stage'):
+      m = t - stage  # this stage's micro-batch in tick t
+      valid = (m >= 0) & (m < mb)
+      m = jnp.clip(m, 0, mb - 1)
+      x = jnp.where(stage == 0, stage_input(jnp.clip(t, 0, mb - 1)), buf)
+      y, state, out = stage_fn(x, m, valid, state)
+    with jax.named_scope('send'):
+      if pp > 1:
+        # y[G,T,D] of stage s -> stage s+1; stage 0 receives zeros.
+        nxt = lax.ppermute(y, PIPE_AXIS, [(s, s + 1) for s in range(pp - 1)])
+      else:
+        nxt = y
+    return (nxt, state), (y, out)
+
+  (_, state), (ys, outs) = lax.scan(tick, (buf, state), jnp.arange(mb + pp - 1))
+  return ys, outs, state
+
+
+def on_last_stage(fn, zeros: jax.Array, *operands):
+  """fn(*operands) on the last stage, `zeros` elsewhere; the caller psums over 'pipe'.
+
+  A per-device cond runs fn only where it is needed; its operands are cast to varying over
+  'pipe' beforehand, so that no collective (e.g. the transpose of an implicit pcast, a gradient
+  psum) lands inside the cond. fn must hold no collective.
+  """
+  operands = jax.tree.map(lambda a: _vary(a, PIPE_AXIS), operands)
+  is_last = lax.axis_index(PIPE_AXIS) == lax.axis_size(PIPE_AXIS) - 1
+  return lax.cond(is_last, fn, lambda *_: _vary(zeros, PIPE_AXIS), *operands)
+
+
+def _write_rows(
+  cache: jax.Array, layer: int, row0, new: jax.Array, start: jax.Array | None, valid
+) -> jax.Array:
+  """cache[L, B, S, N, H] with new[G, T, N, H] written into rows row0.. at start[g] (None: 0).
+
+  On an invalid tick the rows point past B and the scatter drops them: nothing is written and
+  nothing is copied.
+  """
+  g, t = new.shape[:2]
+  rows = jnp.where(valid, row0 + jnp.arange(g), cache.shape[1])[:, None]  # [G, 1]
+  pos = jnp.arange(t)[None, :]  # [1, T]
+  if start is not None:
+    pos = start[:, None] + pos  # [G, T]
+  return cache.at[layer, rows, pos].set(new.astype(cache.dtype), mode='drop')
 
 
 class TensorPipeline(base.Strategy):
@@ -175,19 +288,14 @@ class TensorPipeline(base.Strategy):
       cfg.data.seq_len, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, mcfg.dropless
     )
 
-    def block(x, layer, group_offset):
-      # x: f32[G, S, D], the same on the stage's tp devices; layer: one layer's local params.
-      p, key = layer
-      with jax.named_scope('attention'):
-        x = x + tp_attention(mcfg, attn_lib.rms_norm(x, p['attn_norm']['scale']), p['attn'])
-      with jax.named_scope('moe'):
-        h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
-        y, stats = tp_moe_ffn(mcfg, h, p['moe'], cap, key, group_offset)
-      return x + y, stats
-
     def stage_forward(blocks_local, keys_local, x, group_offset):
-      body = model_lib.remat(lambda x, layer: block(x, layer, group_offset), mcfg)
-      x, stats = lax.scan(body, x, (blocks_local, keys_local))
+      # x: f32[G, S, D], the same on the stage's tp devices; blocks_local: this stage's layers.
+      def block(x, layer):
+        p, key = layer
+        x, stats, _ = tp_block(mcfg, x, p, cap, key, group_offset)
+        return x, stats
+
+      x, stats = lax.scan(model_lib.remat(block, mcfg), x, (blocks_local, keys_local))
       return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
 
     def head(x, head_params, targets):
@@ -206,42 +314,18 @@ class TensorPipeline(base.Strategy):
         layer_ids = stage * layers_local + jnp.arange(layers_local)
         keys_local = jax.vmap(lambda i: jax.random.fold_in(key, i))(layer_ids)  # = layer_keys
 
-      def tick(buf, t):
-        # buf: f32[G, S, D], what the previous stage sent in the last tick.
-        with jax.named_scope('stage'):
-          m = t - stage  # this stage's micro-batch in tick t
-          valid = (m >= 0) & (m < mb)
-          m = jnp.clip(m, 0, mb - 1)
-          x_in = params['embed'][inputs[jnp.clip(t, 0, mb - 1)]].astype(dtype)  # [G, S, D]
-          x = jnp.where(stage == 0, x_in, buf)
-          y, stats = stage_forward(params['blocks'], keys_local, x, m * group)
-          stats = jax.tree.map(lambda s: jnp.where(valid, s, 0.0), stats)
-        with jax.named_scope('send'):
-          if pp > 1:
-            # y[G,S,D] of stage s -> stage s+1; stage 0 receives zeros.
-            nxt = lax.ppermute(y, PIPE_AXIS, [(s, s + 1) for s in range(pp - 1)])
-          else:
-            nxt = y
-        return nxt, (y, stats)
+      def stage_fn(x, m, valid, state):
+        y, stats = stage_forward(params['blocks'], keys_local, x, m * group)
+        return y, state, jax.tree.map(lambda s: jnp.where(valid, s, 0.0), stats)
 
+      embed = lambda i: params['embed'][inputs[i]].astype(dtype)  # [G, S, D]
       buf = _vary(jnp.zeros((group, cfg.data.seq_len, mcfg.d_model), dtype), PIPE_AXIS)
-      _, (ys, stats) = lax.scan(tick, buf, jnp.arange(mb + pp - 1))
+      ys, stats, _ = gpipe(embed, stage_fn, None, buf, mb)
       stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
       with jax.named_scope('head'):
-        # Only the last stage runs the head; cond operands are cast to varying beforehand, so
-        # the gradient psum of the replicated head parameters happens outside the cond.
-        operands = (
-          ys[pp - 1 :],
-          {'final_norm': params['final_norm'], 'unembed': params['unembed']},
-          targets,
-        )
-        operands = jax.tree.map(lambda a: _vary(a, PIPE_AXIS), operands)
-        ce_sum = lax.cond(
-          stage == pp - 1,
-          head,
-          lambda *_: _vary(jnp.zeros((), jnp.float32), PIPE_AXIS),
-          *operands,
-        )
+        # The gradient psum of the replicated head parameters happens outside the cond.
+        head_params = {'final_norm': params['final_norm'], 'unembed': params['unembed']}
+        ce_sum = on_last_stage(head, jnp.zeros((), jnp.float32), ys[pp - 1 :], head_params, targets)
       # sums[..]{U_pipe} -> sums[..]: the head's cross entropy and every stage's layer statistics.
       ce_sum, stats = lax.psum((ce_sum, stats), PIPE_AXIS)
       return base.finalize(cfg, ce_sum, stats)
@@ -252,3 +336,74 @@ class TensorPipeline(base.Strategy):
       in_specs=(self.param_specs(params), self.batch_spec(), P()),
       out_specs=(P(), P()),
     )(params, batch, dropout_key)
+
+  # -------------------------------------------------------------------------------------------
+  # Generation: the training pipeline with the KV cache as the ticks' carried state.
+  # -------------------------------------------------------------------------------------------
+
+  def decode_batch_multiple(self):
+    return self.config.parallel.num_microbatches
+
+  def cache_spec(self):
+    # [L, B, S, N, H]: each stage the cache of its layers, each tp device that of its heads.
+    return P(PIPE_AXIS, None, None, TENSOR_AXIS, None)
+
+  def forward_cached(self, params, cache, tokens, start):
+    """Prefill or decode step through the pipeline; logits[B, T, V] come out replicated.
+
+    Micro-batch m is rows m*B/M .. (m+1)*B/M - 1 of the batch; in its tick a stage reads those
+    rows of its layers' cache and writes the new keys and values into them.
+    """
+    mcfg = self.config.model
+    pp, mb = self.config.parallel.pp, self.config.parallel.num_microbatches
+    b, t = tokens.shape
+    if b % mb:
+      raise ConfigError(
+        f'decode batch {b} does not divide into parallel.num_microbatches={mb} (pad it to a '
+        f'multiple of {self.decode_batch_multiple()}, as mas_jax.decode.Generator does)'
+      )
+    group = b // mb  # sequences per micro-batch
+    dtype = jnp.dtype(mcfg.compute_dtype)
+    # Dropless: one slot per new token of a sequence and expert.
+    cap = moe_lib.capacity(t, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, dropless=True)
+
+    def local_forward(params, cache, tokens, start):
+      # tokens: i32[B, T], start: i32[B] or None (replicated); cache: [L/pp, B, S, N/tp, H].
+      tokens = tokens.reshape(mb, group, t)
+      starts = None if start is None else start.reshape(mb, group)
+
+      def stage_fn(x, m, valid, cache):
+        row0 = m * group
+        s_m = None if starts is None else starts[m]  # [G]
+        for layer in range(mcfg.num_layers // pp):
+          p = jax.tree.map(lambda a, i=layer: a[i], params['blocks'])
+          rows = (None, None)  # prefill reads no cache
+          if s_m is not None:
+            rows = tuple(
+              lax.dynamic_slice_in_dim(cache[n][layer], row0, group, axis=0) for n in 'kv'
+            )  # [G, S, N/tp, H] each
+          x, _, (k, v) = tp_block(mcfg, x, p, cap, None, 0, (*rows, s_m))
+          cache = {
+            'k': _write_rows(cache['k'], layer, row0, k, s_m, valid),
+            'v': _write_rows(cache['v'], layer, row0, v, s_m, valid),
+          }
+        return x, cache, None
+
+      embed = lambda i: params['embed'][tokens[i]].astype(dtype)  # [G, T, D]
+      buf = _vary(jnp.zeros((group, t, mcfg.d_model), dtype), PIPE_AXIS)
+      ys, _, cache = gpipe(embed, stage_fn, cache, buf, mb)
+      with jax.named_scope('head'):
+        head_params = {'final_norm': params['final_norm'], 'unembed': params['unembed']}
+        zeros = jnp.zeros((mb, group, t, mcfg.vocab_size), jnp.float32)
+        logits = on_last_stage(model_lib.head_logits, zeros, head_params, ys[pp - 1 :])
+      # logits[M,G,T,V]{U_pipe} -> logits[M,G,T,V]: the last stage's logits to every device.
+      logits = lax.psum(logits, PIPE_AXIS)
+      return logits.reshape(b, t, mcfg.vocab_size), cache
+
+    cache_specs = {'k': self.cache_spec(), 'v': self.cache_spec()}
+    return jax.shard_map(
+      local_forward,
+      mesh=self.mesh,
+      in_specs=(self.param_specs(params), cache_specs, P(), P()),
+      out_specs=(P(), cache_specs),
+    )(params, cache, tokens, start)
