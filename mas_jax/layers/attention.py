@@ -120,8 +120,14 @@ def cached_attention(
 
   Query t of sequence b sees cache entries s < cache_len[b] and new keys u <= t. Decode is T = 1
   (one new token per sequence, at position cache_len[b]); prefill of a prompt from position 0
-  passes no cache. Scores and softmax in float32; the result equals `causal_attention` over the
-  concatenated sequence.
+  passes no cache. Scores and softmax in float32 (with a cache, the weighted sum of values too);
+  the result equals `causal_attention` over the concatenated sequence.
+
+  With a cache, its terms are written as multiply + reduce over the cache in its own
+  [B, S, N, H] layout (one pass each). Written as einsums (batched matmuls with batch dims B and
+  N on either side of S), XLA's GPU compiler chose per shape between that same rewrite and a
+  matmul path: on one H100 the decode step of 8 heads at batch 24 ran 2.8x slower that way
+  (bench/decode.py, section "variants"; docs/benchmarks/nvidia_h100_80gb_hbm3_decode.md).
 
   Args:
     q, k, v: the new tokens' queries, keys and values [B, T, N, H].
@@ -132,21 +138,24 @@ def cached_attention(
     [B, T, N, H] in q's dtype.
   """
   t = q.shape[1]
-  scale = q.shape[-1] ** -0.5
   f32 = jnp.float32
-  scores = jnp.einsum('BTNH,BUNH->BNTU', q, k, preferred_element_type=f32) * scale
   causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [T, U]
-  scores = jnp.where(causal[None, None], scores, -jnp.inf)
-  if k_cache is not None:
-    past = jnp.einsum('BTNH,BSNH->BNTS', q, k_cache, preferred_element_type=f32) * scale
-    filled = jnp.arange(k_cache.shape[1])[None, :] < cache_len[:, None]  # [B, S]
-    past = jnp.where(filled[:, None, None, :], past, -jnp.inf)
-    scores = jnp.concatenate([past, scores], axis=-1)  # [B, N, T, S + T]
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  out = jnp.einsum('BNTU,BUNH->BTNH', probs[..., -t:], v)
-  if k_cache is not None:
-    out = out + jnp.einsum('BNTS,BSNH->BTNH', probs[..., :-t], v_cache)
-  return out
+  if k_cache is None:  # prefill: batched matmuls over the new tokens only
+    scores = jnp.einsum('BTNH,BUNH->BNTU', q, k, preferred_element_type=f32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(causal[None, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum('BNTU,BUNH->BTNH', probs.astype(q.dtype), v)
+  q32 = q.astype(f32) * q.shape[-1] ** -0.5
+  new = jnp.einsum('BTNH,BUNH->BTUN', q32, k.astype(f32))
+  new = jnp.where(causal[None, :, :, None], new, -jnp.inf)  # [B, T, U, N]
+  past = jnp.sum(q32[:, :, None] * k_cache[:, None].astype(f32), axis=-1)  # [B, T, S, N]
+  filled = jnp.arange(k_cache.shape[1])[None, :] < cache_len[:, None]  # [B, S]
+  past = jnp.where(filled[:, None, :, None], past, -jnp.inf)
+  top = jnp.maximum(jnp.max(new, axis=2), jnp.max(past, axis=2))[:, :, None]  # [B, T, 1, N]
+  p_new, p_past = jnp.exp(new - top), jnp.exp(past - top)  # masked entries: exactly 0
+  total = jnp.sum(p_new, axis=2) + jnp.sum(p_past, axis=2)  # [B, T, N]
+  out = jnp.einsum('BTUN,BUNH->BTNH', p_new, v.astype(f32))
+  out = out + jnp.sum(p_past[..., None] * v_cache[:, None].astype(f32), axis=2)
+  return (out / total[..., None]).astype(q.dtype)
 
 
 def write_cache(cache: jax.Array, layer: int, new: jax.Array, start: jax.Array | None) -> jax.Array:
