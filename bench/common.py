@@ -9,6 +9,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import paper
@@ -91,3 +92,36 @@ def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
     else (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 1e9,
     'strategy': strategy,
   }
+
+
+def time_chain(step, states: list, calls: int, repeats: int = 5, warmup: int = 1):
+  """Median over `repeats` of the mean seconds per call of `calls` chained calls.
+
+  Each call is `state = step(state)`, dispatched without waiting for the previous one (the way a
+  decode loop runs), so the host's dispatch overlaps the device's work and small steps are timed
+  by the device. Calls rotate over `states` (several input sets, so that repeated calls do not
+  read their data from the L2 cache); a donated state is replaced by the step's output.
+  Returns (seconds per call, the final states).
+  """
+  states = list(states)
+
+  def run(n):
+    for i in range(n):
+      states[i % len(states)] = step(states[i % len(states)])
+    jax.block_until_ready(states)
+
+  run(max(warmup * len(states), 1))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(calls)
+    times.append((time.perf_counter() - start) / calls)
+  return statistics.median(times), states
+
+
+def hbm_copy_gbps(elems: int, calls: int = 20) -> float:
+  """HBM bandwidth of a float32 elementwise copy (v * 2) of `elems` values, bytes read + written,
+  timed as a chain of calls (`time_chain`): the ceiling a memory-bound kernel is held against."""
+  x = jax.random.normal(jax.random.key(0), (elems,), jnp.float32)
+  t, _ = time_chain(jax.jit(lambda v: v * -1.0), [x], calls, warmup=5)
+  return 2 * elems * 4 / t / 1e9

@@ -43,3 +43,35 @@ def test_multi_gpu_bench_smoke(tmp_path):
   # Same model, batch, seed and number of steps: every strategy reaches the same loss.
   assert max(losses) - min(losses) < 1e-4 * abs(losses[0])
   assert all(r['step_s'] > 0 and 'predicted' in r for r in result['rows'])
+
+
+@pytest.mark.timeout(300)
+def test_decode_bench_smoke(tmp_path, monkeypatch):
+  """bench/decode.py: every section at tiny shapes, in two runs merged into one result."""
+  import decode
+
+  out = str(tmp_path)
+  monkeypatch.setattr(sys, 'argv', ['decode.py', '--smoke', '--out', out, '--sections=experts'])
+  decode.main()
+  first = tmp_path / 'cpu_smoke_decode.json'
+  sections = '--sections=variants,attention,gmm,model'
+  argv = ['decode.py', '--smoke', '--out', out, sections, '--merge', str(first)]
+  monkeypatch.setattr(sys, 'argv', argv)
+  decode.main()
+  result = json.loads(first.read_text())
+  assert len(result['runs']) == 2 and all(
+    r['ceilings']['hbm_copy_gbps'] > 0 for r in result['runs']
+  )
+  # Every cached-attention variant computes the same function.
+  assert max(result['variant_check'].values()) < 1e-5
+  assert all(r['time_s'] > 0 and r['ceiling_gbps'] > 0 for r in result['attention'])
+  assert {r['impl'] for r in result['experts']} >= {'auto', 'einsum_seq', 'einsum_pad'}
+  assert all(r['pairs'] >= 1 and r['gbps'] > 0 for r in result['experts'])
+  assert {r['matmul'] for r in result['gmm']} == {'w_in', 'w_out'}
+  assert all(r['tpot_s'] > 0 for r in result['model']['rows'])
+  calibration = json.loads((tmp_path / 'cpu_smoke_decode_calibration.json').read_text())
+  assert {e['mode'] for e in calibration['kernels']['attention']} == {'decode'}
+  assert calibration['kernels']['expert_ffn'] and all(
+    e['dropless'] for e in calibration['kernels']['expert_ffn']
+  )
+  assert (tmp_path / 'cpu_smoke_decode.md').read_text().startswith('# Decode')
