@@ -51,10 +51,14 @@ Calibration JSON (written by a GPU benchmark; every field optional):
   (the time includes whatever padding the kernel computes; bench/gpu_bench.py writes it so).
   Entries may also give "d_model", "head_dim", "expert_hidden" (local width) or "dropless"
   (expert_ffn: the routing the timing is for; the bench writes the capacity einsum and the grouped
-  kernel apart); entries that disagree with the model are ignored. Timings are used for an exact
-  match, or fitted linearly (time = k1 * x + k2, as MegaScale-Infer does) through the two nearest
-  entries in batch / tokens with the other keys equal; with a single such entry, in proportion to
-  batch / tokens (k2 = 0: these kernels are large enough for their launch cost not to count).
+  kernel apart); entries that disagree with the model are ignored. Decode looks up dropless
+  timings whatever the model's routing, since generation is always dropless. bench/decode.py
+  writes decode entries: attention = norm + cached attention over `seq` keys + the cache write,
+  per layer; expert_ffn = the decode path's grouped kernel on `tokens` routed pairs.
+  Timings are used for an exact match, or fitted linearly (time = k1 * x + k2, as MegaScale-Infer
+  does) through the two nearest entries in batch / tokens with the other keys equal; with a
+  single such entry, in proportion to batch / tokens (k2 = 0: these kernels are large enough for
+  their launch cost not to count).
   Everything else stays modelled, and predictions list which terms were measured.
 """
 
@@ -477,10 +481,21 @@ class Calibration:
     optional = {'d_model': m.d_model, 'head_dim': m.head_dim}
     return _lookup(self.attention, required, optional, 'batch', batch)
 
-  def expert_time(self, m: ModelSpec, local_experts: float, tokens: float, hidden: int):
-    """Measured forward time of one layer's local experts on one device, or None."""
+  def expert_time(
+    self,
+    m: ModelSpec,
+    local_experts: float,
+    tokens: float,
+    hidden: int,
+    dropless: bool | None = None,
+  ):
+    """Measured forward time of one layer's local experts on one device, or None.
+
+    `dropless` is the routing to look up (default: the model's); decode passes True.
+    """
+    dropless = m.dropless if dropless is None else dropless
     required = {'local_experts': local_experts}
-    optional = {'d_model': m.d_model, 'expert_hidden': hidden, 'dropless': m.dropless}
+    optional = {'d_model': m.d_model, 'expert_hidden': hidden, 'dropless': dropless}
     return _lookup(self.expert_ffn, required, optional, 'tokens', tokens)
 
 
@@ -602,8 +617,10 @@ class _Kernels:
       active * m.n_mat * m.d_model * hidden * m.act_bytes + pairs * 2 * m.d_model * m.act_bytes
     )
     # Calibration is keyed by routed pairs before capacity padding (see the module docstring).
+    # Generation is always dropless (mas_jax/decode.py), whatever the model trained with.
     routed = pairs / m.capacity if w.mode == 'train' else pairs
-    measured = self.cal.expert_time(m, local, routed, hidden) if self.cal else None
+    dropless = m.dropless or w.mode == 'decode'
+    measured = self.cal.expert_time(m, local, routed, hidden, dropless) if self.cal else None
     if measured is not None:
       return measured, 'measured', True
     return (*roofline(flops, nbytes, self.hw, m.compute_dtype), False)

@@ -11,10 +11,16 @@ Compare the one-device training step with a GPU benchmark's measured train steps
 Reproduce the AFD paper's roofline and penalties, or check the seed paper's claims:
   python -m mas_jax.plan --reproduce=afd
   python -m mas_jax.plan --reproduce=seed
+The seed's decode table on 16 A100s (roofline) and 16 H100s (with a decode calibration of
+bench/decode.py), and the one-GPU decode step predicted vs measured:
+  python -m mas_jax.plan --reproduce=decode \
+    --calibration=docs/benchmarks/nvidia_h100_80gb_hbm3_decode_calibration.json \
+    --measured=docs/benchmarks/nvidia_h100_80gb_hbm3_decode.json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -43,7 +49,12 @@ _TOP = flags.DEFINE_integer('top', 25, 'Rows of the ranked table.')
 _MEASURED = flags.DEFINE_string(
   'measured', None, 'Bench JSON (bench/gpu_bench.py): predicted vs measured train steps.'
 )
-_REPRODUCE = flags.DEFINE_enum('reproduce', None, ['afd', 'seed'], 'Print a paper reproduction.')
+_REPRODUCE = flags.DEFINE_enum(
+  'reproduce',
+  None,
+  ['afd', 'seed', 'decode'],
+  "Print a paper reproduction ('decode': the seed's decode table on A100 and H100).",
+)
 
 # The seed's cluster: 4 nodes of 4 A100 80GB, NVLink 3 (600 GB/s total), InfiniBand HDR 200 Gb/s.
 SEED_HW = {'gpus_per_node': 4, 'scale_up_bw': 300e9, 'scale_out_bw': 25e9}
@@ -499,6 +510,121 @@ def _seed_verdicts(m: pm.ModelSpec, hw: pm.Hardware, r) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The seed's decode table.
+
+DECODE_BATCHES = (24, 256)
+
+
+def decode_hardware(cal) -> list[tuple[str, pm.Hardware, pm.Calibration | None]]:
+  """The 16-GPU machines of the decode table: the seed's A100 cluster read two ways (roofline at
+  datasheet peaks), the H100 preset (2 nodes of 8) at datasheet peaks and, with a calibration,
+  with its measured rates and kernel timings."""
+  a100 = pm.load_hardware('a100_80g', SEED_HW)
+  out = [
+    ('16 x A100, 4/node, HDR per GPU (roofline)', a100, None),
+    (
+      '16 x A100, 4/node, HDR per node (roofline)',
+      dataclasses.replace(a100, scale_out_bw=6.25e9),
+      None,
+    ),
+    ('16 x H100, 8/node (roofline)', pm.HARDWARE['h100'], None),
+  ]
+  if cal:
+    hw, _ = cal.apply(pm.HARDWARE['h100'], 'bfloat16')
+    out.append((f'16 x H100, 8/node, calibrated ({cal.device})', hw, cal))
+  return out
+
+
+def decode_predictions(m: pm.ModelSpec, hw, cal, batch: int, context: int) -> list:
+  """(label, prediction) of TP8xPP2 (M=1 and its best M), ma_sep 12:4 (best M), the best ma_sep
+  split and the best placement of all, for `batch` sequences at `context`."""
+  w = pm.Workload('decode', batch, context)
+  preds = pm.plan(m, hw, w, 16, cal)
+  tp_best = next(p for p in preds if p.strategy == 'tp_pp' and p.split == 'tp8xpp2')
+  return [
+    ('TP8xPP2, one micro-batch', pm.predict_tp_pp(m, hw, w, 8, 2, 1, cal)),
+    ('TP8xPP2, best M', tp_best),
+    ('ma_sep 12:4, best M', pm.best_ma_sep(m, hw, w, 12, 4, cal)),
+    ('ma_sep, best split', next(p for p in preds if p.strategy == 'ma_sep')),
+    ('best of all', preds[0]),
+  ]
+
+
+def reproduce_decode(m: pm.ModelSpec, cal, context: int, measured: str | None) -> None:
+  """Prints the seed's decode claims beside the planner's predictions, and with `measured` (a
+  bench/decode.py result) the one-GPU reference decode step predicted vs measured."""
+  c = SEED_CLAIMS
+  print(
+    f"## The seed's decode claims: 16 x A100, {SEED_DECODE_BATCH} sequences (TPS x TPOT), "
+    f'context {context}'
+  )
+  print(
+    table(
+      ['placement', 'TPOT ms', 'TPS (tokens/s)'],
+      [
+        ['TP8xPP2', c['tpot_ms'][0], f'{c["tps"][0]:,}'],
+        ['MA Separation 12:4', c['tpot_ms'][1], f'{c["tps"][1]:,}'],
+      ],
+    )
+  )
+  rows = []
+  for label, hw, kcal in decode_hardware(cal):
+    for batch in DECODE_BATCHES:
+      for name, p in decode_predictions(m, hw, kcal, batch, context):
+        rows.append(
+          [
+            label,
+            batch,
+            name,
+            f'{p.strategy} {p.split}',
+            p.microbatches,
+            f'{p.step_s * 1e3:.3f}',
+            f'{p.tokens_per_s:,.0f}',
+            'yes' if p.fits else 'NO',
+            p.bound,
+            ', '.join(p.measured) or '-',
+          ]
+        )
+  print(f'\n## Predicted decode step (TPOT) and tokens/s, context {context}')
+  headers = ['hardware', 'batch', 'row', 'placement', 'M', 'TPOT ms', 'TPS', 'fits', 'bound by']
+  print(table([*headers, 'measured terms'], rows))
+  if measured:
+    compare_decode(m, cal, context, measured)
+
+
+def compare_decode(m: pm.ModelSpec, cal, context: int, bench_path: str) -> list[list]:
+  """The one-GPU reference decode step (dp1) predicted with the calibration vs bench/decode.py's
+  measured whole-model TPOT (the decode path's experts)."""
+  with open(bench_path) as f:
+    bench = json.load(f)
+  hw = pm.HARDWARE['h100']
+  if cal:
+    hw, _ = cal.apply(hw, m.compute_dtype)
+  rows = []
+  for r in bench.get('model', {}).get('rows', []):
+    if 'tpot_s' not in r or r.get('expert_impl', 'auto') != 'auto' or r['context'] != context:
+      continue
+    p = pm.predict_ep(m, hw, pm.Workload('decode', r['batch'], r['context']), 1, 1, cal)
+    rows.append(
+      [
+        r['batch'],
+        f'{p.step_s * 1e3:.3f}',
+        f'{r["tpot_s"] * 1e3:.3f}',
+        f'{(p.step_s - r["tpot_s"]) / r["tpot_s"]:+.1%}',
+        ', '.join(f'{t.name} {t.time_s * 1e3:.3f}' for t in p.terms if t.time_s > 0),
+        ', '.join(p.measured) or '-',
+      ]
+    )
+  print(
+    f'\n## One-GPU reference decode step: predicted ({hw.name}'
+    f'{", calibrated" if cal else ""}) vs measured ({bench.get("device")})'
+  )
+  headers = ['batch', 'predicted ms', 'measured ms', 'error', 'terms ms', 'measured terms']
+  print(table(headers, rows))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # The planner.
 
 
@@ -632,6 +758,10 @@ def main(argv: list[str]) -> None:
   if _REPRODUCE.value == 'afd':
     os.makedirs(_PLOT_DIR.value, exist_ok=True)
     reproduce_afd(_PLOT_DIR.value)
+  elif _REPRODUCE.value == 'decode':
+    m = pm.ModelSpec.from_config(_CONFIG.value)
+    cal = pm.Calibration.load(_CALIBRATION.value) if _CALIBRATION.value else None
+    reproduce_decode(m, cal, _CONTEXT.value or m.seq_len, _MEASURED.value)
   elif _REPRODUCE.value == 'seed':
     config = _CONFIG.value
     m = pm.ModelSpec.from_config(config)

@@ -246,3 +246,67 @@ def test_grad_accumulation_term_by_hand():
   acc = {t.name: t for t in p.terms}['grad_accumulation']
   assert acc.time_s == pytest.approx(4 * pm.total_params(one_layer) * 12 / 3.35e12)
   assert p.step_s == pytest.approx(sum(t.time_s for t in p.terms))
+
+
+def test_decode_looks_up_dropless_expert_timings():
+  """Generation is dropless whatever the model trained with: decode takes the dropless entry."""
+  cal = pm.Calibration(
+    expert_ffn=[
+      {'local_experts': 4, 'tokens': 12, 'dropless': False, 'time_s': 1e-4},
+      {'local_experts': 4, 'tokens': 12, 'dropless': True, 'time_s': 3e-4},
+    ]
+  )
+  assert not SEED.dropless
+  # 12:4, one micro-batch of 24 sequences: 24 tokens x top-2 x 4/16 of the experts = 12 pairs.
+  p = pm.predict_ma_sep(SEED, SEED_HW, DECODE, 12, 4, 1, cal)
+  experts = {t.name: t for t in p.terms}['experts']
+  assert experts.measured and experts.time_s == pytest.approx(4 * 3e-4)
+  # Training keeps the model's own (capacity) routing.
+  assert cal.expert_time(SEED, 4, 12, SEED.expert_hidden) == pytest.approx(1e-4)
+  assert cal.expert_time(SEED, 4, 12, SEED.expert_hidden, dropless=True) == pytest.approx(3e-4)
+
+
+def test_reproduce_decode_cli(tmp_path):
+  """The seed's decode table and the one-GPU check, hand-computed for the calibrated H100."""
+  cal = tmp_path / 'cal.json'
+  cal.write_text(
+    json.dumps(
+      {
+        'device': 'test GPU',
+        'matmul_tflops': 500.0,
+        'hbm_gbps': 1000.0,
+        'kernels': {
+          'attention': [{'mode': 'decode', 'heads': 32, 'batch': 24, 'seq': 2048, 'time_s': 1e-4}],
+          'expert_ffn': [
+            {'local_experts': 16, 'tokens': 48, 'dropless': True, 'time_s': 1e-3},
+          ],
+        },
+      }
+    )
+  )
+  bench = tmp_path / 'bench.json'
+  row = {'batch': 24, 'context': 2048, 'tpot_s': 5e-3, 'expert_impl': 'auto'}
+  bench.write_text(json.dumps({'device': 'test GPU', 'model': {'rows': [row]}}))
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'mas_jax.plan',
+      '--reproduce=decode',
+      f'--calibration={cal}',
+      f'--measured={bench}',
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  assert '| MA Separation 12:4 | 1.82' in out and '13,289' in out
+  for hw in ('16 x A100, 4/node, HDR per GPU', '16 x H100, 8/node, calibrated (test GPU)'):
+    assert hw in out
+  assert 'ma_sep 12:4' in out and 'tp_pp tp8xpp2' in out
+  # One GPU: 4 layers x (1e-4 attention + 1e-3 experts, both measured) + the unembedding at the
+  # measured HBM rate (4096 x 32000 bf16 weights / 1e12 B/s = 0.262 ms; its FLOPs take 0.013 ms).
+  predicted = 4 * (1e-4 + 1e-3) + 4096 * 32000 * 2 / 1e12
+  line = next(x for x in out.splitlines() if x.startswith('| 24    |'))
+  assert f'{predicted * 1e3:.3f}' in line and '5.000' in line
+  assert f'{(predicted - 5e-3) / 5e-3:+.1%}' in line
