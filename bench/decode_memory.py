@@ -2,8 +2,11 @@
 
 The seed's model (configs/paper.py: 4 layers, d_model 4096, 32 heads, 16 experts of 16384,
 bf16 weights and cache) at context 2048 with 24 and 256 sequences, for ma_sep 12:4, tp_pp 8x2
-and ep 16 on 16 devices. Figures come from each strategy's own buffer shapes and shardings
-(`Strategy.decode_memory_rows`; nothing is allocated, so this runs on a CPU). A batch is padded
+and ep 16 on 16 devices. For ma_sep the last column gives what the plain one-program layout
+(every device all its expert slots and a KV cache of its head slots, side by side) would hold,
+against the arena that generation uses (`MASeparation.arena_layout`). Figures come from each
+strategy's own buffer shapes and shardings (`Strategy.decode_memory_rows`; nothing is
+allocated, so this runs on a CPU). A batch is padded
 to the strategy's multiple as `mas_jax.decode.Generator` pads it. Writes
 docs/benchmarks/decode_memory.json and .md.
 
@@ -40,8 +43,21 @@ def rows_for(config, parallel: dict, batch: int, context: int) -> tuple[int, lis
       padded += 1
       continue
     if padded % strategy.decode_batch_multiple() == 0:
-      return padded, strategy.decode_memory_rows(context)
+      rows = strategy.decode_memory_rows(context)
+      if hasattr(strategy, 'arena_layout'):
+        for r in rows:
+          r['separate_held'] = separate_buffers(strategy, context)
+      return padded, rows
     padded += 1
+
+
+def separate_buffers(strategy, context: int) -> int:
+  """ma_sep without the arena: every device would hold all its expert slots and a KV cache of
+  head_slots heads side by side (the plain one-program layout)."""
+  m = strategy.config.model
+  itemsize = 2 if m.compute_dtype == 'bfloat16' else 4
+  weights = strategy._param_bytes(itemsize)[0][0]
+  return weights + 2 * strategy.arena_layout(context)['kv_rows'] * m.head_dim * itemsize
 
 
 def main():
@@ -72,8 +88,8 @@ def main():
     'holds the same.',
     '',
     '| strategy | batch (padded) | role | weights held / used (GB) | KV cache held / used (GB) '
-    '| total held (GB) | used / held |',
-    '|---|---|---|---|---|---|---|',
+    '| arena (GB) | total held (GB) | used / held | held with separate buffers (GB) |',
+    '|---|---|---|---|---|---|---|---|---|',
   ]
   gb = lambda x: f'{x / 1e9:.3f}'
   for name, batch, padded, rows in tables:
@@ -81,7 +97,8 @@ def main():
       lines.append(
         f'| {name} | {batch} ({padded}) | {r["role"]} | {gb(r["weights_held"])} / '
         f'{gb(r["weights_used"])} | {gb(r["cache_held"])} / {gb(r["cache_used"])} | '
-        f'{gb(r["weights_held"] + r["cache_held"])} | {r["efficiency"]:.1%} |'
+        f'{gb(r["arena_held"])} | {gb(r["held"])} | {r["efficiency"]:.1%} | '
+        f'{gb(r.get("separate_held", r["held"]))} |'
       )
   text = '\n'.join(lines) + '\n'
   with open(out + '.md', 'w') as f:

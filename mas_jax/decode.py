@@ -181,7 +181,7 @@ class Generator:
   def _compiled(self, batch: int, prompt_len: int, sampling: tuple):
     """AOT-compiled (strategy, prefill, step) for the batch and prompt length."""
     key = (batch, prompt_len, sampling)
-    if key in self._programs:
+    if 'cache' in self._programs.get(key, {}):
       return self._programs[key]
     strategy = self._strategy(batch)
     logging.info(
@@ -192,7 +192,8 @@ class Generator:
     )
     params = jax.jit(strategy.from_reference)(self._params)
     params = jax.device_put(params, strategy.param_shardings(params))
-    cache_sh = strategy.cache_shardings()
+    params, cache = strategy.prepare_decode(params, self.context)
+    cache_sh = jax.tree.map(lambda a: a.sharding, cache)
     rep = strategy.replicated()
 
     def prefill(params, cache, tokens, lengths, key):
@@ -205,9 +206,8 @@ class Generator:
       return sample(logits[:, 0], key, *sampling), cache
 
     start = time.perf_counter()
-    abstract_cache = jax.eval_shape(lambda: strategy.init_cache(self.context))
     abstract_cache = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_cache, cache_sh
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), cache
     )
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
@@ -225,7 +225,9 @@ class Generator:
       prompt_len,
       time.perf_counter() - start,
     )
-    self._programs[key] = (strategy, params, prefill_c, step_c)
+    # The cache is reused by the next generation of this shape: entries past each sequence's
+    # own position are never read, so it needs no clearing (and ma_sep's holds weights).
+    self._programs[key] = {'params': params, 'prefill': prefill_c, 'step': step_c, 'cache': cache}
     return self._programs[key]
 
   def generate(
@@ -249,12 +251,11 @@ class Generator:
     tokens = np.zeros((batch, int(lengths.max())), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, : len(p)] = p
-    strategy, params, prefill, step = self._compiled(
-      batch, tokens.shape[1], (temperature, top_k, top_p)
-    )
-    key = jax.random.key(seed)
-    cache = strategy.init_cache(self.context)
+    program = self._compiled(batch, tokens.shape[1], (temperature, top_k, top_p))
+    params, prefill, step = program['params'], program['prefill'], program['step']
+    cache = program.pop('cache')  # donated below; put back when the generation ends
     jax.block_until_ready(cache)
+    key = jax.random.key(seed)
 
     start = time.perf_counter()
     nxt, cache = prefill(params, cache, tokens, lengths, jax.random.fold_in(key, 0))
@@ -280,4 +281,5 @@ class Generator:
       nxt = np.asarray(jax.device_get(nxt))
       step_s.append(time.perf_counter() - start)
       positions += 1
+    program['cache'] = cache
     return Result(out, eos.tolist(), prefill_s, step_s, batch)

@@ -56,7 +56,8 @@ def run_decode(strategy):
   prompt = jnp.where(
     jnp.arange(max(LENGTHS))[None, :] < lengths[:, None], tokens[:, : max(LENGTHS)], 0
   )
-  logits, cache = forward(params, strategy.init_cache(CONTEXT), prompt, None)
+  params, cache = strategy.prepare_decode(params, CONTEXT)
+  logits, cache = forward(params, cache, prompt, None)
   outputs = [logits]
   for step in range(STEPS):
     feed = tokens[jnp.arange(len(LENGTHS)), lengths + step][:, None]
@@ -238,17 +239,21 @@ def test_top_k_and_top_p_restrict_the_support():
   np.testing.assert_array_equal(frequencies(n=200, temperature=1.0, top_p=0.1), [1, 0, 0, 0])
 
 
-def test_ma_sep_decode_memory_by_role():
-  """Weights and cache held vs used, from the shapes: 8 heads on 12 slots, 4 expert devices."""
+def test_ma_sep_arena_holds_experts_or_cache_not_both():
+  """Per device: max(expert weights, KV cache) + scratch, from the shapes (8 heads, 12 slots)."""
   _, parallel = STRATEGIES['ma_sep_12_4_m1']
-  rows = strategies.get(strategy_config('ma_sep', **parallel)).decode_memory_rows(CONTEXT)
-  m = strategy_config().model
-  per_head = 2 * m.num_layers * len(LENGTHS) * CONTEXT * m.head_dim * 4  # k and v, float32
-  by_device = {r['device']: r for r in rows}
-  assert by_device[0]['cache_held'] == per_head and by_device[0]['cache_used'] == 0  # no head
-  assert by_device[1]['cache_used'] == per_head  # one real head in its one slot
-  assert by_device[12]['role'] == 'expert' and by_device[12]['cache_used'] == 0
-  expert = 2 * m.num_layers * (m.num_experts // 4) * m.d_model * m.expert_hidden * 4
-  # Experts are 4 of the 16 expert slots' worth on every device; only expert devices use them.
-  assert by_device[12]['weights_used'] - by_device[1]['weights_used'] >= expert * 0.9
-  assert all(r['weights_held'] == rows[0]['weights_held'] for r in rows)
+  strategy = strategies.get(strategy_config('ma_sep', **parallel))
+  m = strategy.config.model
+  expert = 2 * m.num_layers * (m.num_experts // 4) * m.d_model * m.expert_hidden * 4  # float32
+  cache = 2 * m.num_layers * len(LENGTHS) * CONTEXT * 1 * m.head_dim * 4  # one slot per device
+  scratch = CONTEXT * 1 * m.head_dim * 4
+  rows = {r['device']: r for r in strategy.decode_memory_rows(CONTEXT)}
+  assert expert > cache and all(r['arena_held'] == expert + scratch for r in rows.values())
+  assert rows[0]['cache_used'] == 0  # device 0 holds no real head (8 heads on 12 devices)
+  assert rows[1]['cache_used'] == cache and rows[1]['cache_held'] == 0
+  assert rows[12]['role'] == 'expert' and rows[12]['cache_used'] == 0
+  # Expert devices use their experts (in the arena) and part of what is held outside it.
+  assert expert < rows[12]['weights_used'] < expert + rows[12]['weights_held']
+  # A context long enough for the cache to outgrow the experts sizes the arena by the cache.
+  long = strategy.arena_layout(4096)
+  assert long['rows'] == 2 * long['kv_rows'] + 4096 and long['kv_rows'] > long['expert_rows']

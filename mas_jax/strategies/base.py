@@ -114,6 +114,14 @@ class Strategy(abc.ABC):
       out_shardings=self.cache_shardings(),
     )()
 
+  def prepare_decode(self, params: dict, length: int) -> tuple[dict, dict]:
+    """(params, cache) that `forward_cached` takes: here the params and an empty KV cache.
+
+    `params` are in this strategy's layout and shardings; a strategy may move some of them
+    into the cache (ma_sep's arena).
+    """
+    return params, self.init_cache(length)
+
   def decode_memory_rows(self, context: int) -> list[dict]:
     """Generation's memory per device: weights (compute dtype) and KV cache, held vs used.
 
@@ -162,9 +170,13 @@ def local_bytes(mesh: jax.sharding.Mesh, spec: P, shape: tuple[int, ...], itemsi
   return math.prod(shape) * itemsize // shards
 
 
-def decode_memory_row(device: int, role: str, weights: tuple, cache: tuple) -> dict:
-  """One device's generation memory: (held, used) bytes of weights and of KV cache."""
-  held, used = weights[0] + cache[0], weights[1] + cache[1]
+def decode_memory_row(device: int, role: str, weights: tuple, cache: tuple, arena: int = 0) -> dict:
+  """One device's generation memory: (held, used) bytes of weights and of KV cache.
+
+  `arena`: bytes of a buffer that holds some of the used weights or cache (ma_sep's arena);
+  it counts once in `held`, and what the role keeps in it is in the used figures.
+  """
+  held, used = weights[0] + cache[0] + arena, weights[1] + cache[1]
   return {
     'device': device,
     'role': role,
@@ -172,6 +184,8 @@ def decode_memory_row(device: int, role: str, weights: tuple, cache: tuple) -> d
     'weights_used': weights[1],
     'cache_held': cache[0],
     'cache_used': cache[1],
+    'arena_held': arena,
+    'held': held,
     'efficiency': used / held,
   }
 
@@ -179,15 +193,16 @@ def decode_memory_row(device: int, role: str, weights: tuple, cache: tuple) -> d
 def decode_memory_table(rows: list[dict]) -> str:
   """Markdown table of `decode_memory_rows`, one line per device (GB)."""
   lines = [
-    '| device | role | weights held / used (GB) | KV cache held / used (GB) | total held (GB) '
-    '| used / held |',
-    '|---|---|---|---|---|---|',
+    '| device | role | weights held / used (GB) | KV cache held / used (GB) | arena (GB) '
+    '| total held (GB) | used / held |',
+    '|---|---|---|---|---|---|---|',
   ]
+  gb = lambda x: f'{x / 1e9:.3f}'
   for r in rows:
     lines.append(
-      f'| {r["device"]} | {r["role"]} | {r["weights_held"] / 1e9:.3f} / '
-      f'{r["weights_used"] / 1e9:.3f} | {r["cache_held"] / 1e9:.3f} / {r["cache_used"] / 1e9:.3f} '
-      f'| {(r["weights_held"] + r["cache_held"]) / 1e9:.3f} | {r["efficiency"]:.1%} |'
+      f'| {r["device"]} | {r["role"]} | {gb(r["weights_held"])} / {gb(r["weights_used"])} | '
+      f'{gb(r["cache_held"])} / {gb(r["cache_used"])} | {gb(r["arena_held"])} | '
+      f'{gb(r["held"])} | {r["efficiency"]:.1%} |'
     )
   return '\n'.join(lines)
 

@@ -219,7 +219,9 @@ class MASeparation(base.Strategy):
     for name in ('wq', 'wk', 'wv'):
       attn[name] = P(None, None, ALL_AXES)  # [L, D, slots, H]
     attn['wo'] = _SLOTTED  # [L, slots, H, D]
-    moe['w_in'] = moe['w_out'] = _SLOTTED  # [L, expert slots, ...]
+    for name in ('w_in', 'w_out'):  # [L, expert slots, ...]; in the arena during generation
+      if name in moe:
+        moe[name] = _SLOTTED
     return specs
 
   def from_reference(self, params):
@@ -293,8 +295,9 @@ class MASeparation(base.Strategy):
       line += f' {role} efficiency {min(eff):.1%}-{max(eff):.1%};'
     return line
 
-  def _param_bytes(self, itemsize: int | None = None) -> list[tuple[int, int]]:
-    """(held, used) parameter bytes of every device; `itemsize` overrides float32's 4 bytes.
+  def _param_bytes(self, itemsize: int | None = None, experts: bool = True) -> list[tuple]:
+    """(held, used) parameter bytes of every device; `itemsize` overrides float32's 4 bytes,
+    `experts=False` leaves w_in and w_out out.
 
     Held counts every local buffer (dummy slots included); used counts what the role reads:
     attention devices their real head slots, expert devices their experts and the router, both
@@ -310,6 +313,8 @@ class MASeparation(base.Strategy):
       held = used = 0
       for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name = jax.tree_util.keystr(path)
+        if not experts and ('w_in' in name or 'w_out' in name):
+          continue
         spec = _get(specs, path)
         size = itemsize or leaf.dtype.itemsize
         local = leaf.size * size // (lay.n_devices if spec != P() else 1)
@@ -347,23 +352,29 @@ class MASeparation(base.Strategy):
     return rows
 
   def decode_memory_rows(self, context):
-    """Generation's weights (compute dtype) and KV cache per device, held vs used by role.
+    """Generation's memory per device by role: weights (compute dtype), KV cache and the arena.
 
-    The cache is sharded over every device's head slots like wq, so an expert device holds a
-    dummy cache of head_slots heads that it never reads (one SPMD program: same-shaped buffers).
+    Expert weights and the KV cache share each device's arena (`arena_layout`), so neither
+    role holds the other's buffer; outside it every device holds the head slots (dummy on
+    expert devices), norms, router, embedding and head.
     """
     lay, m = self.layout, self.config.model
     itemsize = jnp.dtype(m.compute_dtype).itemsize
+    at = self.arena_layout(context)
+    arena = at['rows'] * m.head_dim * itemsize
+    experts = 2 * at['expert_rows'] * m.head_dim * itemsize
     per_head = 2 * m.num_layers * self.config.data.batch_size * context * m.head_dim * itemsize
     counts = lay.head_counts()
     rows = []
-    for device, (held, used) in enumerate(self._param_bytes(itemsize)):
+    for device, (held, used) in enumerate(self._param_bytes(itemsize, experts=False)):
+      is_attn = device < lay.n_attn
       rows.append(
         base.decode_memory_row(
           device,
-          'attention' if device < lay.n_attn else 'expert',
-          (held, used),
-          (per_head * lay.head_slots, per_head * int(counts[device])),
+          'attention' if is_attn else 'expert',
+          (held, used if is_attn else used + experts),
+          (0, per_head * int(counts[device])),
+          arena,
         )
       )
     return rows
@@ -491,11 +502,11 @@ class MASeparation(base.Strategy):
       attention: (layer, micro, x, operands) -> (out[b,T,D]{U_heads}, extra); the attention
         devices' work of a tick. `extra` is whatever the caller keeps per item (the new keys and
         values in generation, None in training).
-      experts: (layer, micro, h) -> (y[b,T,D], stats); the expert devices' work of a tick.
+      experts: (layer, micro, h, operands) -> (y[b,T,D], stats); the expert devices' work.
       zero_out: (zeros [2, b, T, D], zeros like `extra`), what a role without work returns.
       zero_stats: zero routing statistics, device-varying.
-      attn_operands: (layer, micro) -> the extra operands attention reads (e.g. that item's KV
-        cache), device-varying; passed to every branch so their signatures agree.
+      attn_operands: (layer, micro) -> extra operands the roles read (in generation the arena
+        holding the KV cache and the expert weights), device-varying; passed to every branch.
 
     Returns:
       (xs, stats, extras): the final residual streams, the statistics summed over the expert
@@ -517,7 +528,7 @@ class MASeparation(base.Strategy):
 
     def moe_branch(layer, micro):
       def run(x_in, h_in, operands):
-        y, st = experts(layer, micro, h_in)
+        y, st = experts(layer, micro, h_in, operands)
         return zeros.at[1].set(y.astype(zeros.dtype)), st, zero_extra
 
       return run
@@ -590,7 +601,7 @@ class MASeparation(base.Strategy):
       def attention(i, micro, x_in, operands):
         return attention_part(layer(i), x_in, device), None
 
-      def experts(i, micro, h_in):
+      def experts(i, micro, h_in, operands):
         k = None if keys is None else _to_varying(keys[i])
         return moe_part(layer(i), h_in, k, device, micro * b)
 
@@ -631,53 +642,114 @@ class MASeparation(base.Strategy):
     p = self.config.parallel
     return p.num_microbatches * (self.layout.n_moe if self.dispatch == 'all_to_all' else 1)
 
-  def cache_heads(self):
-    return self.layout.n_devices * self.layout.head_slots
+  def arena_layout(self, context: int) -> dict[str, int]:
+    """Rows of generation's per-device arena, a [rows, head_dim] buffer in the compute dtype.
 
-  def cache_spec(self):
-    return P(None, None, None, ALL_AXES)  # [L, B, S, slots, H]: each device its head slots
+    One SPMD program gives every device same-shaped buffers, so a plain KV cache would sit on the
+    expert devices unread, and the expert weights on the attention devices. The arena holds
+    both in the same bytes: an expert device keeps its experts' w_in then w_out in it
+    (`expert_rows` each), an attention device its KV cache, k then v (`kv_rows` each,
+    [L, B, S, head_slots, H]). The tail (`scratch` rows from `scratch_start`) takes the expert
+    devices' share of each KV write. Rows of head_dim elements keep every index in int32.
+    """
+    m, lay = self.config.model, self.layout
+    if (m.d_model * m.expert_hidden) % m.head_dim:
+      raise ConfigError(
+        f'model.d_model * model.expert_hidden = {m.d_model * m.expert_hidden} is not a '
+        f'multiple of head_dim={m.head_dim} (the generation arena stores experts in rows of it)'
+      )
+    expert_rows = m.num_layers * lay.local_experts * m.d_model * m.expert_hidden // m.head_dim
+    kv_rows = m.num_layers * self.config.data.batch_size * context * lay.head_slots
+    scratch_start = max(2 * expert_rows, 2 * kv_rows)
+    scratch = context * lay.head_slots  # one sequence's rows of one layer: any write fits
+    return {
+      'expert_rows': expert_rows,
+      'kv_rows': kv_rows,
+      'scratch_start': scratch_start,
+      'scratch': scratch,
+      'rows': scratch_start + scratch,
+    }
+
+  def prepare_decode(self, params, context):
+    """Moves the expert weights into the arena (the cache of attention devices); see
+    `arena_layout`. Returns (params without w_in / w_out, {'arena': [n * rows, H]})."""
+    arena_rows, h = self.arena_layout(context)['rows'], self.config.model.head_dim
+
+    def build(w_in, w_out):
+      # w_in[L, E_loc, D, F], w_out[L, E_loc, F, D]: this device's expert slots (zeros on
+      # attention devices, which makes their initial cache zeros).
+      parts = [w_in.reshape(-1, h), w_out.reshape(-1, h)]
+      pad = arena_rows - parts[0].shape[0] - parts[1].shape[0]
+      return jnp.concatenate([*parts, jnp.zeros((pad, h), w_in.dtype)])
+
+    moe = params['blocks']['moe']
+    arena = jax.jit(
+      jax.shard_map(build, mesh=self.mesh, in_specs=(_SLOTTED, _SLOTTED), out_specs=P(ALL_AXES))
+    )(moe['w_in'], moe['w_out'])
+    rest = jax.tree.map(lambda x: x, params)
+    del rest['blocks']['moe']['w_in'], rest['blocks']['moe']['w_out']
+    return rest, {'arena': arena}
 
   def forward_cached(self, params, cache, tokens, start):
     cfg = self.config
-    mcfg = cfg.model
+    mcfg, lay = cfg.model, self.layout
     n_mb = cfg.parallel.num_microbatches
-    batch = tokens.shape[0]
-    if batch % self.decode_batch_multiple():
+    batch, t = tokens.shape
+    if batch != cfg.data.batch_size or batch % self.decode_batch_multiple():
       raise ConfigError(
-        f'decode batch={batch} does not divide over {self.decode_batch_multiple()} '
-        f'(num_microbatches x expert devices of the dispatch)'
+        f'decode batch={batch} must equal the strategy batch {cfg.data.batch_size} and divide '
+        f'over {self.decode_batch_multiple()} (num_microbatches x expert devices of the dispatch)'
       )
+    context = self._arena_context(cache['arena'].shape[0] // lay.n_devices)
+    arena_at = self.arena_layout(context)
     b = batch // n_mb
     dtype = jnp.dtype(mcfg.compute_dtype)
     prefill = start is None
     moe_part = self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all
+    cache_shape = (mcfg.num_layers, batch, context, lay.head_slots, mcfg.head_dim)
+    w_rows = arena_at['expert_rows'] // mcfg.num_layers  # one layer's w_in (or w_out)
 
-    def program(params, cache, tokens, start):
+    def program(params, arena, tokens, start):
       device = mesh_lib.device_index()
+      is_attn = device < lay.n_attn
       x0 = params['embed'][tokens].astype(dtype)  # [B, T, D]
       blocks = _to_varying(params['blocks'])
       layer = lambda i: jax.tree.map(lambda p: p[i], blocks)
       rows = lambda m: slice(m * b, (m + 1) * b)
       starts = [None if prefill else _to_varying(start[rows(m)]) for m in range(n_mb)]
       head_mask = self._head_mask(device)
+      kv = lambda arena, j: arena[j * arena_at['kv_rows'] : (j + 1) * arena_at['kv_rows']].reshape(
+        cache_shape
+      )
 
-      def attention(i, micro, x_in, kv):
-        # Only this device's head slots of the cache are read: kv[2] x [b, S, slots, H].
+      def attention(i, micro, x_in, arena):
+        # This device's head slots of the cache: k, v [b, S, slots, H] from the arena.
         p = layer(i)
         h = attn_lib.rms_norm(x_in, p['attn_norm']['scale'])
         with jax.named_scope('attention'):
           out, k, v = attn_lib.attention_cached(
-            h, p['attn'], kv[0], kv[1], starts[micro], mcfg.rope_base, head_mask
+            h,
+            p['attn'],
+            kv(arena, 0)[i, rows(micro)],
+            kv(arena, 1)[i, rows(micro)],
+            starts[micro],
+            mcfg.rope_base,
+            head_mask,
           )
-        return out, (k.astype(cache['k'].dtype), v.astype(cache['v'].dtype))
+        return out, (k.astype(arena.dtype), v.astype(arena.dtype))
 
-      def experts(i, micro, h_in):
-        return moe_part(layer(i), h_in, None, device, micro * b)
+      def experts(i, micro, h_in, arena):
+        # This device's experts of layer i, w_in [E_loc, D, F] and w_out [E_loc, F, D], from
+        # the arena.
+        p = layer(i)
+        w_in = arena[i * w_rows : (i + 1) * w_rows]
+        w_out = arena[arena_at['expert_rows'] + i * w_rows :][:w_rows]
+        e, d, f = lay.local_experts, mcfg.d_model, mcfg.expert_hidden
+        p['moe'] = {**p['moe'], 'w_in': w_in.reshape(e, d, f), 'w_out': w_out.reshape(e, f, d)}
+        return moe_part(p, h_in, None, device, micro * b)
 
-      t = tokens.shape[1]
       zeros = _to_varying(jnp.zeros((2, b, t, mcfg.d_model), dtype))
-      kv_zeros = jnp.zeros((b, t, *cache['k'].shape[3:]), cache['k'].dtype)  # [b, T, slots, H]
-      kv_operands = lambda i, m: (cache['k'][i, rows(m)], cache['v'][i, rows(m)])
+      kv_zeros = jnp.zeros((b, t, lay.head_slots, mcfg.head_dim), arena.dtype)
       xs = [_to_varying(x0[rows(m)]) for m in range(n_mb)]
       xs, _, extras = self._run_ticks(
         xs,
@@ -685,31 +757,44 @@ class MASeparation(base.Strategy):
         experts,
         (zeros, _to_varying((kv_zeros, kv_zeros))),
         self._zero_stats(),
-        kv_operands,
+        lambda i, m: arena,
       )
-      # Every device writes its own head slots (expert devices: zeros into their dummy slots).
-      st = None if prefill else _to_varying(start)
+      # Write the new keys and values: attention devices into their cache rows, expert devices
+      # (whose rows hold weights) into the scratch tail.
+      first = (jnp.zeros((batch,), jnp.int32) if prefill else _to_varying(start)) * lay.head_slots
+      first = first + jnp.arange(batch) * context * lay.head_slots  # [B] row of each sequence
+      span = jnp.arange(t * lay.head_slots)
       for i in range(mcfg.num_layers):
-        new = [jnp.concatenate([extras[(i, m)][j] for m in range(n_mb)]) for j in (0, 1)]
-        cache = {
-          'k': attn_lib.write_cache(cache['k'], i, new[0], st),
-          'v': attn_lib.write_cache(cache['v'], i, new[1], st),
-        }
+        for j in (0, 1):
+          new = jnp.concatenate([extras[(i, m)][j] for m in range(n_mb)])  # [B, T, slots, H]
+          offset = (j * mcfg.num_layers + i) * batch * context * lay.head_slots
+          row = jnp.where(is_attn, offset + first, arena_at['scratch_start'])  # [B]
+          arena = arena.at[row[:, None] + span[None, :]].set(
+            new.reshape(batch, t * lay.head_slots, mcfg.head_dim)
+          )
       # Every device holds the final residual stream; each computes the head for all tokens
       # (decode reads the head's weights once whatever the token count) and returns its own
       # copy, of which the caller takes device 0's: no collective.
       logits = model_lib.head_logits(params, jnp.concatenate(xs, axis=0))  # [B, T, V]
-      return logits, cache
+      return logits, arena
 
-    specs = self.param_specs(params)
-    cache_specs = {'k': self.cache_spec(), 'v': self.cache_spec()}
-    logits, cache = jax.shard_map(
+    logits, arena = jax.shard_map(
       program,
       mesh=self.mesh,
-      in_specs=(specs, cache_specs, P(), P()),
-      out_specs=(P(ALL_AXES), cache_specs),
-    )(params, cache, tokens, jnp.zeros((batch,), jnp.int32) if prefill else start)
-    return logits[:batch], cache
+      in_specs=(self.param_specs(params), P(ALL_AXES), P(), P()),
+      out_specs=(P(ALL_AXES), P(ALL_AXES)),
+    )(params, cache['arena'], tokens, jnp.zeros((batch,), jnp.int32) if prefill else start)
+    return logits[:batch], {'arena': arena}
+
+  def _arena_context(self, rows: int) -> int:
+    """The context an arena of `rows` rows per device was laid out for (inverse of the layout)."""
+    m, slots = self.config.model, self.layout.head_slots
+    experts = 2 * self.arena_layout(1)['expert_rows']
+    kv_per_context = 2 * m.num_layers * self.config.data.batch_size * slots
+    for context in ((rows - experts) // slots, rows // (kv_per_context + slots)):
+      if context > 0 and self.arena_layout(context)['rows'] == rows:
+        return context
+    raise ValueError(f'no context gives an arena of {rows} rows per device')
 
   def _head_loss(self, params, x, targets, device):
     """Final norm, output head and cross entropy of this device's 1/n of the tokens."""
