@@ -239,10 +239,6 @@ def generate(
   params, step = restore_params(workdir, devices)
   generator = decode.Generator(config, params, context, devices)
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id())
-  # The first run of each compiled program pays a one-off set-up (about 0.1 s on CPU, 100x a
-  # tiny prefill): a 2-token run (prefill + one decode step) first, so that the timings are
-  # those of steady state.
-  generator.generate(prompt_ids, min(2, max_new_tokens), **sampling, seed=seed)
   result = generator.generate(prompt_ids, max_new_tokens, **sampling, seed=seed)
   completions = [
     Completion(text, ids, tokens, continuation(tokenizer, ids, tokens), eos)

@@ -146,6 +146,7 @@ class Strategy(abc.ABC):
       for d in range(self.mesh.size)
     ]
 
+  @abc.abstractmethod
   def forward_cached(
     self, params: dict, cache: dict, tokens: jax.Array, start: jax.Array | None
   ) -> tuple[jax.Array, dict]:
@@ -153,7 +154,6 @@ class Strategy(abc.ABC):
 
     Equal to `model.forward_cached` (dropless) on the reference layout; traced inside jit.
     """
-    raise NotImplementedError(f'strategy {self.name!r} does not generate yet')
 
   def check_batch(self, divisor: int, what: str) -> None:
     b = self.config.data.batch_size
