@@ -78,6 +78,7 @@ GPU = {
   # TP ranks hold 1/tp of every expert's hidden width: tp16, tp8 (TP8 x PP2), tp4.
   'tp_slices': [{'local_experts': 16, 'expert_hidden': h} for h in (1024, 2048, 4096)],
   'variant_cases': [(3, 24), (3, 256), (8, 24), (32, 24), (32, 256)],  # (heads, batch) at 2048
+  'dump_cases': [(8, 24)],  # compiled HLO of these variant cases, with --dump_hlo
   # (model.expert_impl, batch): 'auto' is the decode path (the grouped kernel); 'einsum' runs
   # decode_moe's capacity einsum (capacity 1 per sequence), for comparison.
   'model_cases': [('auto', b) for b in (1, 8, 24, 64, 256)] + [('einsum', 24), ('einsum', 256)],
@@ -107,6 +108,7 @@ SMOKE = {
   'einsum_experts': [1],
   'tp_slices': [{'local_experts': 4, 'expert_hidden': 32}],
   'variant_cases': [(2, 4)],
+  'dump_cases': [(2, 4)],
   'model_cases': [('auto', 2)],
   'gmm_cases': [(1, 4)],
   'model_context': 16,
@@ -326,7 +328,7 @@ def variants(s: dict, dump_dir: str | None):
     context = next(iter(s['heads']))
     for name, fn in VARIANTS.items():
       dump = None
-      if dump_dir and (heads, batch) == tuple(s['variant_cases'][0]):
+      if dump_dir and (heads, batch) in s['dump_cases']:
         dump = os.path.join(dump_dir, f'attention_{name}_k{heads}_b{batch}.hlo.txt')
       yield {'variant': name, **time_attention(s, heads, batch, context, fn, dump)}
 
