@@ -191,13 +191,13 @@ def decode_memory_row(device: int, role: str, weights: tuple, cache: tuple, aren
 
 
 def decode_memory_table(rows: list[dict]) -> str:
-  """Markdown table of `decode_memory_rows`, one line per device (GB)."""
+  """Markdown table of `decode_memory_rows`, one line per device (MB)."""
   lines = [
-    '| device | role | weights held / used (GB) | KV cache held / used (GB) | arena (GB) '
-    '| total held (GB) | used / held |',
+    '| device | role | weights held / used (MB) | KV cache held / used (MB) | arena (MB) '
+    '| total held (MB) | used / held |',
     '|---|---|---|---|---|---|---|',
   ]
-  gb = lambda x: f'{x / 1e9:.3f}'
+  gb = lambda x: f'{x / 1e6:.4g}'
   for r in rows:
     lines.append(
       f'| {r["device"]} | {r["role"]} | {gb(r["weights_held"])} / {gb(r["weights_used"])} | '
