@@ -148,6 +148,11 @@ def cached_attention(
   new = jnp.einsum('BTNH,BUNH->BTUN', q32, k.astype(f32))
   new = jnp.where(causal[None, :, :, None], new, -jnp.inf)  # [B, T, U, N]
   past = jnp.sum(q32[:, :, None] * k_cache[:, None].astype(f32), axis=-1)  # [B, T, S, N]
+  # One pass over the keys: without the barrier XLA may fuse this reduce into each of its
+  # consumers (max and exp below) and read the cache again for each (one H100, 32 heads at batch
+  # 256: 6 passes over the keys of 4 layers, 4041 vs 3297 us per layer; bench/decode.py
+  # variants 'unpinned' vs 'library', docs/benchmarks/nvidia_h100_80gb_hbm3_decode.md).
+  past = jax.lax.optimization_barrier(past)
   filled = jnp.arange(k_cache.shape[1])[None, :] < cache_len[:, None]  # [B, S]
   past = jnp.where(filled[:, None, :, None], past, -jnp.inf)
   top = jnp.maximum(jnp.max(new, axis=2), jnp.max(past, axis=2))[:, :, None]  # [B, T, 1, N]
@@ -206,4 +211,12 @@ def attention_cached(
     o = cached_attention(q, k, v, k_cache.astype(q.dtype), v_cache.astype(q.dtype), start)
   if head_mask is not None:
     o = o * head_mask.astype(o.dtype)[None, None, :, None]
-  return output_projection(o, params['wo']), k, v
+  out = output_projection(o, params['wo'])
+  if start is None:
+    return out, k, v
+  # The caller writes k and v into the cache this call has just read. Tying them to the output
+  # orders that in-place write after the reads: otherwise XLA may schedule the write first and
+  # keep the old values in a copy of the whole cache (one H100, 8 heads at batch 256: 2764 us per
+  # layer without the barrier, 1039 with; docs/benchmarks/*_decode_before_barriers.md and
+  # *_decode.md).
+  return jax.lax.optimization_barrier((out, k, v))
