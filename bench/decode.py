@@ -23,6 +23,7 @@ docs/benchmarks/<device>_decode_calibration.json (schema: mas_jax/perf_model.py)
   python bench/decode.py                                  # on a GPU, everything
   python bench/decode.py --sections=ceilings,variants     # a subset (see --help)
   python bench/decode.py --smoke                          # tiny shapes on CPU (test suite)
+  python bench/decode.py --render_only --merge=RESULT.json --yardstick=0:LOG   # tables only
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# JAX takes 75% of the GPU by default; batch 256 holds 52.6 GB of weights and cache, and XLA's
+# autotuner wants room for a 17 GB kernel input beside the weights.
+os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
 
 import common  # noqa: E402
 import jax  # noqa: E402
@@ -77,8 +82,9 @@ GPU = {
   'einsum_experts': [1, 4, 16],  # the einsum forms for these local-expert counts only
   # TP ranks hold 1/tp of every expert's hidden width: tp16, tp8 (TP8 x PP2), tp4.
   'tp_slices': [{'local_experts': 16, 'expert_hidden': h} for h in (1024, 2048, 4096)],
-  'variant_cases': [(3, 24), (3, 256), (8, 24), (32, 24), (32, 256)],  # (heads, batch) at 2048
-  'dump_cases': [(8, 24)],  # compiled HLO of these variant cases, with --dump_hlo
+  # (heads, batch) at context 2048
+  'variant_cases': [(3, 24), (3, 256), (8, 24), (8, 256), (32, 24), (32, 256)],
+  'dump_cases': [(8, 256)],  # compiled HLO of these variant cases, with --dump_hlo
   # (model.expert_impl, batch): 'auto' is the decode path (the grouped kernel); 'einsum' runs
   # decode_moe's capacity einsum (capacity 1 per sequence), for comparison.
   'model_cases': [('auto', b) for b in (1, 8, 24, 64, 256)] + [('einsum', 24), ('einsum', 256)],
@@ -257,6 +263,7 @@ def time_attention(
     step_jit = jax.jit(_step, donate_argnums=(1,))
     states = [state(i) for i in range(rotation)]
     compiled = step_jit.lower(*states[0], start).compile()
+    mem = compiled.memory_analysis()
     if dump:
       with open(dump, 'w') as f:
         f.write(compiled.as_text())
@@ -278,6 +285,8 @@ def time_attention(
     'time_s': per_layer,
     'bytes': nbytes,
     'gbps': nbytes / per_layer / 1e9,
+    # The compiled step's temporaries: a copy of the cache would show here.
+    'temp_gb': None if mem is None else mem.temp_size_in_bytes / 1e9,
   }
 
 
@@ -301,9 +310,58 @@ def cached_attention_v0(q, k, v, k_cache=None, v_cache=None, cache_len=None):
   return out
 
 
+def cached_attention_blockdiag(q, k, v, k_cache=None, v_cache=None, cache_len=None):
+  """Candidate: the cache terms as batched matmuls with batch dim B only, over the cache viewed
+  as [B, S, N * H] (no re-layout): q is spread block-diagonally over [N, N * H] and the values'
+  product [N, N * H] is reduced to its diagonal blocks, N times the FLOPs of the useful ones."""
+  if k_cache is None:
+    return cached_attention_v0(q, k, v)
+  b, t, n, h = q.shape
+  s = k_cache.shape[1]
+  f32 = jnp.float32
+  eye = jnp.eye(n, dtype=q.dtype)
+  qbd = (q[:, :, :, None, :] * eye[None, None, :, :, None]).reshape(b, t * n, n * h)
+  past = (
+    jnp.einsum(
+      'BMK,BSK->BMS', qbd, k_cache.reshape(b, s, n * h), preferred_element_type=f32
+    ).reshape(b, t, n, s)
+    * h**-0.5
+  )
+  filled = jnp.arange(s)[None, :] < cache_len[:, None]  # [B, S]
+  past = jnp.where(filled[:, None, None, :], past, -jnp.inf)  # [B, T, N, S]
+  causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+  new = jnp.einsum('BTNH,BUNH->BTNU', q, k, preferred_element_type=f32) * h**-0.5
+  new = jnp.where(causal[None, :, None, :], new, -jnp.inf)
+  probs = jax.nn.softmax(jnp.concatenate([past, new], axis=-1), axis=-1).astype(q.dtype)
+  full = jnp.einsum(
+    'BMS,BSK->BMK',
+    probs[..., :s].reshape(b, t * n, s),
+    v_cache.reshape(b, s, n * h),
+    preferred_element_type=f32,
+  ).reshape(b, t, n, n, h)
+  out = full[:, :, jnp.arange(n), jnp.arange(n)]  # [B, T, N, H]
+  out = out + jnp.einsum('BTNU,BUNH->BTNH', probs[..., s:], v, preferred_element_type=f32)
+  return out.astype(q.dtype)
+
+
+_LIBRARY_CACHED_ATTENTION = attn_lib.cached_attention
+
+
+def cached_attention_unpinned(q, k, v, k_cache=None, v_cache=None, cache_len=None):
+  """The library's multiply + reduce without the barrier that keeps the key scores one pass."""
+  barrier = jax.lax.optimization_barrier
+  try:
+    jax.lax.optimization_barrier = lambda x: x
+    return _LIBRARY_CACHED_ATTENTION(q, k, v, k_cache, v_cache, cache_len)
+  finally:
+    jax.lax.optimization_barrier = barrier
+
+
 VARIANTS = {
   'library': None,  # attn_lib.cached_attention as it is in the tree (multiply + reduce)
+  'unpinned': cached_attention_unpinned,
   'einsum_v0': cached_attention_v0,
+  'blockdiag': cached_attention_blockdiag,
 }
 
 
@@ -526,12 +584,17 @@ def time_model(s: dict, cfg, params: dict, batch: int) -> dict:
   step = jax.jit(step, donate_argnums=(1,))
   shape = (cfg.num_layers, batch, context, cfg.num_heads, cfg.head_dim)
   dtype = jnp.dtype(cfg.compute_dtype)
-  cache = {'k': random_array(3, shape, 1.0, dtype), 'v': random_array(4, shape, 1.0, dtype)}
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, batch), jnp.int32)
+  # Compiled before the cache exists: XLA's autotuner allocates inputs of the kernels it times
+  # (17 GB for one cache at batch 256), which do not fit beside a 34 GB cache and the weights.
+  abstract = {n: jax.ShapeDtypeStruct(shape, dtype) for n in ('k', 'v')}
   t0 = time.perf_counter()
-  compiled = step.lower(params, cache, tokens, start).compile()
+  compiled = step.lower(params, abstract, tokens, start).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
+  cache = {'k': random_array(3, shape, 1.0, dtype), 'v': random_array(4, shape, 1.0, dtype)}
+  jax.block_until_ready(cache)
+  in_use = (jax.devices()[0].memory_stats() or {}).get('bytes_in_use', 0) / 1e9 or None
 
   def run(st):
     tok, cache = st
@@ -544,7 +607,6 @@ def time_model(s: dict, cfg, params: dict, batch: int) -> dict:
   unused = (cfg.num_experts - cfg.top_k) / cfg.num_experts
   active = cfg.num_experts * (1 - unused**batch)
   nbytes = model_bytes(cfg, batch, context, active)
-  stats = jax.devices()[0].memory_stats() or {}
   return {
     'batch': batch,
     'context': context,
@@ -555,7 +617,7 @@ def time_model(s: dict, cfg, params: dict, batch: int) -> dict:
     'compile_s': compile_s,
     'memory_args_gb': None if mem is None else mem.argument_size_in_bytes / 1e9,
     'memory_temp_gb': None if mem is None else mem.temp_size_in_bytes / 1e9,
-    'peak_gb': stats.get('peak_bytes_in_use', 0) / 1e9 or None,
+    'in_use_gb': in_use,  # device memory held with the weights and the cache allocated
     'expert_impl': cfg.expert_impl,
     'resolved': moe_lib.resolve_expert_impl(cfg.expert_impl, dropless=True),
   }
@@ -647,14 +709,15 @@ def markdown(r: dict) -> str:
       'Max relative error against the first committed `cached_attention` (float32, small shape): '
       + ', '.join(f'{k} {v:.1e}' for k, v in r['variant_check'].items()),
       '',
-      '| variant | heads | batch | context | us / layer | GB/s | % of ceiling |',
-      '|---|---|---|---|---|---|---|',
+      '| variant | heads | batch | context | us / layer | GB/s | % of ceiling | temporaries GB |',
+      '|---|---|---|---|---|---|---|---|',
     ]
     for v in r.get('variants', []):
       if 'time_s' in v:
         out.append(
           f'| {v["variant"]} | {v["heads"]} | {v["batch"]} | {v["seq"]} | '
-          f'{v["time_s"] * 1e6:.1f} | {v["gbps"]:.0f} | {_pct(v["gbps"], v.get("ceiling_gbps"))} |'
+          f'{v["time_s"] * 1e6:.1f} | {v["gbps"]:.0f} | {_pct(v["gbps"], v.get("ceiling_gbps"))} | '
+          f'{v.get("temp_gb") or 0:.2f} |'
         )
   if r.get('attention'):
     batches = sorted({a['batch'] for a in r['attention']})
@@ -740,6 +803,7 @@ def markdown(r: dict) -> str:
         f'{g["gbps"]:.0f} | {_pct(g["gbps"], g.get("ceiling_gbps"))} |'
       )
   out += target_summary(r)
+  out += yardstick_table(r)
   if r.get('model'):
     m = r['model']
     out += [
@@ -748,7 +812,7 @@ def markdown(r: dict) -> str:
       f'parameters ({m["weight_gb"]:.1f} GB), context {s_context(m)}',
       '',
       '| experts | batch | TPOT ms | tokens/s | GB/s | % of ceiling | memory args + temp GB | '
-      'peak GB |',
+      'held GB |',
       '|---|---|---|---|---|---|---|---|',
     ]
     for row in m['rows']:
@@ -762,12 +826,84 @@ def markdown(r: dict) -> str:
         if row['memory_args_gb'] is None
         else f'{row["memory_args_gb"]:.1f} + {row["memory_temp_gb"]:.1f}'
       )
-      peak = '-' if row['peak_gb'] is None else f'{row["peak_gb"]:.1f}'
+      peak = '-' if row.get('in_use_gb') is None else f'{row["in_use_gb"]:.1f}'
       out.append(
         f'| {impl} | {row["batch"]} | {row["tpot_s"] * 1e3:.3f} | {row["tokens_per_s"]:,.0f} | '
         f'{row["gbps"]:.0f} | {_pct(row["gbps"], row.get("ceiling_gbps"))} | {mem} | {peak} |'
       )
   return '\n'.join(out) + '\n'
+
+
+_YARDSTICK_LINE = re.compile(
+  r'(attention|experts) (?:k|E)=\s*(\d+) B=\s*(\d+)(?: S=(\d+))?:\s*([\d.]+) us\s+(\d+) GB/s'
+)
+
+
+def attach_yardsticks(result: dict, specs: list[str]) -> None:
+  """Parses yardstick logs ('RUN:LOG') into result['runs'][RUN]['yardstick']."""
+  for spec in specs:
+    index, path = spec.split(':', 1)
+    rows = []
+    with open(path) as f:
+      for line in f:
+        if m := _YARDSTICK_LINE.search(line):
+          role, n, batch, seq, us, gbps = m.groups()
+          rows.append(
+            {
+              'role': role,
+              'n': int(n),
+              'batch': int(batch),
+              'seq': int(seq or 0),
+              'time_s': float(us) * 1e-6,
+              'gbps': float(gbps),
+            }
+          )
+    result['runs'][int(index)]['yardstick'] = {'log': path, 'rows': rows}
+
+
+def yardstick_table(r: dict) -> list[str]:
+  """Our role steps against the plain-JAX yardstick of the same device call (time ratios)."""
+  out = []
+  for run in r.get('runs', []):
+    if 'yardstick' not in run:
+      continue
+    ceiling = run['ceilings']['hbm_copy_gbps']
+    mine = lambda rows, c=ceiling: [  # noqa: E731
+      x for x in rows if x.get('ceiling_gbps') == c and 'time_s' in x
+    ]
+    attn = {(x['heads'], x['batch'], x['seq']): x for x in mine(r.get('attention', []))}
+    experts = {}
+    for x in mine(r.get('experts', [])):
+      if x['expert_hidden'] == GPU['expert_hidden']:
+        experts[(x['impl'], x['local_experts'], x['batch'])] = x
+    rows = []
+    for y in run['yardstick']['rows']:
+      if y['role'] == 'attention' and (a := attn.get((y['n'], y['batch'], y['seq']))):
+        rows.append(
+          f'| attention, {y["n"]} heads | {y["batch"]} | {y["time_s"] * 1e6:.1f} | '
+          f'{a["time_s"] * 1e6:.1f} | {y["time_s"] / a["time_s"]:.2f} | - |'
+        )
+      elif y['role'] == 'experts' and (e := experts.get(('auto', y['n'], y['batch']))):
+        pad = experts.get(('einsum_pad', y['n'], y['batch']))
+        rows.append(
+          f'| experts, {y["n"]} local | {y["batch"]} | {y["time_s"] * 1e6:.1f} | '
+          f'{e["time_s"] * 1e6:.1f} | {y["time_s"] / e["time_s"]:.2f} | '
+          + (f'{y["time_s"] / pad["time_s"]:.2f} |' if pad else '- |')
+        )
+    if rows:
+      out += [
+        '',
+        f'## Against the yardstick of the same call (`{run["yardstick"]["log"]}`)',
+        '',
+        'The yardstick (../shared/bench/yardstick_decode.py) times a plain-JAX step of each '
+        'role: attention without the norm and the cache write, experts on B x 2 / 16 tokens '
+        'per expert. Speed = yardstick time / our time (above 1: ours is faster).',
+        '',
+        '| role | batch | yardstick us | ours us | speed, decode path | speed, einsum_pad |',
+        '|---|---|---|---|---|---|',
+        *rows,
+      ]
+  return out
 
 
 def target_summary(r: dict) -> list[str]:
@@ -822,18 +958,42 @@ def main():
     help='keep the sections of this earlier result file that this run does not measure',
   )
   parser.add_argument('--dump_hlo', default=None, help="folder for the variants' compiled HLO")
+  parser.add_argument(
+    '--yardstick',
+    action='append',
+    default=[],
+    metavar='RUN:LOG',
+    help='output of ../shared/bench/yardstick_decode.py run in the same device call as run '
+    "number RUN (0-based) of the result: compared with that run's rows",
+  )
+  parser.add_argument(
+    '--render_only',
+    action='store_true',
+    help='measure nothing: rewrite the tables and calibration of the --merge file',
+  )
   args = parser.parse_args()
   s = SMOKE if args.smoke else GPU
   order = [x for x in args.sections.split(',') if x]
   if unknown := set(order) - set(SECTIONS):
     parser.error(f'unknown sections {sorted(unknown)}; known: {SECTIONS}')
   stem = common.device_stem(args.smoke) + '_decode'
+  if args.render_only:
+    with open(args.merge) as f:
+      result = json.load(f)
+    attach_yardsticks(result, args.yardstick)
+    stem = os.path.basename(args.merge).removesuffix('.json')
+    common.write_result(args.out, stem, result, markdown(result))
+    with open(os.path.join(args.out, f'{stem}_calibration.json'), 'w') as f:
+      json.dump(calibration(result, s), f, indent=1)
+    print(markdown(result))
+    return
   result = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'runs': []}
   if args.merge:
     with open(args.merge) as f:
       result = {**json.load(f), 'device': result['device'], 'jax': result['jax']}
   run = {'command': ' '.join(sys.argv), 'sections': order, 'jax': jax.__version__}
   result['runs'] = [*result.get('runs', []), run]
+  attach_yardsticks(result, args.yardstick)
 
   def save():  # after every row, so a cut-off run keeps what it measured
     common.write_result(args.out, stem, result, markdown(result))
