@@ -709,8 +709,15 @@ def predict_ma_sep(
 
   def memory(chunk_seqs):
     if not train:
-      kv = w.batch * w.context * 2 * m.head_dim * slots * m.num_layers * b
-      return {'attention': (attn_p * b, kv), 'experts': (exp_p * b, 0.0)}
+      # Generation's program (MASeparation.arena_layout): every device holds its head slots of
+      # wq/wk/wv/wo, the norms, router, embedding and head (outside the arena) and one arena
+      # sized for the larger of an expert device's experts and an attention device's KV cache,
+      # plus one sequence's rows of one layer as scratch. The same bytes on both roles.
+      static = m.num_layers * (4 * d * m.head_dim * slots + 2 * d + d * m.num_experts)
+      static += embed_params(m)
+      kv = w.batch * w.context * 2 * m.head_dim * slots * m.num_layers
+      arena = (max(exp_p, kv) + w.context * slots * m.head_dim) * b
+      return {'attention': (static * b, arena), 'experts': (static * b, arena)}
     tokens = chunk_seqs * w.context * m.num_layers
     return {
       'attention': (

@@ -257,3 +257,29 @@ def test_ma_sep_arena_holds_experts_or_cache_not_both():
   # A context long enough for the cache to outgrow the experts sizes the arena by the cache.
   long = strategy.arena_layout(4096)
   assert long['rows'] == 2 * long['kv_rows'] + 4096 and long['kv_rows'] > long['expert_rows']
+
+
+@pytest.mark.parametrize('split', [(12, 4), (8, 8)])
+@pytest.mark.parametrize('batch', [24, 256])
+def test_planner_decode_memory_equals_the_strategy_accounting(split, batch):
+  """The planner's ma_sep decode memory is the program's: the paper model in bf16 (shapes only).
+
+  If the generation program changes its buffers, this fails until perf_model follows.
+  """
+  from configs import paper
+
+  from mas_jax import config as config_lib
+  from mas_jax import perf_model as pm
+
+  cd = paper.get_config()
+  cd.model.compute_dtype = 'bfloat16'
+  cd.parallel.attn_devices, cd.parallel.moe_devices = split
+  strategy = strategies.get(decode.decode_config(config_lib.from_config_dict(cd), batch))
+  rows = strategy.decode_memory_rows(2048)
+  hw = pm.HARDWARE['h100']
+  predicted = pm.predict_ma_sep(
+    pm.ModelSpec.from_config(cd), hw, pm.Workload('decode', batch, 2048), *split, 1
+  ).memory
+  for r in rows:
+    role = 'attention' if r['role'] == 'attention' else 'experts'
+    assert predicted[role] == pytest.approx(r['held'], rel=1e-9), (r['device'], role)
