@@ -10,8 +10,11 @@ import pytest
 from conftest import assert_trees_close
 from strategy_harness import small_config
 
+from configs import paper
+from mas_jax import config as config_lib
 from mas_jax import decode, strategies, train_lib
 from mas_jax import model as model_lib
+from mas_jax import perf_model as pm
 from mas_jax.config import ConfigError
 
 RTOL = 1e-5
@@ -266,11 +269,6 @@ def test_planner_decode_memory_equals_the_strategy_accounting(split, batch):
 
   If the generation program changes its buffers, this fails until perf_model follows.
   """
-  from configs import paper
-
-  from mas_jax import config as config_lib
-  from mas_jax import perf_model as pm
-
   cd = paper.get_config()
   cd.model.compute_dtype = 'bfloat16'
   cd.parallel.attn_devices, cd.parallel.moe_devices = split
