@@ -21,9 +21,9 @@ from flax import nnx
 
 from mas_jax import config as config_lib
 from mas_jax import data as data_lib
+from mas_jax import distributed, strategies
 from mas_jax import metrics as metrics_lib
 from mas_jax import model as model_lib
-from mas_jax import strategies
 from mas_jax.config import Config, TrainConfig
 from mas_jax.layers import moe as moe_lib
 
@@ -211,17 +211,13 @@ def make_eval_step(strategy, param_shardings):
   )
 
 
-def to_global(batch: np.ndarray, sharding) -> jax.Array:
-  """This host's rows of the batch -> the global batch array on the strategy's devices."""
-  global_shape = (batch.shape[0] * jax.process_count(), *batch.shape[1:])
-  return jax.make_array_from_process_local_data(sharding, batch, global_shape)
-
-
-def evaluate(eval_step, params, source, num_batches: int, sharding) -> dict[str, float]:
+def evaluate(
+  eval_step, params, source, num_batches: int, sharding, global_shape: tuple[int, int]
+) -> dict[str, float]:
   """Mean of the eval metrics over the eval split's first num_batches batches."""
   totals: dict[str, float] = {}
   for batch in source.eval_batches(num_batches):
-    m = jax.device_get(eval_step(params, to_global(batch, sharding)))
+    m = jax.device_get(eval_step(params, distributed.to_global(batch, sharding, global_shape)))
     for name in ('loss', 'ce_loss'):
       totals[name] = totals.get(name, 0.0) + float(m[name]) / num_batches
   return {f'eval_{k}': v for k, v in totals.items()}
@@ -319,7 +315,10 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_dict.to_json_best_effort(indent=2))
 
-  source = data_lib.get_source(config)
+  batch_sharding = strategy.batch_sharding()
+  global_shape = (config.data.batch_size, config.data.seq_len + 1)
+  shard_index, shard_count = distributed.data_shard(batch_sharding, global_shape)
+  source = data_lib.get_source(config, shard_index, shard_count)
   tx = make_optimizer(config.train)
   state, shardings = create_train_state(config, strategy, tx)
   mgr = checkpoint_manager(workdir, config.train)
@@ -327,7 +326,6 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
   data_state = None
   if restored is not None:
     state, data_state = restored
-  batch_sharding = strategy.batch_sharding()
   train_step = compile_train_step(config, strategy, tx, shardings, state)
   eval_step = make_eval_step(strategy, shardings['params'])
 
@@ -343,7 +341,7 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
   window_start, window_steps = None, 0
   while step < config.train.steps:
     batch, data_state = next(batches)
-    state, metrics = train_step(state, to_global(batch, batch_sharding))
+    state, metrics = train_step(state, distributed.to_global(batch, batch_sharding, global_shape))
     step += 1
     window_steps += 1
     if window_start is None:  # the first step compiles; time from its end
@@ -372,7 +370,14 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
       )
       if eval_now:
         last.update(
-          evaluate(eval_step, state['params'], source, config.train.eval_steps, batch_sharding)
+          evaluate(
+            eval_step,
+            state['params'],
+            source,
+            config.train.eval_steps,
+            batch_sharding,
+            global_shape,
+          )
         )
         logging.info('step %d  eval_loss %.4f', step, last['eval_loss'])
       writer.write(step, last)

@@ -1,11 +1,12 @@
 """C4 through tensorflow-datasets -> SentencePiece -> EOS-separated stream -> packed batches.
 
-Each host reads its own shard of the split (`tfds.split_for_jax_process`), shuffles documents
-deterministically from the seed, tokenizes them, appends EOS, and cuts the token stream into
-consecutive rows of seq_len + 1 tokens: no token is lost or duplicated, and a row may span
-documents. A batch comes with the data state after it ({'docs': documents consumed, 'leftover':
-tokens not yet in a row}); restoring that state skips `docs` documents before tokenization and
-refills the leftover, so a resumed run sees exactly the batches an uninterrupted one would.
+Each data shard (`mas_jax.distributed.data_shard`) reads its own part of the split
+(`tfds.split_for_jax_process`), shuffles documents deterministically from the seed, tokenizes
+them, appends EOS, and cuts the token stream into consecutive rows of seq_len + 1 tokens: no
+token is lost or duplicated, and a row may span documents. A batch comes with the data state
+after it ({'docs': documents consumed, 'leftover': tokens not yet in a row}); restoring that state
+skips `docs` documents before tokenization and refills the leftover, so a resumed run sees
+exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -69,24 +70,28 @@ def pack(
 
 
 class C4Source:
-  """Train and eval batches of (prepared or embedded-sample) C4 for this host."""
+  """Train and eval batches of (prepared or embedded-sample) C4 for one data shard.
+
+  Shard s of n reads the s-th of n disjoint parts of each split and yields batches of
+  host_batch = batch_size / n rows.
+  """
 
   def __init__(
     self,
     cfg: DataConfig,
     vocab_size: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    shard_index: int = 0,
+    shard_count: int = 1,
   ):
-    if cfg.batch_size % process_count:
+    if cfg.batch_size % shard_count:
       raise ValueError(
-        f'data.batch_size={cfg.batch_size} does not divide over {process_count} processes'
+        f'data.batch_size={cfg.batch_size} does not divide over {shard_count} data shards'
       )
 
     self.cfg, self.seed = cfg, seed
-    self.host_batch = cfg.batch_size // process_count
-    self.process_index, self.process_count = process_index, process_count
+    self.host_batch = cfg.batch_size // shard_count
+    self.shard_index, self.shard_count = shard_index, shard_count
     self.data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     self.name = f'{cfg.dataset}:{cfg.version}'
     info = os.path.join(self.data_dir, *cfg.dataset.split('/'), cfg.version, 'dataset_info.json')
@@ -110,12 +115,12 @@ class C4Source:
     self.tokenizer = tok_lib.load(path, vocab_size)
 
   def _texts(self, split: str, shuffle: bool, repeat: bool, skip: int = 0) -> Iterator[str]:
-    """Document texts of this host's shard of `split`, after skipping `skip` documents."""
+    """Document texts of this data shard's part of `split`, after skipping `skip` documents."""
     _import_tf()  # before tfds touches TensorFlow: hide the GPUs from it
     import tensorflow_datasets as tfds
 
     split = tfds.split_for_jax_process(
-      split, process_index=self.process_index, process_count=self.process_count
+      split, process_index=self.shard_index, process_count=self.shard_count
     )
     ds = tfds.load(
       self.name,
