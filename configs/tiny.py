@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Steps between checkpoints, and checkpoints kept.
   config.train.checkpoint_every = 100
   config.train.keep_checkpoints = 2
+  # A step whose loss or gradient norm is NaN/inf stops the run (exit code 1) before anything
+  # newer than the last finite step is saved. N > 0: skip up to N such steps instead (their
+  # update is dropped by optax.apply_if_finite); the N+1-th stops the run.
+  config.train.skip_nonfinite_steps = 0
 
   config.parallel = ml_collections.ConfigDict()
   # Strategy name from mas_jax.strategies: 'reference' (one device) or 'dp' (all devices).

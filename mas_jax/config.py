@@ -92,6 +92,7 @@ class TrainConfig:
   checkpoint_every: int
   keep_checkpoints: int
   grad_accum_steps: int = 1
+  skip_nonfinite_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +224,10 @@ def validate(config: Config) -> None:
   for name in ('log_every', 'eval_every', 'eval_steps', 'checkpoint_every', 'keep_checkpoints'):
     _check(getattr(t, name) > 0, f'train.{name}={getattr(t, name)} must be positive')
 
+  _check(
+    t.skip_nonfinite_steps >= 0,
+    f'train.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0',
+  )
   _check(t.grad_accum_steps > 0, f'train.grad_accum_steps={t.grad_accum_steps} must be positive')
   _check(
     p.moe_dispatch in _DISPATCH,

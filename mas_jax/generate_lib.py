@@ -31,6 +31,7 @@ from absl import logging
 
 from mas_jax import config as config_lib
 from mas_jax import decode, strategies, train_lib
+from mas_jax import workdir as workdir_lib
 from mas_jax.config import Config, ConfigError
 from mas_jax.data import c4, sample
 
@@ -44,12 +45,11 @@ _SHAPE_FIELDS = ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_expert
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict train.py wrote to workdir/config.json (JSON types: int, float, bool, str)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  """The run's config in effect (config.json and any accepted changes, see mas_jax.workdir)."""
+  config = workdir_lib.current_config(workdir)
+  if config is None:
     raise ConfigError(f'--workdir={workdir} has no config.json: not a train.py workdir')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(config)
 
 
 def _checkpoints(workdir: str) -> str:

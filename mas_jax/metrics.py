@@ -15,6 +15,7 @@ counted):
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from absl import logging
@@ -63,8 +64,17 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
+def _finite_or_none(value):
+  """NaN and inf are not JSON: they are written as null."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
 class MetricWriter:
   """Appends one JSON object per call to <workdir>/metrics.jsonl and the scalars to TensorBoard.
+
+  Non-finite values (a diverged loss) are written as null, so every line stays valid JSON.
 
   TensorBoard needs TensorFlow (flax.metrics.tensorboard); without it only the JSONL is written.
   Only process 0 writes.
@@ -88,7 +98,8 @@ class MetricWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    scalars = {k: _finite_or_none(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': step, **scalars}, allow_nan=False) + '\n')
     self._jsonl.flush()
     if self._tb is not None:
       for name, value in scalars.items():

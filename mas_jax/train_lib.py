@@ -1,4 +1,4 @@
-"""Train state, optimizer, jitted train/eval steps, orbax checkpoints, and the training loop.
+"""Train state, optimizer, jitted train/eval steps, and the training loop.
 
 Strategy-agnostic: the strategy named by `config.parallel.strategy` supplies the mesh, the
 parameter and batch shardings and the loss; everything here works for all of them.
@@ -6,26 +6,33 @@ parameter and batch shardings and the loss; everything here works for all of the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
 from mas_jax import data as data_lib
 from mas_jax import distributed, strategies
+from mas_jax import logs as logs_lib
 from mas_jax import metrics as metrics_lib
 from mas_jax import model as model_lib
+from mas_jax import workdir as workdir_lib
 from mas_jax.config import Config, TrainConfig
 from mas_jax.layers import moe as moe_lib
+from mas_jax.workdir import RunError
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer and state.
@@ -57,8 +64,13 @@ def decay_mask(params: dict) -> dict:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW with the warmup-cosine schedule."""
-  return optax.chain(
+  """Global-norm clipping, then AdamW with the warmup-cosine schedule.
+
+  With train.skip_nonfinite_steps = N > 0 the chain is wrapped in `optax.apply_if_finite`: a step
+  whose gradients hold a NaN or inf leaves parameters and moments unchanged (the training loop
+  stops the run once more than N steps were skipped).
+  """
+  tx = optax.chain(
     optax.clip_by_global_norm(cfg.grad_clip),
     optax.adamw(
       learning_rate_schedule(cfg),
@@ -69,6 +81,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       mask=decay_mask,
     ),
   )
+  if cfg.skip_nonfinite_steps:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.skip_nonfinite_steps)
+  return tx
 
 
 def init_params(config: Config) -> dict:
@@ -159,6 +174,8 @@ def make_train_step(config: Config, strategy, tx, shardings):
     params = optax.apply_updates(state['params'], updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['learning_rate'] = schedule(state['step'])
+    if config.train.skip_nonfinite_steps:
+      metrics['skipped_steps'] = opt_state.total_notfinite
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     return new_state, metrics
 
@@ -224,45 +241,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints.
-# ---------------------------------------------------------------------------------------------
-
-
-def checkpoint_manager(workdir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=cfg.keep_checkpoints, create=True, cleanup_tmp_directories=True
-  )
-  return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
-  )
-
-
-def restore(mgr: ocp.CheckpointManager, state: dict, shardings: dict):
-  """Restores the latest checkpoint into the intended shardings; (state, data_state) or None."""
-  step = mgr.latest_step()
-  if step is None:
-    return None
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
-  )
-  restored = mgr.restore(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
-  )
-  logging.info('Resumed from the checkpoint of step %d in %s.', step, mgr.directory)
-  return restored['state'], restored['data']
-
-
-def save(mgr: ocp.CheckpointManager, state: dict, data_state: dict) -> None:
-  step = int(jax.device_get(state['step']))
-  json_state = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in data_state.items()}
-  mgr.save(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(json_state)),
-  )
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
 
@@ -300,56 +278,178 @@ def log_model_summary(config: Config, strategy) -> None:
     logging.info('%s', line)
 
 
-def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+class NonFiniteError(RunError):
+  """The loss or gradient norm of a step is NaN or inf (and may not be skipped)."""
+
+
+class _StopSignals:
+  """SIGTERM/SIGINT: the first asks the loop to stop after saving, a second exits at once.
+
+  Installed only in the main thread (signal handlers cannot be set elsewhere); the previous
+  handlers come back on exit.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      os.write(2, f'{name} again: exiting at once without saving.\n'.encode())
+      os._exit(128 + signum)
+    self.received = name
+    logging.warning(
+      '%s received: finishing this step, saving a checkpoint and exiting (send it again to '
+      'exit at once).',
+      name,
+    )
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def stop_requested(self) -> bool:
+    """True on every process once any process received a signal."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    return distributed.any_process(self.received is not None)
+
+
+def _check_finite(step: int, metrics: dict, skip_limit: int, last_saved: int | None) -> None:
+  """Raises NonFiniteError for a non-finite loss or gradient norm, unless it may be skipped."""
+  values = jax.device_get(
+    {k: metrics[k] for k in ('loss', 'grad_norm', 'skipped_steps') if k in metrics}
+  )
+  bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
+  if not bad:
+    return
+  what = ', '.join(f'{k}={float(values[k])}' for k in bad)
+  if skip_limit and int(values['skipped_steps']) <= skip_limit:
+    logging.warning(
+      'step %d: %s; the update was skipped (%d of train.skip_nonfinite_steps=%d).',
+      step,
+      what,
+      int(values['skipped_steps']),
+      skip_limit,
+    )
+    return
+  limit = f' after {skip_limit} skipped steps' if skip_limit else ''
+  newest = f'step {last_saved}' if last_saved is not None else 'none'
+  raise NonFiniteError(
+    f'step {step}: {what}{limit}; the run stopped without saving it (newest checkpoint: '
+    f'{newest}); lower train.learning_rate or set train.skip_nonfinite_steps'
+  )
+
+
+def train_and_evaluate(
+  config_dict: ml_collections.ConfigDict, workdir: str, resume_changed: Sequence[str] = ()
+) -> dict[str, float]:
   """Trains config.train.steps steps (resuming from workdir), evaluating and checkpointing.
+
+  Stops early, after saving, on SIGTERM or SIGINT. Raises ConfigError or RunError (one line
+  each) for bad input, a changed config on resume, a locked workdir, no usable checkpoint, a
+  non-finite loss or a failed save.
 
   Returns:
     The last logged metrics (train and eval).
   """
   config = config_lib.from_config_dict(config_dict)
   strategy = strategies.get(config)  # validates the placement before any work
-  log_model_summary(config, strategy)
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_dict.to_json_best_effort(indent=2))
-
   batch_sharding = strategy.batch_sharding()
   global_shape = (config.data.batch_size, config.data.seq_len + 1)
   shard_index, shard_count = distributed.data_shard(batch_sharding, global_shape)
-  source = data_lib.get_source(config, shard_index, shard_count)
-  tx = make_optimizer(config.train)
-  state, shardings = create_train_state(config, strategy, tx)
-  mgr = checkpoint_manager(workdir, config.train)
-  restored = restore(mgr, state, shardings)
-  data_state = None
-  if restored is not None:
-    state, data_state = restored
-  train_step = compile_train_step(config, strategy, tx, shardings, state)
-  eval_step = make_eval_step(strategy, shardings['params'])
+  source = data_lib.get_source(config, shard_index, shard_count)  # a bad data_dir fails here
+  is_main = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    if is_main:
+      stack.enter_context(workdir_lib.WorkdirLock(workdir))
+    mgr = checkpoint_lib.manager(
+      os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints
+    )
+    stack.callback(mgr.close)
+    workdir_lib.check_identity(
+      workdir,
+      config_dict.to_json_best_effort(),
+      list(resume_changed),
+      mgr.latest_step(),
+      write=is_main,
+    )
+    log_model_summary(config, strategy)
+    tx = make_optimizer(config.train)
+    state, shardings = create_train_state(config, strategy, tx)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+    )
+    restored = checkpoint_lib.restore_latest_good(mgr, target, workdir)
+    data_state = None
+    if restored is not None:
+      state, saved_data, restored_step = restored
+      data_state = distributed.select_data_state(saved_data, shard_index, shard_count)
+      logging.info('Resumed from the checkpoint of step %d in %s.', restored_step, mgr.directory)
+    step = int(jax.device_get(state['step']))
+    if is_main:
+      workdir_lib.truncate_metrics(workdir, step)
+    train_step = compile_train_step(config, strategy, tx, shardings, state)
+    eval_step = make_eval_step(strategy, shardings['params'])
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    stack.callback(writer.close)
+    signals = stack.enter_context(_StopSignals())
+    bar = stack.enter_context(logs_lib.progress(config.train.steps, step, enabled=is_main))
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    def save(state, data_state) -> int:
+      data = distributed.gather_data_state(data_state, shard_index, shard_count)
+      return checkpoint_lib.save(mgr, state, data)
+
+    return _loop(
+      config, strategy, state, source, data_state, train_step, eval_step, writer, signals, bar,
+      save, lambda: checkpoint_lib.wait(mgr), batch_sharding, global_shape,
+      last_saved=None if restored is None else restored[2],
+    )  # fmt: skip
+
+
+def _loop(
+  config, strategy, state, source, data_state, train_step, eval_step, writer, signals, bar,
+  save, wait, batch_sharding, global_shape, last_saved,
+) -> dict[str, float]:  # fmt: skip
+  """The training loop proper (see train_and_evaluate)."""
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_step = metrics_lib.train_flops_per_token(config.model, config.data.seq_len) * (
     tokens_per_step
   )
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  skip_limit = config.train.skip_nonfinite_steps
   step = int(jax.device_get(state['step']))
   batches = source.train_batches(data_state)
   last: dict[str, float] = {}
   window_start, window_steps = None, 0
-  while step < config.train.steps:
+  pending = None  # (step, metrics) of a step whose loss is not yet checked for NaN/inf
+  while step < config.train.steps and not signals.stop_requested():
     batch, data_state = next(batches)
     state, metrics = train_step(state, distributed.to_global(batch, batch_sharding, global_shape))
     step += 1
     window_steps += 1
+    if pending is not None:  # checks step - 1 while step runs: one step stays in flight
+      _check_finite(*pending, skip_limit, last_saved)
+    pending = (step, metrics)
     if window_start is None:  # the first step compiles; time from its end
       jax.block_until_ready(state['step'])
       window_start, window_steps = time.perf_counter(), 0
     done = step == config.train.steps
     log_now = step % config.train.log_every == 0 or done
     eval_now = step % config.train.eval_every == 0 or done
+    save_now = step % config.train.checkpoint_every == 0 or done
     if log_now or eval_now:
       last = _scalars(metrics)
       jax.block_until_ready(state['step'])
@@ -368,6 +468,7 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
         last['grad_norm'],
         f'{last["tokens_per_sec"]:.0f}' if 'tokens_per_sec' in last else '-',
       )
+      bar.set_postfix(loss=f'{last["loss"]:.4f}', refresh=False)
       if eval_now:
         last.update(
           evaluate(
@@ -381,11 +482,27 @@ def train_and_evaluate(config_dict: ml_collections.ConfigDict, workdir: str) -> 
         )
         logging.info('step %d  eval_loss %.4f', step, last['eval_loss'])
       writer.write(step, last)
-    if step % config.train.checkpoint_every == 0 or done:
-      save(mgr, state, data_state)
+    bar.update(1)
+    if save_now:
+      _check_finite(*pending, skip_limit, last_saved)
+      pending = None
+      last_saved = save(state, data_state)
     if log_now or eval_now:
       window_start, window_steps = time.perf_counter(), 0
-  mgr.wait_until_finished()
-  mgr.close()
-  writer.close()
+  if pending is not None:
+    _check_finite(*pending, skip_limit, last_saved)
+  if step < config.train.steps:  # stopped by a signal
+    if last_saved != step:
+      last_saved = save(state, data_state)
+    wait()
+    logging.warning(
+      'Stopped by %s at step %d of %d; saved the checkpoint of step %d. Run the same command '
+      'to resume.',
+      signals.received or 'a signal to another process',
+      step,
+      config.train.steps,
+      last_saved,
+    )
+    return last
+  wait()
   return last

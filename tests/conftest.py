@@ -8,8 +8,18 @@ os.environ['XLA_FLAGS'] = (
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same programs again (every train_and_evaluate run builds new jitted
+# functions): JAX's persistent compilation cache turns those recompiles into cache hits.
+# Subprocesses started by tests inherit the directory through the environment variable.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='mas_jax_jit_cache_'))
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 from configs import tiny  # noqa: E402
 
@@ -18,11 +28,13 @@ from configs import tiny  # noqa: E402
 def sample_dir(tmp_path_factory) -> str:
   """A TFDS data_dir holding the embedded C4 sample and its tokenizer, built once per session."""
   from mas_jax import config as config_lib
+  from mas_jax.data import sample
   from mas_jax.data.c4 import C4Source
 
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   cd = tiny.get_config()
   cd.data.data_dir = data_dir
+  sample.build(data_dir, cd.data.version)
   C4Source(config_lib.from_config_dict(cd).data, cd.model.vocab_size, seed=0)
   return data_dir
 

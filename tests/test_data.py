@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from mas_jax import config as config_lib
-from mas_jax.data import c4, get_source
+from mas_jax.data import c4, get_source, sample
 
 
 def test_pack_keeps_every_token_exactly_once():
@@ -62,6 +62,7 @@ def test_c4_stream_resumes_exactly(source):
 
 def test_c4_version_3_0_1_loads_unchanged(tmp_path):
   """The same tfds.load path reads a prepared c4/en:3.0.1 (here the sample written as 3.0.1)."""
+  sample.build(str(tmp_path), '3.0.1')
   cd = tiny_config(
     **{
       'data.data_dir': str(tmp_path),

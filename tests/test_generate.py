@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
+from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
 from mas_jax import generate_lib, strategies, train_lib
 from mas_jax.config import ConfigError
@@ -81,9 +82,9 @@ def test_restore_converts_the_training_layout(run_dir, tmp_path):
   assert slotted['blocks']['moe']['w_in'].shape != params['blocks']['moe']['w_in'].shape
   tx = train_lib.make_optimizer(config.train)
   state = {'step': jnp.asarray(3, jnp.int32), 'params': slotted, 'opt_state': tx.init(slotted)}
-  mgr = train_lib.checkpoint_manager(workdir, config.train)
-  train_lib.save(mgr, state, {'docs': 0, 'leftover': np.zeros(0, np.int32)})
-  mgr.wait_until_finished()
+  mgr = checkpoint_lib.manager(os.path.join(workdir, 'checkpoints'), keep=1)
+  checkpoint_lib.save(mgr, state, {'shard_count': 1, 'shards': [{'docs': 0, 'leftover': []}]})
+  checkpoint_lib.wait(mgr)
   mgr.close()
   restored, step = generate_lib.restore_params(workdir)
   assert step == 3

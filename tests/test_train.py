@@ -79,9 +79,9 @@ def test_resume_is_bit_exact(straight_run):
   again = _params(resumed_dir, 6)
   for a, b in zip(_leaves(final), _leaves(again), strict=True):
     np.testing.assert_array_equal(a, b)
-  straight, resumed = _records(workdir), _records(resumed_dir)[6:]
-  assert [r['step'] for r in resumed] == [4, 5, 6]
-  for a, b in zip(straight[3:], resumed, strict=True):
+  straight, resumed = _records(workdir), _records(resumed_dir)
+  assert [r['step'] for r in resumed] == [1, 2, 3, 4, 5, 6]  # steps 4-6 once, not twice
+  for a, b in zip(straight, resumed, strict=True):
     assert (a['loss'], a['grad_norm']) == (b['loss'], b['grad_norm'])
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from absl import logging
 
-from mas_jax.config import DataConfig
+from mas_jax.config import ConfigError, DataConfig
 from mas_jax.data import sample
 from mas_jax.data import tokenizer as tok_lib
 
@@ -94,10 +94,17 @@ class C4Source:
     self.shard_index, self.shard_count = shard_index, shard_count
     self.data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     self.name = f'{cfg.dataset}:{cfg.version}'
-    info = os.path.join(self.data_dir, *cfg.dataset.split('/'), cfg.version, 'dataset_info.json')
+    dataset_dir = os.path.join(self.data_dir, *cfg.dataset.split('/'))
+    info = os.path.join(dataset_dir, cfg.version, 'dataset_info.json')
     if not os.path.exists(info):
-      if cfg.dataset != 'c4/en':
-        raise FileNotFoundError(f'no prepared {self.name} in data.data_dir={self.data_dir!r}')
+      own_cache = os.path.abspath(self.data_dir) == DEFAULT_DATA_DIR
+      if not own_cache or cfg.dataset != 'c4/en':  # the sample is built only in its own cache
+        versions = sorted(os.listdir(dataset_dir)) if os.path.isdir(dataset_dir) else []
+        raise ConfigError(
+          f'data.data_dir={self.data_dir!r} holds no prepared {self.name}: {info} does not '
+          f'exist (versions of {cfg.dataset} there: {", ".join(versions) or "none"}); leave '
+          f'data.data_dir empty for the embedded sample in {DEFAULT_DATA_DIR}'
+        )
       sample.build(self.data_dir, cfg.version)
     self.is_sample = sample.is_sample(self.data_dir, cfg.version)
     if self.is_sample:
