@@ -17,7 +17,9 @@ import os
 import sys
 
 if '--smoke' in sys.argv:
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  )
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,8 +1,8 @@
 """Command-line plumbing shared by train.py and generate.py: quiet logs, one-line flag errors.
 
 - `quiet_libraries(verbosity)`: at the default `--verbosity=0`, INFO lines of other packages
-  (orbax, jax, tensorflow-datasets) are dropped and mas-jax's own INFO lines stay; warnings and
-  errors always show. `--verbosity=1` shows everything.
+  (orbax, jax, tensorflow-datasets) are dropped and mas-jax's own INFO lines stay; their warnings
+  and errors always show, as one line each (no traceback). `--verbosity=1` shows everything.
 - `parse_flags_one_line`: absl's flag parser, except that a `--config.<field>` override naming a
   field the config does not have ends in one line naming the nearest valid field, not a
   traceback.
@@ -23,8 +23,13 @@ _OURS = (os.sep + 'mas_jax' + os.sep, os.sep + 'train.py', os.sep + 'generate.py
 
 
 class _OnlyOursBelowWarning(py_logging.Filter):
+  """Other packages: warnings and errors only, without their tracebacks (our error says why)."""
+
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or any(s in record.pathname for s in _OURS)
+    if any(s in record.pathname for s in _OURS):
+      return True
+    record.exc_info = record.exc_text = None
+    return record.levelno >= py_logging.WARNING
 
 
 _FILTER = _OnlyOursBelowWarning()

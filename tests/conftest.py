@@ -2,8 +2,11 @@
 
 import os
 
+# LLVM's -O0 for the CPU code: compiles about a third faster, and every test compares programs
+# compiled alike (XLA's own passes, sharding and collectives included, are unchanged).
+CPU_FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=16'
+  os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count=16 {CPU_FAST_COMPILE}'
 )
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')

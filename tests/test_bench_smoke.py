@@ -1,9 +1,11 @@
 """The benchmark scripts run end to end at tiny shapes on CPU (smoke, not timing)."""
 
 import json
+import os
 import sys
 
 import pytest
+from conftest import CPU_FAST_COMPILE
 
 sys.path.insert(0, 'bench')
 
@@ -35,6 +37,7 @@ def test_multi_gpu_bench_smoke(tmp_path):
     check=True,
     capture_output=True,
     timeout=280,
+    env={**os.environ, 'XLA_FLAGS': CPU_FAST_COMPILE},  # the bench adds its device count
   )
   result = json.loads((tmp_path / 'multi_gpu_smoke.json').read_text())
   names = [r['overrides']['parallel.strategy'] for r in result['rows']]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_config
+from conftest import CPU_FAST_COMPILE, tiny_config
 
 from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import train_lib
@@ -284,7 +284,7 @@ def test_8_sigterm_saves_and_exits_0(sample_dir, tmp_path):
   cmd = _train_cmd(
     workdir, sample_dir, '--config.train.steps=100000', '--config.train.checkpoint_every=100000'
   )
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count=1 {CPU_FAST_COMPILE}'}
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   metrics = pathlib.Path(workdir, 'metrics.jsonl')
   deadline = time.time() + 120
