@@ -5,6 +5,7 @@ from strategy_harness import assert_matches_reference, small_config
 
 from mas_jax import strategies
 from mas_jax.config import ConfigError
+from mas_jax.strategies import ep as ep_lib
 
 
 def ep_config(ep, dropless=False, **overrides):
@@ -47,6 +48,19 @@ def test_ep_bad_shapes(overrides, message):
     strategies.get(ep_config(16, **overrides))
 
 
-def test_ep_describe_reports_parameter_bytes():
-  text = strategies.get(ep_config(16)).describe()
-  assert 'Memory per device (parameters + AdamW moments)' in text and len(text.splitlines()) >= 2
+@pytest.mark.parametrize('ep', [16, 4])
+def test_ep_describe_reports_parameter_bytes(ep):
+  """The reported bytes equal a count from the config's shapes: everything replicated but the
+  experts, of which a device holds E / ep; float32 parameters, AdamW adds two moments."""
+  config = ep_config(ep)
+  m = config.model
+  d, nh, f, e = m.d_model, m.num_heads * m.head_dim, m.expert_hidden, m.num_experts
+  per_layer = 2 * d + 4 * d * nh + d * e + (e // ep) * 2 * d * f  # norms, attention, router, FFNs
+  param_bytes = 4 * (2 * m.vocab_size * d + d + m.num_layers * per_layer)  # + embed, head, norm
+  strategy = strategies.get(config)
+  params = ep_lib.abstract_params(m)
+  specs = strategy.param_specs(params)
+  assert ep_lib.param_bytes_per_device(strategy.mesh, specs, params) == param_bytes
+  text = strategy.describe()
+  assert f'{3 * param_bytes / 1e6:.4g} MB held' in text, text
+  assert f'(parameters {param_bytes / 1e6:.4g} MB;' in text, text
