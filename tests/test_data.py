@@ -46,11 +46,34 @@ def test_c4_sample_batches(source):
   batch, state = next(source.train_batches())
   assert batch.shape == (4, 33) and batch.dtype == np.int32
   assert batch.max() < 512 and state['docs'] >= 1
+  # The first batch and the leftover are exactly the first state['docs'] documents, each
+  # ending in EOS.
   eos = source.tokenizer.eos_id()
-  assert (batch == eos).any() or state['docs'] == 1
+  stream = np.concatenate([batch.reshape(-1), state['leftover']])
+  assert np.sum(stream == eos) == state['docs'] and stream[-1] == eos
   eval_a = list(source.eval_batches(2))
   eval_b = list(source.eval_batches(2))
   np.testing.assert_array_equal(eval_a, eval_b)
+
+
+def test_every_packed_document_ends_with_eos(source):
+  """Token documents are the tokenizer's ids plus EOS; packed rows keep those EOS boundaries."""
+  eos = source.tokenizer.eos_id()
+  texts = list(itertools.islice(source._texts('validation', shuffle=False, repeat=False), 30))
+  texts = [t for t in texts if len(source.tokenizer.encode(t)) < 120]  # 69 to 117 tokens
+  ids = [source.tokenizer.encode(text) for text in texts]
+  assert all(eos not in doc for doc in ids)
+  for doc, expected in zip(source._token_docs(texts), ids, strict=True):
+    np.testing.assert_array_equal(doc, expected + [eos])
+  # Batches of 4 x 65 tokens span several documents; the rows and the last leftover are the
+  # stream of the documents consumed, each closed by EOS.
+  packed = list(c4.pack(source._token_docs(texts), rows=4, row_len=65))
+  docs = packed[-1][1]['docs']
+  assert len(packed) >= 2 and packed[0][1]['docs'] >= 3 and docs >= 6
+  stream = np.concatenate([b.reshape(-1) for b, _ in packed] + [packed[-1][1]['leftover']])
+  ends = np.flatnonzero(stream == eos)
+  np.testing.assert_array_equal(ends + 1, np.cumsum([len(doc) + 1 for doc in ids[:docs]]))
+  np.testing.assert_array_equal(stream, np.concatenate([doc + [eos] for doc in ids[:docs]]))
 
 
 def test_c4_stream_resumes_exactly(source):

@@ -37,15 +37,6 @@ def test_causality(params):
   assert not np.allclose(a[:, 7:], b[:, 7:])
 
 
-def test_module_call_matches_pure_forward(params):
-  model = nnx.merge(
-    nnx.graphdef(model_lib.Transformer(CFG, rngs=nnx.Rngs(0))),
-    nnx.state(model_lib.Transformer(CFG, rngs=nnx.Rngs(0))),
-  )
-  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
-  np.testing.assert_array_equal(model(tokens)[0], model_lib.forward(CFG, params, tokens)[0])
-
-
 def test_router_selection_and_gates():
   # 3 tokens, 4 experts; token s's logits are row s of w (the input is one-hot).
   probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.4, 0.1, 0.1, 0.4], [0.05, 0.05, 0.3, 0.6]])
@@ -90,7 +81,7 @@ def test_dispatch_combine_and_dropped_count():
 
 def test_aux_and_z_loss_values():
   probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7]])
-  logits = np.log(probs) + 1.0  # logsumexp = 1 for every token
+  logits = np.log(probs) + 3.0  # logsumexp = 3 for every token (1 would hide a missing square)
   route = {
     'logits': jnp.asarray(logits)[None],
     'probs': jnp.asarray(probs)[None],
@@ -100,15 +91,21 @@ def test_aux_and_z_loss_values():
   f = np.array([1, 2, 1]) / 4
   p = probs.mean(0)
   np.testing.assert_allclose(stats['aux_loss_sum'], 3 * np.sum(f * p), rtol=1e-6)
-  np.testing.assert_allclose(stats['z_loss_sum'], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(stats['z_loss_sum'], 2 * 3.0**2, rtol=1e-6)
   np.testing.assert_array_equal(stats['expert_counts'], [1, 2, 1])
 
 
 def test_dropout_mask_is_shard_invariant():
+  """A block's bits follow its global (group, expert) ids, not its place in the caller's slice."""
   key = jax.random.key(3)
-  full = moe.dropout_keep_mask(key, jnp.arange(4), jnp.arange(6), (2, 5), 0.5)
-  part = moe.dropout_keep_mask(key, jnp.arange(2, 4), jnp.arange(3, 6), (2, 5), 0.5)
+  full = np.asarray(moe.dropout_keep_mask(key, jnp.arange(4), jnp.arange(6), (4, 8), 0.5))
+  part = np.asarray(moe.dropout_keep_mask(key, jnp.arange(2, 4), jnp.arange(3, 6), (4, 8), 0.5))
   np.testing.assert_array_equal(full[2:, 3:], part)
+  # Different ids, different bits: a mask that ignored its ids would pass the check above.
+  blocks = full.reshape(4 * 6, -1)
+  same = [(i, j) for i in range(24) for j in range(i) if np.array_equal(blocks[i], blocks[j])]
+  assert not same, f'(group, expert) blocks with identical masks: {same[:5]}'
+  assert not np.array_equal(full[:2, :3], part), 'the mask ignores the group and expert ids'
 
 
 @pytest.mark.parametrize('remat', ['full', 'save_dots'])
