@@ -63,6 +63,8 @@ def test_capacity_drops_in_switch_order():
   # expert 0: first choices of tokens 1, 2 (slots 0, 1), then token 0's second choice (slot 2).
   np.testing.assert_array_equal(pos[0], [[0, 2], [0, 1], [1, 2]])
   assert moe.capacity(64, 2, 16, 1.25, dropless=False) == 10
+  assert moe.capacity(30, 2, 16, 1.25, dropless=False) == 5  # ceil(4.6875): rounds up
+  assert moe.capacity(8, 2, 2, 1.5, dropless=False) == 8  # never more than seq_len
   assert moe.capacity(64, 2, 16, 1.25, dropless=True) == 64
 
 

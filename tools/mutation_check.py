@@ -182,6 +182,14 @@ BUGS = [
     'gates = top_probs',
     ('tests/test_model.py::test_router_selection_and_gates',),
   ),
+  Bug(
+    'capacity_rounds_down',
+    'expert capacity rounded down instead of up (drops tokens the capacity factor pays for)',
+    'mas_jax/layers/moe.py',
+    'math.ceil(capacity_factor * seq_len * top_k / num_experts)',
+    'math.floor(capacity_factor * seq_len * top_k / num_experts)',
+    ('tests/test_model.py::test_capacity_drops_in_switch_order',),
+  ),
 ]
 
 
