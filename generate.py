@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from mas_jax import generate_lib
 from mas_jax.config import ConfigError
+from mas_jax.workdir import RunError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a train.py run (config.json + checkpoints).')
@@ -71,8 +72,8 @@ def main(argv):
       context=FLAGS.context,
       output=FLAGS.output,
     )
-  except ConfigError as e:
-    sys.exit(f'ConfigError: {e}')
+  except (ConfigError, RunError) as e:  # a damaged checkpoint too (CheckpointError)
+    sys.exit(f'{type(e).__name__}: {e}')
   print(generate_lib.report(out))
 
 

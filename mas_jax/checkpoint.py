@@ -204,6 +204,20 @@ def _restore_verified(mgr, step: int, target: dict) -> tuple[dict, dict]:
   return restored['state'], data
 
 
+def verify_arrays(tree: dict, integrity, step: int) -> None:
+  """Raises CheckpointError unless every array of `tree` (part of a saved state, in the same
+  nesting, e.g. {'params': ...}) matches the checksum the step's integrity record holds."""
+  if not isinstance(integrity, dict) or integrity.get('format') != FORMAT:
+    raise CheckpointError(f'the checkpoint of step {step} has no integrity record')
+  actual = array_checksums(tree)
+  bad = [k for k in sorted(actual) if integrity['arrays'].get(k) != actual[k]]
+  if bad:
+    raise CheckpointError(
+      f'the checkpoint of step {step} is damaged: checksum mismatch in {len(bad)} array(s), '
+      f'first {bad[0]} (resuming it with train.py falls back to an older step)'
+    )
+
+
 def _agree(bad: bool) -> bool:
   """True on every process if any process found the step bad (always agree on the step)."""
   if jax.process_count() == 1:

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 import sentencepiece as spm
 from absl import logging
 
+from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
 from mas_jax import decode, strategies, train_lib
 from mas_jax import workdir as workdir_lib
@@ -72,6 +73,8 @@ def latest_step(workdir: str) -> int:
 def restore_params(workdir: str, devices: list | None = None) -> tuple[dict, int]:
   """Params of the latest checkpoint in the reference layout, and its step.
 
+  The params are checked against the checkpoint's checksums (CheckpointError if damaged).
+
   The run's own strategy (config.json) gives the checkpoint's layout and the shardings to
   restore into, so it must be buildable on `devices` (e.g. ma_sep 12:4 needs 16 devices).
   """
@@ -100,7 +103,10 @@ def restore_params(workdir: str, devices: list | None = None) -> tuple[dict, int
   )
   options = ocp.CheckpointManagerOptions(create=False)
   with ocp.CheckpointManager(_checkpoints(workdir), options=options) as mgr:
-    restored = mgr.restore(step, args=ocp.args.Composite(state=state_args))
+    restored = mgr.restore(
+      step, args=ocp.args.Composite(state=state_args, integrity=ocp.args.JsonRestore())
+    )
+  checkpoint_lib.verify_arrays({'params': restored['state']['params']}, restored['integrity'], step)
   params = jax.jit(strategy.to_reference, donate_argnums=0)(restored['state']['params'])
   logging.info(
     'Restored the params of step %d from %s (trained with parallel.strategy=%s).',

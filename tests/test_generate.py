@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,18 @@ def test_restore_params_equals_the_checkpoint(run_dir):
   assert step == 3
   for a, b in zip(_leaves(params), _leaves(state['params']), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_restore_params_refuses_params_that_fail_their_checksum(run_dir, tmp_path):
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(run_dir, workdir)
+  record = workdir / 'checkpoints/3/integrity/metadata'
+  integrity = json.loads(record.read_text())
+  name = min(k for k in integrity['arrays'] if k.startswith("['params']"))
+  integrity['arrays'][name] = '0' * 16  # what a flipped byte in that array looks like
+  record.write_text(json.dumps(integrity))
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'checksum mismatch in 1 array'):
+    generate_lib.restore_params(str(workdir))
 
 
 def _leaves(tree):
