@@ -112,6 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
   # newer than the last finite step is saved. N > 0: skip up to N such steps instead (their
   # update is dropped by optax.apply_if_finite); the N+1-th stops the run.
   config.train.skip_nonfinite_steps = 0
+  # TensorBoard summaries in <workdir>/tensorboard (importing TensorFlow for them takes ~4 s).
+  config.train.tensorboard = True
 
   config.parallel = ml_collections.ConfigDict()
   # Strategy name from mas_jax.strategies: 'reference' (one device) or 'dp' (all devices).

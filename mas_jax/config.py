@@ -93,6 +93,7 @@ class TrainConfig:
   keep_checkpoints: int
   grad_accum_steps: int = 1
   skip_nonfinite_steps: int = 0
+  tensorboard: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

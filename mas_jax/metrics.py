@@ -76,11 +76,12 @@ class MetricWriter:
 
   Non-finite values (a diverged loss) are written as null, so every line stays valid JSON.
 
-  TensorBoard needs TensorFlow (flax.metrics.tensorboard); without it only the JSONL is written.
+  TensorBoard needs TensorFlow (flax.metrics.tensorboard); without it, or with
+  tensorboard=False (`train.tensorboard`), only the JSONL is written.
   Only process 0 writes.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
@@ -88,6 +89,8 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
+    if not tensorboard:
+      return
     try:
       from flax.metrics import tensorboard
 

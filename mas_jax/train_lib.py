@@ -403,7 +403,9 @@ def train_and_evaluate(
       workdir_lib.truncate_metrics(workdir, step)
     train_step = compile_train_step(config, strategy, tx, shardings, state)
     eval_step = make_eval_step(strategy, shardings['params'])
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    writer = metrics_lib.MetricWriter(
+      workdir, enabled=is_main, tensorboard=config.train.tensorboard
+    )
     stack.callback(writer.close)
     signals = stack.enter_context(_StopSignals())
     bar = stack.enter_context(logs_lib.progress(config.train.steps, step, enabled=is_main))

@@ -36,6 +36,7 @@ SAFE_TO_CHANGE = (
   'train.eval_steps',
   'train.checkpoint_every',
   'train.keep_checkpoints',
+  'train.tensorboard',
   'data.prefetch',
 )
 

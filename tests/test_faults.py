@@ -274,6 +274,7 @@ def _train_cmd(workdir, sample_dir, *flags):
     sys.executable,
     'train.py',
     f'--workdir={workdir}',
+    '--config.train.tensorboard=False',
     *(f'--config.{k}={v}' for k, v in overrides.items()),
     *flags,
   ]
