@@ -67,3 +67,19 @@ def assert_trees_close(actual, expected, rtol: float, atol: float = 0.0) -> None
       f'{jax.tree_util.keystr(path)}: max|diff|={diff.max():.3g}, '
       f'relative to max|expected|={diff.max() / scale:.3g} > rtol={rtol}'
     )
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of <workdir>/metrics.jsonl, in order."""
+  import json
+
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def restore_state(workdir: str, step: int) -> dict:
+  """The train state of checkpoint `step` in <workdir>/checkpoints, as saved (no target)."""
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mgr:
+    return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']

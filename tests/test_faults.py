@@ -19,9 +19,8 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import CPU_FAST_COMPILE, tiny_config
+from conftest import CPU_FAST_COMPILE, read_metrics, restore_state, tiny_config
 
 from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import train_lib
@@ -49,17 +48,7 @@ def _config(sample_dir, **more):
   return tiny_config(**{**OVERRIDES, 'data.data_dir': sample_dir, **more})
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _state(workdir, step):
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mgr:
-    return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-
-
-def _assert_same_state(a, b):
+def _assert_samerestore_state(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -91,10 +80,10 @@ def copy(straight, tmp_path):
 
 def _assert_resumed_like_straight(copy, straight, restored_step):
   """The rerun trained to step 6 exactly as the straight run, each metrics step once."""
-  _assert_same_state(_state(copy, 6), _state(straight, 6))
-  records = _records(copy)
+  _assert_samerestore_state(restore_state(copy, 6), restore_state(straight, 6))
+  records = read_metrics(copy)
   assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
-  for a, b in zip(records, _records(straight), strict=True):
+  for a, b in zip(records, read_metrics(straight), strict=True):
     assert (a['loss'], a['grad_norm']) == (b['loss'], b['grad_norm'])
   assert restored_step in _steps(copy)
 
@@ -104,7 +93,7 @@ def test_straight_run_saves_checksums(straight):
   integrity = json.loads((pathlib.Path(straight) / 'checkpoints/6/integrity/metadata').read_text())
   assert integrity['step'] == 6 and integrity['format'] == checkpoint_lib.FORMAT
   # Restored without a target, optax's named tuples come back as lists: compare the values.
-  restored = checkpoint_lib.array_checksums(_state(straight, 6))
+  restored = checkpoint_lib.array_checksums(restore_state(straight, 6))
   assert sorted(integrity['arrays'].values()) == sorted(restored.values())
 
 
@@ -171,9 +160,9 @@ def test_4_nan_stops_before_saving_it(sample_dir, tmp_path):
   bad_step = int(str(e.value).split(':')[0].split()[1])
   saved = _steps(workdir)
   assert saved and max(saved) < bad_step, (saved, bad_step)
-  for leaf in jax.tree.leaves(_state(workdir, max(saved))['params']):
+  for leaf in jax.tree.leaves(restore_state(workdir, max(saved))['params']):
     assert np.all(np.isfinite(leaf))
-  records = _records(workdir)  # valid JSON: non-finite values are null
+  records = read_metrics(workdir)  # valid JSON: non-finite values are null
   assert [r['step'] for r in records] == list(range(1, bad_step + 1))
   assert None in (records[-1]['loss'], records[-1]['grad_norm'])
 
@@ -188,10 +177,10 @@ def test_4_skip_nonfinite_steps_skips_then_stops(sample_dir, tmp_path, caplog):
     train_lib.train_and_evaluate(cd, workdir)
   skipped = [r for r in caplog.records if 'the update was skipped' in r.getMessage()]
   assert len(skipped) == 2
-  records = _records(workdir)
+  records = read_metrics(workdir)
   assert [r['skipped_steps'] for r in records[-3:]] == [1, 2, 3]
   # A skipped step leaves the parameters alone: the newest checkpoint is finite.
-  for leaf in jax.tree.leaves(_state(workdir, max(_steps(workdir)))['params']):
+  for leaf in jax.tree.leaves(restore_state(workdir, max(_steps(workdir)))['params']):
     assert np.all(np.isfinite(leaf))
 
 
@@ -215,7 +204,7 @@ def test_6_changed_config_stops_with_the_fields(copy, sample_dir):
 def test_6_accepted_change_resumes_and_is_recorded(copy, sample_dir):
   cd = _config(sample_dir, **{'train.learning_rate': 1e-3, 'train.steps': 7})
   train_lib.train_and_evaluate(cd, copy, resume_changed=['train.learning_rate'])
-  assert [r['step'] for r in _records(copy)] == [1, 2, 3, 4, 5, 6, 7]
+  assert [r['step'] for r in read_metrics(copy)] == [1, 2, 3, 4, 5, 6, 7]
   (entry,) = [json.loads(line) for line in open(os.path.join(copy, workdir_lib.HISTORY))]
   assert entry['step'] == 6
   assert entry['changes'] == {'train.learning_rate': [0.003, 0.001], 'train.steps': [6, 7]}
@@ -297,7 +286,7 @@ def test_8_sigterm_saves_and_exits_0(sample_dir, tmp_path):
   (line,) = [x for x in out.splitlines() if 'Stopped by SIGTERM' in x]
   step = int(line.split(' at step ')[1].split()[0])
   assert _steps(workdir) == [step]
-  assert [r['step'] for r in _records(workdir)][-1] == step
+  assert [r['step'] for r in read_metrics(workdir)][-1] == step
   # Quiet by default: none of orbax's INFO chatter, no traceback.
   assert 'Traceback' not in out and 'orbax' not in out.lower(), out
 

@@ -1,14 +1,12 @@
 """train_and_evaluate on the tiny config with the generated C4 sample, and bit-exact resume."""
 
-import json
 import os
 import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import assert_trees_close, tiny_config
+from conftest import assert_trees_close, read_metrics, restore_state, tiny_config
 from strategy_harness import _inputs, small_config
 
 from mas_jax import strategies, train_lib
@@ -25,16 +23,6 @@ OVERRIDES = {
 }
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def _params(workdir, step):
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mgr:
-    return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-
-
 @pytest.fixture(scope='module')
 def straight_run(sample_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('straight'))
@@ -45,7 +33,7 @@ def straight_run(sample_dir, tmp_path_factory):
 
 def test_train_and_evaluate_writes_metrics(straight_run):
   workdir, _, last = straight_run
-  records = _records(workdir)
+  records = read_metrics(workdir)
   assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
   for key in (
     'loss',
@@ -71,15 +59,15 @@ def test_train_and_evaluate_writes_metrics(straight_run):
 def test_resume_is_bit_exact(straight_run):
   """6 steps straight == 3 steps, restart from the step-3 checkpoint, 3 more steps."""
   workdir, config, _ = straight_run
-  final = _params(workdir, 6)
+  final = restore_state(workdir, 6)
   resumed_dir = workdir + '_resumed'
   shutil.copytree(workdir, resumed_dir)
   shutil.rmtree(os.path.join(resumed_dir, 'checkpoints', '6'))
   train_lib.train_and_evaluate(config, resumed_dir)
-  again = _params(resumed_dir, 6)
+  again = restore_state(resumed_dir, 6)
   for a, b in zip(_leaves(final), _leaves(again), strict=True):
     np.testing.assert_array_equal(a, b)
-  straight, resumed = _records(workdir), _records(resumed_dir)
+  straight, resumed = read_metrics(workdir), read_metrics(resumed_dir)
   assert [r['step'] for r in resumed] == [1, 2, 3, 4, 5, 6]  # steps 4-6 once, not twice
   for a, b in zip(straight, resumed, strict=True):
     assert (a['loss'], a['grad_norm']) == (b['loss'], b['grad_norm'])
@@ -138,6 +126,6 @@ def test_the_tiny_model_learns_more_than_unigram_statistics(sample_dir, tmp_path
   )
   entropy = _unigram_entropy(get_source(config_lib.from_config_dict(cd)), num_batches=200)
   last = train_lib.train_and_evaluate(cd, str(tmp_path / 'learn'))
-  first = _records(str(tmp_path / 'learn'))[0]['loss']
+  first = read_metrics(str(tmp_path / 'learn'))[0]['loss']
   assert first > entropy + 0.2, (first, entropy)  # it starts near log(vocab) = 6.24
   assert last['eval_loss'] < entropy - 0.3, (last['eval_loss'], entropy)
