@@ -2,7 +2,7 @@
 
 For every strategy of the list, on all local devices: the train step time (median), tokens/s,
 MFU (datasheet bf16 peak), the per-device memory of the compiled step, ma_sep's per-role busy
-ticks of its schedule, and the planner's prediction (`mas_jax.perf_model`) beside each measured
+ticks of its schedule, and the planner's prediction (`mas_jax.perf`) beside each measured
 figure with the error. Same model (the seed's layer shapes, fewer layers), same global batch,
 synthetic data. Writes docs/benchmarks/multi_gpu.json and multi_gpu.md.
 
@@ -27,7 +27,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 
 from configs import paper  # noqa: E402
-from mas_jax import perf_model  # noqa: E402
+from mas_jax import perf  # noqa: E402
 
 GPU_MODEL = {'model.num_layers': 2, 'data.batch_size': 16}
 SMOKE_MODEL = {
@@ -46,14 +46,10 @@ def strategy_list(n: int, model: dict) -> list[dict]:
   """ma_sep at the planner's split and at 3:1, tp_pp (n/2 x 2) and ep (n), as config overrides."""
   cd = paper.get_config()
   _apply(cd, model)
-  spec = perf_model.ModelSpec.from_config(cd)
-  hw = perf_model.load_hardware('h200')
-  w = perf_model.Workload('train', cd.data.batch_size, cd.data.seq_len)
-  valid = [a for a in range(1, n) if cd.model.num_experts % (n - a) == 0]
-  best = min(
-    (perf_model.best_ma_sep(spec, hw, w, a, n - a) for a in valid),
-    key=lambda p: (not p.fits, p.step_s),
-  )
+  spec = perf.ModelSpec.from_config(cd)
+  hw = perf.load_hardware('h200')
+  w = perf.Workload('train', cd.data.batch_size, cd.data.seq_len)
+  best = next(p for p in perf.plan(spec, hw, w, n) if p.strategy == 'ma_sep')
   a_best = int(best.split.split(':')[0])
   out = [
     {
@@ -90,17 +86,10 @@ def _apply(cd, overrides: dict) -> None:
     cd[section][field] = value
 
 
-def predict(cd, overrides: dict) -> perf_model.Prediction:
-  spec = perf_model.ModelSpec.from_config(cd)
+def predict(cd, overrides: dict) -> perf.Prediction:
   kind = jax.devices()[0].device_kind.lower()
-  hw = perf_model.load_hardware('h200' if 'h200' in kind else 'h100')
-  w = perf_model.Workload('train', cd.data.batch_size, cd.data.seq_len)
-  p = cd.parallel
-  if p.strategy == 'ma_sep':
-    return perf_model.predict_ma_sep(spec, hw, w, p.attn_devices, p.moe_devices, p.num_microbatches)
-  if p.strategy == 'tp_pp':
-    return perf_model.predict_tp_pp(spec, hw, w, p.tp, p.pp, p.num_microbatches)
-  return perf_model.predict_ep(spec, hw, w, len(jax.devices()), p.ep)
+  hw = perf.load_hardware('h200' if 'h200' in kind else 'h100')
+  return perf.predict_config(cd, hw, len(jax.devices()))
 
 
 def measure(model: dict, overrides: dict, repeats: int) -> dict:

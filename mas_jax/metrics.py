@@ -1,15 +1,8 @@
-"""FLOP accounting, MFU, and the metric writers (metrics.jsonl and TensorBoard).
+"""MFU, and the metric writers (metrics.jsonl and TensorBoard).
 
-FLOP convention (model FLOPs, the one MaxText and Megatron-Core report; recomputation is not
-counted):
-  training FLOPs per token = 6 * active matmul parameters per token
-                           + 6 * L * T * D          (attention scores and values: 2 matmuls of
-                                                     2 * T * D each per token and layer forward,
-                                                     x3 for forward + backward, halved because
-                                                     causal attention needs half the pairs)
-  active matmul parameters per token = L * (4 * D * N * H  + D * E  + top_k * 2 * D * F) + D * V
-    (q, k, v, o projections; router; the top_k experts a token visits; the output head). The
-    embedding lookup is a gather, not a matmul, and is not counted.
+The FLOP and parameter accounting is the planner's (mas_jax.perf.model, convention in its module
+docstring): model FLOPs, the convention MaxText and Megatron-Core report; recomputation and
+capacity padding are not counted.
 """
 
 from __future__ import annotations
@@ -17,50 +10,49 @@ from __future__ import annotations
 import json
 import math
 import os
+import types
 
 from absl import logging
 
 from mas_jax.config import ModelConfig
+from mas_jax.perf import hardware as hardware_lib
+from mas_jax.perf import model as perf_model
 
-# Dense bf16 datasheet peaks (FLOP/s) per device, matched against jax device_kind, for MFU.
-PEAK_FLOPS = {'h100': 989e12, 'h200': 989e12, 'a100': 312e12}
+# jax device_kind substrings -> the planner's hardware presets (dense bf16 datasheet peaks).
+_DEVICE_KINDS = {'h100': 'h100', 'h200': 'h200', 'a100': 'a100_80g'}
+
+
+def _spec(cfg: ModelConfig, seq_len: int) -> perf_model.ModelSpec:
+  data = types.SimpleNamespace(seq_len=seq_len, batch_size=1)
+  return perf_model.ModelSpec.from_config(types.SimpleNamespace(model=cfg, data=data))
 
 
 def param_count(cfg: ModelConfig) -> dict[str, int]:
-  """Parameter counts: total, attention, moe, embeddings, and active per token."""
-  d, n, h, e, f, v, n_layers = (
-    cfg.d_model,
-    cfg.num_heads,
-    cfg.head_dim,
-    cfg.num_experts,
-    cfg.expert_hidden,
-    cfg.vocab_size,
-    cfg.num_layers,
-  )
-  attn = n_layers * (4 * d * n * h + d)  # projections + norm scale
-  moe = n_layers * (d * e + 2 * e * d * f + d)  # router + experts + norm scale
-  embed = 2 * v * d + d  # embedding, output head, final norm
-  active_matmul = n_layers * (4 * d * n * h + d * e + cfg.top_k * 2 * d * f) + d * v
+  """Parameter counts: total, attention (with its norm), moe (router, experts, norm),
+  embeddings (with the final norm), and active matmul parameters per token."""
+  m = _spec(cfg, 1)
+  attn = m.num_layers * (perf_model.attn_params_per_layer(m) - m.d_model)
+  moe = m.num_layers * (perf_model.moe_params_per_layer(m) + m.d_model)
   return {
-    'total': attn + moe + embed,
+    'total': perf_model.total_params(m),
     'attention': attn,
     'moe': moe,
-    'embeddings': embed,
-    'active_matmul': active_matmul,
+    'embeddings': perf_model.embed_params(m),
+    'active_matmul': perf_model.active_matmul_params(m),
   }
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Model FLOPs of one training token (forward + backward), convention in the module doc."""
-  return 6.0 * param_count(cfg)['active_matmul'] + 6.0 * cfg.num_layers * seq_len * cfg.d_model
+  """Model FLOPs of one training token (forward + backward, causal)."""
+  return perf_model.train_flops_per_token(_spec(cfg, seq_len))
 
 
 def peak_flops(device_kind: str) -> float | None:
   """Datasheet dense bf16 peak of a JAX device_kind string, or None when unknown (e.g. CPU)."""
   kind = device_kind.lower()
-  for name, peak in PEAK_FLOPS.items():
+  for name, preset in _DEVICE_KINDS.items():
     if name in kind:
-      return peak
+      return hardware_lib.HARDWARE[preset].bf16_flops
   return None
 
 

@@ -286,3 +286,10 @@ def loss_fn(
   """Reference loss of a packed batch[B, T + 1] (inputs batch[:, :-1], targets batch[:, 1:])."""
   ce_sum, stats = loss_sums(cfg, params, batch, dropout_key)
   return finalize_loss(cfg, ce_sum, stats, batch.shape[0], batch.shape[1] - 1)
+
+
+def init_params(config) -> dict:
+  """Parameters of the NNX model of `config.model` (seeded by `config.seed`) as a plain nested
+  dict: the reference layout every strategy converts from."""
+  model = Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))

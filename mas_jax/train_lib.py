@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
 
 from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
@@ -28,10 +27,10 @@ from mas_jax import data as data_lib
 from mas_jax import distributed, strategies
 from mas_jax import logs as logs_lib
 from mas_jax import metrics as metrics_lib
-from mas_jax import model as model_lib
 from mas_jax import workdir as workdir_lib
 from mas_jax.config import Config, TrainConfig
 from mas_jax.layers import moe as moe_lib
+from mas_jax.model import init_params  # noqa: F401  (the trainer's API; defined beside the model)
 from mas_jax.workdir import RunError
 
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +83,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   if cfg.skip_nonfinite_steps:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=cfg.skip_nonfinite_steps)
   return tx
-
-
-def init_params(config: Config) -> dict:
-  """Parameters of the NNX model as a plain nested dict (the layout all strategies use)."""
-  model = model_lib.Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def state_shardings(strategy, tx: optax.GradientTransformation, config: Config) -> dict:

@@ -14,8 +14,9 @@ from configs import paper
 from mas_jax import config as config_lib
 from mas_jax import decode, strategies, train_lib
 from mas_jax import model as model_lib
-from mas_jax import perf_model as pm
+from mas_jax import perf as pm
 from mas_jax.config import ConfigError
+from mas_jax.perf import ma_sep as ma_sep_model
 
 RTOL = 1e-5
 CONTEXT = 16
@@ -267,7 +268,7 @@ def test_ma_sep_arena_holds_experts_or_cache_not_both():
 def test_planner_decode_memory_equals_the_strategy_accounting(split, batch):
   """The planner's ma_sep decode memory is the program's: the paper model in bf16 (shapes only).
 
-  If the generation program changes its buffers, this fails until perf_model follows.
+  If the generation program changes its buffers, this fails until mas_jax.perf follows.
   """
   cd = paper.get_config()
   cd.model.compute_dtype = 'bfloat16'
@@ -275,8 +276,8 @@ def test_planner_decode_memory_equals_the_strategy_accounting(split, batch):
   strategy = strategies.get(decode.decode_config(config_lib.from_config_dict(cd), batch))
   rows = strategy.decode_memory_rows(2048)
   hw = pm.HARDWARE['h100']
-  predicted = pm.predict_ma_sep(
-    pm.ModelSpec.from_config(cd), hw, pm.Workload('decode', batch, 2048), *split, 1
+  predicted = ma_sep_model.predict(
+    pm.ModelSpec.from_config(cd), hw, pm.Workload('decode', batch, 2048), ma_sep_model.Split(*split)
   ).memory
   for r in rows:
     role = 'attention' if r['role'] == 'attention' else 'experts'

@@ -208,9 +208,7 @@ def decode_memory_table(rows: list[dict]) -> str:
 
 
 def _reference_params(config: Config) -> dict:
-  from mas_jax import train_lib  # late import: train_lib imports the strategy registry
-
-  return train_lib.init_params(config)
+  return model_lib.init_params(config)
 
 
 def finalize(config: Config, ce_sum: jax.Array, stats: dict) -> tuple[jax.Array, dict]:

@@ -1,0 +1,197 @@
+"""Cost model of `tp_pp` (mas_jax/strategies/tp_pp.py), following its program.
+
+Mesh (pipe, tensor) = (pp, tp), stage s on devices s*tp .. s*tp+tp-1. A stage holds L/pp layers
+with heads and every expert's F split tp ways; the router, norms, embedding and head are
+replicated on every device. GPipe: M + pp - 1 ticks forward and as many backward; in a tick every
+stage runs its layers (on zeros outside its micro-batches: the bubble costs the same time as
+work) and ppermutes its output to the next stage. Per layer and tick: the attention output and
+the MoE output are psum-ed over 'tensor' (forward); the backward psums the input gradients of
+q, k and v separately, of the expert capacity buffer and of the gates. The head runs on the last
+stage after the pipeline. Over 'pipe' the backward psums stage 0's input gradient in every tick
+(every stage looks the input up) and the head's gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mas_jax.perf import collectives as coll
+from mas_jax.perf.calibration import Calibration
+from mas_jax.perf.hardware import Hardware
+from mas_jax.perf.kernels import Kernels, accumulator_update, optimizer_update
+from mas_jax.perf.model import ModelSpec, attn_act_bytes_per_token, moe_act_bytes_per_token
+from mas_jax.perf.prediction import (
+  GRAD_BYTES,
+  Collective,
+  Cost,
+  Memory,
+  Prediction,
+  Term,
+  Workload,
+  backward_passes,
+  finish,
+  fit_accumulation,
+  train_state,
+)
+
+
+def invalid(m: ModelSpec, tp: int, pp: int, microbatches: int, batch: int) -> str | None:
+  """Why the strategy would refuse this shape (its ConfigError), or None."""
+  if m.num_heads % tp:
+    return f'num_heads={m.num_heads} is not divisible by tp={tp}'
+  if m.expert_hidden % tp:
+    return f'expert_hidden={m.expert_hidden} is not divisible by tp={tp}'
+  if m.num_layers % pp:
+    return f'num_layers={m.num_layers} is not divisible by pp={pp}'
+  if batch % microbatches:
+    return f'batch {batch} does not divide into {microbatches} micro-batches'
+  return None
+
+
+def held_params(m: ModelSpec, tp: int, pp: int) -> float:
+  """Parameters per device (every device the same)."""
+  d, lps = m.d_model, m.num_layers // pp
+  attn = 4 * d * m.num_heads * m.head_dim // tp
+  experts = m.num_experts * m.n_mat * d * m.expert_hidden // tp
+  return lps * (attn + experts + d * m.num_experts + 2 * d) + 2 * m.vocab_size * d + d
+
+
+def collectives(
+  m: ModelSpec, hw: Hardware, w: Workload, tp: int, pp: int, microbatches: int, accum: int
+) -> list[Collective]:
+  """The collectives of one step, as the compiled program runs them (kind, group, bytes)."""
+  chunk = w.batch // accum
+  b = chunk // microbatches
+  tokens = w.context if w.train else 1
+  a = m.act_bytes
+  x = b * tokens * m.d_model * a
+  ticks = microbatches + pp - 1
+  lps = m.num_layers // pp
+  stage = list(range(tp))
+  pipe = coll.strided(0, pp, tp)
+  out: list[Collective] = []
+  if tp > 1:
+    n = ticks * lps
+    out.append(
+      coll.collective('attention + MoE output psum', 'all-reduce', stage, n * 2 * x, 2 * n, hw)
+    )
+    if w.train:
+      cap = m.capacity_slots(tokens)
+      buf = b * m.num_experts * cap * m.d_model * a
+      gates = b * tokens * m.top_k * a
+      out.append(
+        coll.collective(
+          'q/k/v, expert-buffer and gate input-gradient psums (backward)',
+          'all-reduce',
+          stage,
+          n * (3 * x + buf + gates),
+          5 * n,
+          hw,
+        )
+      )
+  if pp > 1:
+    pairs = [(s * tp + t, (s + 1) * tp + t) for s in range(pp - 1) for t in range(tp)]
+    passes = 2 if w.train else 1
+    out.append(
+      coll.collective(
+        'stage output ppermute',
+        'collective-permute',
+        [],
+        passes * ticks * x,
+        passes * ticks,
+        hw,
+        pairs=pairs,
+      )
+    )
+    if w.train:
+      # Every tick looks up stage 0's input on every stage (a broadcast over 'pipe' whose
+      # transpose is a psum per tick); the head's gradients come from the last stage only.
+      grads = (m.vocab_size * m.d_model + m.d_model) * GRAD_BYTES
+      out.append(
+        coll.collective(
+          'stage-input gradient and head gradient psum',
+          'all-reduce',
+          pipe,
+          ticks * x + grads,
+          ticks + 1,
+          hw,
+        )
+      )
+  return [dataclasses.replace(c, bytes=c.bytes * accum, count=c.count * accum) for c in out]
+
+
+def _memory(m: ModelSpec, w: Workload, tp: int, pp: int, microbatches: int, accum: int):
+  held = held_params(m, tp, pp)
+  lps = m.num_layers // pp
+  if not w.train:
+    kv = w.batch * w.context * 2 * m.head_dim * (m.num_heads // tp) * lps * m.act_bytes
+    return {'all': Memory(params=held * m.act_bytes, activations=kv)}
+  # GPipe keeps every micro-batch's activations of the stage until the backward.
+  tokens = w.batch // accum * w.context * lps
+  act = attn_act_bytes_per_token(m, 1 / tp) + moe_act_bytes_per_token(m) / tp
+  return {'all': Memory(**train_state(held, accum), activations=tokens * act)}
+
+
+def predict(
+  m: ModelSpec,
+  hw: Hardware,
+  w: Workload,
+  tp: int,
+  pp: int,
+  microbatches: int,
+  cal: Calibration | None = None,
+) -> Prediction:
+  """Step time, memory and collectives of tp_pp (see the module docstring)."""
+  reason = invalid(m, tp, pp, microbatches, w.batch)
+  if reason:
+    raise ValueError(f'tp_pp tp{tp}xpp{pp}: {reason}')
+  k = Kernels(m, hw, cal)
+  accum = fit_accumulation(hw, w, microbatches, lambda a: _memory(m, w, tp, pp, microbatches, a))
+  chunk = w.batch // accum
+  b = chunk // microbatches
+  tokens = w.context if w.train else 1
+  lps = m.num_layers // pp
+  attn = k.attention(w, m.num_heads // tp, b)
+  pairs = b * tokens * m.top_k * (m.capacity if w.train else 1.0)
+  exp = k.experts(w, m.num_experts, pairs, b * tokens, m.expert_hidden // tp)
+  colls = collectives(m, hw, w, tp, pp, microbatches, accum)
+  comm = sum(coll.time(c, hw).time_s for c in colls)
+  ticks = microbatches + pp - 1
+  bwd = backward_passes(m) if w.train else 0.0
+  # Every tick of every stage computes (on zeros outside its micro-batches).
+  compute = accum * ticks * lps * (1 + bwd) * (attn.time_s + exp.time_s)
+  head = k.head(w, chunk if w.train else w.batch, 1.0)
+  head_s = accum * head.time_s * (1 + bwd)
+  held = held_params(m, tp, pp)
+  opt = optimizer_update(held, hw) if w.train else Cost(0.0, 'hbm')
+  acc = accumulator_update(held, accum, hw)
+  step = compute + comm + head_s + opt.time_s + acc.time_s
+  useful = compute * microbatches / ticks
+  terms = [
+    Term('attention', useful * attn.time_s / (attn.time_s + exp.time_s), attn.bound, attn.measured),
+    Term('experts', useful * exp.time_s / (attn.time_s + exp.time_s), exp.bound, exp.measured),
+    Term('pp_bubble', compute - useful, 'schedule'),
+    Term(
+      'collectives',
+      comm,
+      max((coll.time(c, hw) for c in colls), key=lambda t: t.time_s).bound if colls else 'none',
+    ),
+    Term('lm_head', head_s, head.bound),
+    Term('optimizer', opt.time_s, opt.bound),
+    Term('grad_accumulation', acc.time_s, acc.bound),
+  ]
+  return finish(
+    m,
+    hw,
+    w,
+    tp * pp,
+    step,
+    strategy='tp_pp',
+    split=f'tp{tp}xpp{pp}',
+    microbatches=microbatches,
+    busy={'all': (useful + head_s / pp) / step},
+    memory_by_role=_memory(m, w, tp, pp, microbatches, accum),
+    terms=terms,
+    accumulation=accum,
+    collectives=colls,
+  )

@@ -1,0 +1,131 @@
+"""The planner models the program that runs: its collectives and parameter bytes per strategy.
+
+Each case compiles a strategy's train step for the tiny model on 16 fake CPU devices and reads the
+collectives from the compiled HLO (mas_jax.perf.hlo); the strategy's cost model must list the same
+ones: per (kind, group size), the bytes per device of one step within 1%. Collectives under 1% of a
+program's bytes (scalar loss and statistic sums) and one-device groups are left out of both sides.
+The parameter and optimizer bytes per device must equal the strategy's own accounting within 1%.
+
+When a strategy changes its collectives or buffers, these fail until mas_jax/perf follows.
+The tiny model computes in float32: the CPU compiler runs bfloat16 collectives in float32, so a
+bfloat16 compile would not show the bytes a GPU moves.
+"""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import tiny_config
+
+from mas_jax import config as config_lib
+from mas_jax import perf, strategies, train_lib
+from mas_jax.perf import hlo
+from mas_jax.perf import ma_sep as ma_sep_model
+from mas_jax.strategies import base
+
+CASES = {
+  'ma_sep 12:4 all_to_all': {'parallel.strategy': 'ma_sep'},
+  'ma_sep 12:4 replicated M=2': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.moe_dispatch': 'replicated',
+    'parallel.num_microbatches': 2,
+  },
+  'ma_sep 12:4 hierarchical': {'parallel.strategy': 'ma_sep', 'parallel.hierarchical_allreduce': True},
+  'ma_sep 8:8 M=2 accum 2': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.attn_devices': 8,
+    'parallel.moe_devices': 8,
+    'parallel.num_microbatches': 2,
+    'data.batch_size': 32,
+    'train.grad_accum_steps': 2,
+  },
+  'tp_pp 8x2 M=2': {'parallel.strategy': 'tp_pp', 'parallel.num_microbatches': 2},
+  'tp_pp 2x8 M=4': {
+    'parallel.strategy': 'tp_pp',
+    'parallel.tp': 2,
+    'parallel.pp': 8,
+    'model.num_layers': 8,
+    'parallel.num_microbatches': 4,
+  },
+  'ep 4x4': {'parallel.strategy': 'ep', 'parallel.ep': 4},
+  'ep 16, accum 2': {
+    'parallel.strategy': 'ep',
+    'parallel.ep': 16,
+    'data.batch_size': 32,
+    'train.grad_accum_steps': 2,
+  },
+  'dp 16': {'parallel.strategy': 'dp'},
+}
+
+
+def _config(overrides):
+  return config_lib.from_config_dict(tiny_config(**overrides))
+
+
+def _compiled_collectives(config):
+  strategy = strategies.get(config)
+  tx = train_lib.make_optimizer(config.train)
+  shardings = train_lib.state_shardings(strategy, tx, config)
+  params = lambda: strategy.from_reference(train_lib.init_params(config))
+  state = jax.eval_shape(
+    lambda: {'step': jnp.zeros((), jnp.int32), 'params': params(), 'opt_state': tx.init(params())}
+  )
+  text = train_lib.compile_train_step(config, strategy, tx, shardings, state).as_text()
+  return hlo.collectives(text)
+
+
+def _by_kind(items) -> dict[tuple[str, int], float]:
+  totals = collections.Counter()
+  for c in items:
+    if c.group > 1:
+      totals[(c.kind, c.group)] += c.bytes
+  floor = 0.01 * sum(totals.values())
+  return {k: v for k, v in totals.items() if v >= floor}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('name', list(CASES))
+def test_planner_collectives_equal_the_compiled_program(name):
+  config = _config(CASES[name])
+  compiled = _by_kind(_compiled_collectives(config))
+  predicted = _by_kind(perf.predict_config(config, perf.HARDWARE['h100'], 16).collectives)
+  assert set(predicted) == set(compiled), (predicted, compiled)
+  for key, nbytes in compiled.items():
+    assert predicted[key] == pytest.approx(nbytes, rel=0.01), (key, predicted, compiled)
+
+
+@pytest.mark.parametrize(
+  'name', ['ma_sep 12:4 all_to_all', 'ma_sep 8:8 M=2 accum 2', 'tp_pp 2x8 M=4', 'ep 4x4', 'dp 16']
+)
+def test_planner_parameter_and_optimizer_bytes_equal_the_strategy(name):
+  """Per device: fp32 parameters + two AdamW moments as the strategy shards them (dummy slots
+  included), against the planner's `Memory.state` of every role."""
+  config = _config(CASES[name])
+  strategy = strategies.get(config)
+  abstract = jax.eval_shape(lambda: strategy.from_reference(train_lib.init_params(config)))
+  specs = strategy.param_specs(abstract)
+  held = sum(
+    base.local_bytes(strategy.mesh, spec, leaf.shape, 4)
+    for spec, leaf in zip(
+      jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+      jax.tree.leaves(abstract),
+      strict=True,
+    )
+  )
+  prediction = perf.predict_config(config, perf.HARDWARE['h100'], 16)
+  for role, memory in prediction.memory_by_role.items():
+    assert memory.state == pytest.approx(3 * held, rel=0.01), role
+  if config.parallel.strategy == 'ma_sep':
+    rows = strategy.memory_rows()
+    for role, key in (('attention', 'attention'), ('experts', 'expert')):
+      used = max(r['state_used'] for r in rows if r['role'] == key)
+      assert prediction.memory_by_role[role].used == pytest.approx(used, rel=0.01), role
+
+
+@pytest.mark.parametrize('layers,micro', [(1, 1), (2, 1), (2, 3), (4, 2), (3, 4)])
+def test_planner_schedule_is_the_strategys(layers, micro):
+  from mas_jax.strategies import ma_separation
+
+  code = [(t.attn, t.moe) for t in ma_separation.schedule(layers, micro)]
+  assert [(t.attn, t.moe) for t in ma_sep_model.schedule(layers, micro)] == code
