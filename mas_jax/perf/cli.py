@@ -24,12 +24,14 @@ commands).
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from mas_jax import perf as pm
+from mas_jax.perf import model as perf_model
 from mas_jax.perf import report, reproduce
 
 
@@ -54,6 +56,12 @@ def define_flags() -> types.SimpleNamespace:
       'plot_dir', 'perf_plots', 'Where PNG plots are written (created; the path is printed).'
     ),
     top=flags.DEFINE_integer('top', 25, 'Rows of the ranked table.'),
+    expert_loads=flags.DEFINE_string(
+      'expert_loads',
+      None,
+      "A run's metrics.jsonl: its measured expert load fractions (mean of the last 10 logged "
+      'steps) set the busiest expert device of dropless routing and decode.',
+    ),
     measured=flags.DEFINE_string(
       'measured', None, 'Bench JSON (bench/gpu_bench.py): predicted vs measured train steps.'
     ),
@@ -84,6 +92,11 @@ def run_planner(f: types.SimpleNamespace) -> None:
   """Prints the ranked strategies and splits of the config, and writes the plots."""
   config = f.config.value
   m = pm.ModelSpec.from_config(config)
+  if f.expert_loads.value:
+    m = dataclasses.replace(m, expert_loads=perf_model.loads_from_metrics(f.expert_loads.value))
+    print(
+      f'expert loads from {f.expert_loads.value}: ' + ', '.join(f'{x:.3f}' for x in m.expert_loads)
+    )
   hw, cal, measured = hardware(f, m.compute_dtype)
   n = f.devices.value or config.parallel.attn_devices + config.parallel.moe_devices
   mode = f.mode.value

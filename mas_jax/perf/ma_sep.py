@@ -247,7 +247,7 @@ def predict(
   m: ModelSpec, hw: Hardware, w: Workload, s: Split, cal: Calibration | None = None
 ) -> Prediction:
   """Step time, memory and collectives of ma_sep at split `s` (see the module docstring)."""
-  reason = invalid(m, s, w.batch // max(1, w.accumulation), m.seq_len if w.train else 1)
+  reason = invalid(m, s, w.batch // max(1, w.accumulation), m.seq_len)
   if reason:
     raise ValueError(f'ma_sep {s.n_attn}:{s.n_moe}: {reason}')
   k = Kernels(m, hw, cal)
@@ -260,6 +260,8 @@ def predict(
   dispatch = resolve_dispatch(s, chunk)
   attn = k.attention(w, slots, b)
   pairs = b * tokens * m.top_k * (m.capacity if w.train else 1.0) * local / m.num_experts
+  if m.dropless or not w.train:  # computed rows follow the load: the busiest device's
+    pairs *= m.imbalance(s.n_moe)
   exp = k.experts(w, local, pairs, b * tokens, m.expert_hidden)
   colls = collectives(m, hw, w, s, accum)
   times = {c.name: coll.time(c, hw) for c in colls}

@@ -13,6 +13,7 @@ metrics.py computes MFU from these functions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -37,6 +38,19 @@ class ModelSpec:
   seq_len: int = 2048
   batch_size: int = 1024
   remat: str = 'none'  # model.remat: 'full' recomputes each block's forward in the backward
+  # Measured share of the routed token-expert pairs per expert (sums to 1; None: uniform), e.g.
+  # a run's expert_load_<e> metrics (`loads_from_metrics`). Only dropless routing (and decode,
+  # which is always dropless) computes what is routed; capacity routing computes fixed buffers.
+  expert_loads: tuple[float, ...] | None = None
+
+  def imbalance(self, devices: int) -> float:
+    """Routed pairs of the busiest of `devices` expert devices (contiguous experts each) over
+    the mean: 1 when uniform, the AFD paper's imbalance factor otherwise."""
+    if not self.expert_loads or devices <= 1:
+      return 1.0
+    per = len(self.expert_loads) // devices
+    shares = [sum(self.expert_loads[i * per : (i + 1) * per]) for i in range(devices)]
+    return max(shares) * devices / sum(shares)
 
   def capacity_slots(self, tokens: int) -> int:
     """Slots per expert of a group of `tokens` tokens (mas_jax.layers.moe.capacity)."""
@@ -191,3 +205,19 @@ def hit_probability(local: float, m: ModelSpec) -> float:
   for i in range(m.top_k):
     miss *= max(0.0, (m.num_experts - local - i) / (m.num_experts - i))
   return 1.0 - miss
+
+
+def loads_from_metrics(path: str, last: int = 10) -> tuple[float, ...]:
+  """Mean expert load fractions (expert_load_<e>) of the last `last` lines of a run's
+  metrics.jsonl that carry them."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      loads = {int(k.rsplit('_', 1)[1]): v for k, v in row.items() if k.startswith('expert_load_')}
+      if loads and all(v is not None for v in loads.values()):
+        rows.append([loads[e] for e in sorted(loads)])
+  if not rows:
+    raise ValueError(f'{path} has no expert_load_<e> metrics')
+  rows = rows[-last:]
+  return tuple(sum(col) / len(rows) for col in zip(*rows, strict=True))

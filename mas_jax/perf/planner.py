@@ -33,7 +33,7 @@ def _chunk(w: Workload) -> int:
 
 def ma_sep_splits(m: ModelSpec, w: Workload, n: int, microbatches: int = 1) -> list[int]:
   """Attention-device counts of the ma_sep splits of n devices the strategy accepts."""
-  tokens = m.seq_len if w.train else 1
+  tokens = m.seq_len  # the strategy checks the config's batch x seq_len, decode too
   return [
     a
     for a in range(1, n)
@@ -53,7 +53,7 @@ def best_ma_sep(
   **split_options,
 ) -> Prediction | None:
   """The fastest ma_sep prediction of a split over micro-batch counts it accepts (None: none)."""
-  tokens = m.seq_len if w.train else 1
+  tokens = m.seq_len  # the strategy checks the config's batch x seq_len, decode too
   preds = []
   for c in choices:
     s = ma_sep_model.Split(n_attn, n_moe, c, **split_options)
