@@ -18,7 +18,7 @@ cache read, new keys and values written; expert weights of the experts some pair
 its time, against the copy ceiling of the same run. Steps are timed as chains of calls dispatched
 without waiting (`common.time_chain`), rotating over input sets where one set fits in L2.
 Writes docs/benchmarks/<device>_decode.{json,md} and the planner's decode calibration
-docs/benchmarks/<device>_decode_calibration.json (schema: mas_jax/perf_model.py).
+docs/benchmarks/<device>_decode_calibration.json (schema: mas_jax/perf/calibration.py).
 
   python bench/decode.py                                  # on a GPU, everything
   python bench/decode.py --sections=ceilings,variants     # a subset (see --help)
@@ -645,7 +645,7 @@ def model_sweep(s: dict, meta: dict):
 
 
 def calibration(r: dict, s: dict) -> dict:
-  """The planner's decode calibration (schema: mas_jax/perf_model.py)."""
+  """The planner's decode calibration (schema: mas_jax/perf/calibration.py)."""
   attn = [
     {
       'mode': 'decode',

@@ -189,7 +189,7 @@ SMOKE = {
 
 
 def calibration(device: str, result: dict) -> dict:
-  """The planner's calibration file (schema: mas_jax/perf_model.py)."""
+  """The planner's calibration file (schema: mas_jax/perf/calibration.py)."""
   attn = [
     {
       'mode': 'train',
