@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mas_jax import perf_model as pm
+from mas_jax import perf as pm
+from mas_jax.perf import afd, ep, ma_sep, planner, report
 
 # The seed model (configs/paper.py), written out so the test does not need ml_collections.
 SEED = pm.ModelSpec(
@@ -55,16 +56,16 @@ def test_bytes_by_hand():
 
 
 def test_roofline_and_collectives_by_hand():
-  assert pm.roofline(312e12, 1.0, A100, 'bfloat16') == (1.0, 'compute')
-  assert pm.roofline(1.0, 2.039e12, A100, 'bfloat16') == (1.0, 'hbm')
+  assert pm.roofline(312e12, 1.0, A100, 'bfloat16') == pm.Cost(1.0, 'compute')
+  assert pm.roofline(1.0, 2.039e12, A100, 'bfloat16') == pm.Cost(1.0, 'hbm')
   # 8 ranks over 2 nodes of 4: NVLink 2*3/4*1e9/300e9, IB 2*1/2*(1e9/4)/25e9, 4 latencies.
-  t, bound = pm.all_reduce(1e9, 8, SEED_HW)
+  t, bound, measured = pm.all_reduce(1e9, 8, SEED_HW)
   assert t == pytest.approx(5e-3 + 1e-2 + 3e-5)
-  assert bound == 'scale-out'
-  assert pm.all_reduce(1e9, 1, SEED_HW) == (0.0, 'none')
+  assert bound == 'scale-out' and not measured
+  assert pm.all_reduce(1e9, 1, SEED_HW) == pm.Cost(0.0, 'none')
   # All-to-all over 8 ranks, 4 per node: 3/7 of the bytes stay on NVLink.
-  t, bound = pm.all_to_all(7e9, 8, SEED_HW)
-  assert (t, bound) == (pytest.approx(4e9 / 25e9 + 10e-6), 'scale-out')
+  c = pm.all_to_all(7e9, 8, SEED_HW)
+  assert (c.time_s, c.bound) == (pytest.approx(4e9 / 25e9 + 10e-6), 'scale-out')
 
 
 def test_routing_probabilities():
@@ -74,51 +75,89 @@ def test_routing_probabilities():
 
 
 @pytest.mark.parametrize(
-  'stages,m,layers,expected',
+  'layers,m,expected',
   [
-    ([1, 1, 1, 1], 4, 2, 4 + 1 * (4 * 2 - 1)),  # throughput-bound: MegaScale-Infer T_total
-    ([1, 1, 1, 1], 1, 2, 8),  # one micro-batch: serial
-    ([1, 1, 2, 1], 2, 3, 3 * 5 + 1 * 2),  # latency-bound (2 * 2 < 5): a round trip per layer
-    ([1, 1, 4, 1], 2, 3, 7 + 4 * (2 * 3 - 1)),  # throughput-bound again (2 * 4 >= 7)
+    # One micro-batch: the attention of layer l waits for the MoE of layer l - 1, so the roles
+    # take turns: two ticks per layer, one role idle in each.
+    (4, 1, 8),
+    (1, 1, 2),
+    # M >= 2: while the experts run (l, j) the attention runs the next item, so after the first
+    # tick (attention alone) the roles overlap; the last tick is the MoE alone: L * M + 1.
+    (4, 2, 9),
+    (4, 4, 17),
+    (2, 3, 7),
+    (1, 4, 5),
   ],
 )
-def test_pipeline(stages, m, layers, expected):
-  assert pm.pipeline(stages, m, layers) == pytest.approx(expected)
+def test_ma_sep_schedule_ticks(layers, m, expected):
+  ticks = ma_sep.schedule(layers, m)
+  assert len(ticks) == expected
+  items = [(layer, j) for layer in range(layers) for j in range(m)]
+  attn = {t.attn: i for i, t in enumerate(ticks) if t.attn}
+  moe = {t.moe: i for i, t in enumerate(ticks) if t.moe}
+  # Every item runs once on each role, in order; its MoE after its attention, and the attention
+  # of (l, j) after the MoE of (l - 1, j), each in an earlier tick.
+  assert list(attn) == items and list(moe) == items
+  for layer, j in items:
+    assert moe[layer, j] > attn[layer, j]
+    if layer:
+      assert attn[layer, j] > moe[layer - 1, j]
+  assert ticks[0].moe is None and ticks[-1].attn is None
+  both = sum(1 for t in ticks if t.attn and t.moe)
+  assert both == (0 if m == 1 else layers * m - 1)
 
 
 def test_afd_ceilings():
-  h800 = pm.afd_bw_eff(50e9, 160e9, top_k=8, n_f_nodes=2)
+  h800 = afd.afd_bw_eff(50e9, 160e9, top_k=8, n_f_nodes=2)
   assert h800 == 160e9  # scale-up bound: 8/2 * 50 > 160
-  assert round(100 * pm.afd_hfu_ceiling(h800, 2048, 1979e12), 1) == 33.1
-  assert round(100 * pm.afd_hfu_ceiling(50e9, 2048, 1979e12), 1) == 10.3
-  assert round(100 * pm.afd_hfu_ceiling(720e9, 2048, 4500e12), 1) == 65.5
+  assert round(100 * afd.afd_hfu_ceiling(h800, 2048, 1979e12), 1) == 33.1
+  assert round(100 * afd.afd_hfu_ceiling(50e9, 2048, 1979e12), 1) == 10.3
+  assert round(100 * afd.afd_hfu_ceiling(720e9, 2048, 4500e12), 1) == 65.5
   # GELU with bf16 both ways: HFU = BW * M / peak.
-  assert pm.afd_hfu_ceiling(12.5e9, 16384, 312e12, 2, 2, 2) == pytest.approx(
+  assert afd.afd_hfu_ceiling(12.5e9, 16384, 312e12, 2, 2, 2) == pytest.approx(
     12.5e9 * 16384 / 312e12
   )
+  # DeepSeek-V3 / H800 past N_F = TopK = 8: every FFN rank is fed by its own NIC (50 GB/s), so
+  # the link ceiling is the 10.3 % above however many nodes are added (the dead zone).
+  s = afd.SYSTEMS['DeepSeek-V3 / H800']
+  t_b = afd.afd_budget(s)
+  assert t_b == pytest.approx((0.05 * 1.7 - 0.015) / (58 * 3))
+  for n_f in (8, 16, 32):
+    r = afd.afd_roofline(s, n_f, t_b)
+    assert r['hfu'] == pytest.approx(afd.afd_hfu_ceiling(50e9, 2048, 1979e12))
 
 
 def test_corrected_alpha():
-  assert pm.alpha_afd_exact(0.8, 3, 1) == pytest.approx(0.8 * 4 / 3.4)
-  assert pm.alpha_afd_discrete(0.8, 3, 1) == pytest.approx(4 / 3 * 2 / 3)  # 0.889
-  assert pm.alpha_afd_discrete(0.8, 12, 4) == pytest.approx(16 / 12 * 9 / 13)  # 0.923
-  assert pm.alpha_afd_as_printed(0.8, 3, 1) == pytest.approx(8 / 3)  # the typo exceeds 1
+  assert afd.alpha_afd_exact(0.8, 3, 1) == pytest.approx(0.8 * 4 / 3.4)
+  assert afd.alpha_afd_discrete(0.8, 3, 1) == pytest.approx(4 / 3 * 2 / 3)  # 0.889
+  assert afd.alpha_afd_discrete(0.8, 12, 4) == pytest.approx(16 / 12 * 9 / 13)  # 0.923
+  assert afd.alpha_afd_as_printed(0.8, 3, 1) == pytest.approx(8 / 3)  # the typo exceeds 1
   for sigma in (0.7, 0.75, 0.8, 0.85):
-    assert pm.alpha_afd_discrete(sigma, 3, 1) <= pm.alpha_afd_exact(sigma, 3, 1) <= 1
-  assert pm.alpha_ep(4, 0.8) == pytest.approx(5 / 5.25)
+    assert afd.alpha_afd_discrete(sigma, 3, 1) <= afd.alpha_afd_exact(sigma, 3, 1) <= 1
+  assert afd.alpha_ep(4, 0.8) == pytest.approx(5 / 5.25)
 
 
 def test_seed_decode_12_4_cannot_reach_claim():
+  """The seed claims 1.82 ms TPOT for ma_sep 12:4 decode of 24 sequences on 16 A100s."""
   p = pm.best_ma_sep(SEED, SEED_HW, DECODE, 12, 4)
-  # Floor: every layer streams the expected active experts of a 4-expert device through HBM.
+  # Floor: the expert devices run the MoE of every (layer, micro-batch) item one after another,
+  # and each item streams the experts of the device's 4 that its tokens routed to. With M
+  # micro-batches that is M * expected_active(4, 24 / M) >= expected_active(4, 24) experts per
+  # layer (splitting the tokens cannot touch fewer experts in total), so whatever M the planner
+  # picks, the experts term alone streams at least the one-batch bytes through HBM.
   stream = pm.expected_active(4, 24, SEED) * pm.expert_params(SEED) * 2 / A100.hbm_bw
-  assert p.step_s > 4 * stream > 1.82e-3
+  assert p.step_s >= p.time('experts') >= 4 * stream > 1.82e-3
   assert p.tokens_per_s == pytest.approx(24 / p.step_s)
+  # An attention device reads 3 head slots' weights and KV cache per item (~88 MB), an expert
+  # device ~1 GB of experts: attention is busy for well under a fifth of the step, the experts
+  # for most of it (both also run the 262 MB output head of every token).
   assert p.busy['attention'] < 0.2 < p.busy['experts']
   assert p.fits
 
 
-def test_planner_moe_heavy_training_picks_more_expert_devices():
+def test_planner_moe_heavy_training_picks_the_most_expert_devices():
+  """A model whose experts cost ~9x its attention per token: the planner gives the experts as
+  many devices as ma_sep accepts."""
   heavy = dataclasses.replace(
     SEED,
     num_experts=64,
@@ -129,13 +168,29 @@ def test_planner_moe_heavy_training_picks_more_expert_devices():
     vocab_size=1024,
   )
   hw = dataclasses.replace(pm.HARDWARE['h100'], hbm_bytes=1e13)  # memory is not the question
-  preds = pm.plan(heavy, hw, pm.Workload('train', 64, 1024), 16)
+  w = pm.Workload('train', 64, 1024)
+  # 64 experts divide over 1, 2, 4 or 8 expert devices: the splits 15:1, 14:2, 12:4 and 8:8.
+  assert planner.ma_sep_splits(heavy, w, 16) == [8, 12, 14, 15]
+  preds = pm.plan(heavy, hw, w, 16)
+  splits = {p.split: p for p in preds if p.strategy == 'ma_sep'}
   best = next(p for p in preds if p.strategy == 'ma_sep')
-  n_attn, n_moe = (int(x) for x in best.split.split(':'))
-  assert n_moe > n_attn
-  # Busy outside the optimizer update (HBM-bound, a large share of this small batch's step).
-  opt = {t.name: t.time_s for t in best.terms}['optimizer']
-  assert best.busy['experts'] * best.step_s / (best.step_s - opt) > 0.8
+  assert best.split == '8:8' and best.accumulation == 1
+  # The experts term is compute-bound and the same for every M: L x 3 passes (forward and twice
+  # for the backward) x the step's capacity-padded pairs over F devices x 2 n_mat D H FLOPs.
+  pairs = 64 * 1024 * 2 * 1.25
+  for f in (1, 2, 4, 8):
+    expected = 4 * 3 * pairs / f * 2 * 2 * 4096 * 32768 / hw.bf16_flops
+    assert splits[f'{16 - f}:{f}'].time('experts') == pytest.approx(expected)
+  # Every tick takes at least its MoE, and the optimizer (every device updates the E / F expert
+  # slots it holds) runs after the ticks: experts + optimizer bound each split's step from below,
+  # and for every split with fewer expert devices that floor already exceeds the 8:8 step.
+  for split, p in splits.items():
+    assert p.step_s >= p.time('experts', 'optimizer')
+    if split != '8:8':
+      assert p.time('experts', 'optimizer') > best.step_s
+  # Per token and device, 8 expert devices compute 1.34 GFLOP / 8 of experts and 8 attention
+  # devices 2 of the 16 heads (18 MFLOP): the expert devices are busy ~9x longer.
+  assert best.busy['experts'] > 5 * best.busy['attention']
 
 
 def test_calibration_overrides_modelled_figures(tmp_path):
@@ -158,14 +213,20 @@ def test_calibration_overrides_modelled_figures(tmp_path):
   cal = pm.Calibration.load(str(path))
   hw, measured = cal.apply(SEED_HW, 'bfloat16')
   assert hw.bf16_flops == 200e12 and measured == ['bf16_flops']
-  modelled = pm.predict_ma_sep(SEED, hw, DECODE, 12, 4, 1)
-  p = pm.predict_ma_sep(SEED, hw, DECODE, 12, 4, 1, cal)
+  split = ma_sep.Split(12, 4, 1)
+  modelled = ma_sep.predict(SEED, hw, DECODE, split)
+  p = ma_sep.predict(SEED, hw, DECODE, split, cal)
+  # 12:4 gives each attention device ceil(32 / 12) = 3 head slots: the measured entry, once per
+  # layer (one micro-batch of all 24 sequences).
   attn = {t.name: t for t in p.terms}['attention']
   assert attn.measured and attn.time_s == pytest.approx(4 * 1e-3)
   assert not {t.name: t for t in modelled.terms}['attention'].measured
   assert p.step_s > modelled.step_s
-  # 48 token-expert pairs reach a 4-expert device: the line through (10, 1e-4), (50, 5e-4).
-  assert cal.expert_time(SEED, 4, 48 * 4 / 16 * 4, 16384) == pytest.approx(4.8e-4)
+  # 24 tokens x top-2 x 4/16 of the experts = 12 pairs reach a 4-expert device per layer: the
+  # line through (10, 1e-4) and (50, 5e-4) gives 1.2e-4.
+  experts = {t.name: t for t in p.terms}['experts']
+  assert experts.measured and experts.time_s == pytest.approx(4 * 1.2e-4)
+  assert cal.expert_time(SEED, 4, 48, 16384) == pytest.approx(4.8e-4)
   assert 'experts' in p.measured
   assert cal.attention_time(SEED, 'decode', 4, 24, 2048) is None  # no entry for 4 heads
   # One entry of a key: in proportion (batch 48 is twice the measured 24).
@@ -193,7 +254,7 @@ def test_load_hardware_json_and_overrides(tmp_path):
 
 def test_reproduce_afd_cli(tmp_path):
   out = subprocess.run(
-    [sys.executable, '-m', 'mas_jax.plan', '--reproduce=afd', f'--plot_dir={tmp_path}'],
+    [sys.executable, '-m', 'mas_jax.perf', '--reproduce=afd', f'--plot_dir={tmp_path}'],
     capture_output=True,
     text=True,
     check=True,
@@ -202,46 +263,58 @@ def test_reproduce_afd_cli(tmp_path):
   assert (tmp_path / 'afd_roofline.png').stat().st_size > 10_000
 
 
+def test_reproduce_seed_cli():
+  out = subprocess.run(
+    [sys.executable, '-m', 'mas_jax.perf', '--reproduce=seed'],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  assert out.count('| TPOT (ms)') == 2  # the seed cluster with an HDR port per GPU and per node
+  assert 'best for decode:' in out and 'IMPOSSIBLE in bf16' in out
+
+
 def test_optimizer_update_term_by_hand():
   # AdamW reads param, grad, m, v and writes param, m, v (7 x 4 B); the global-norm clip reads
   # the gradient once more: 32 B per parameter held, at HBM bandwidth, once per step.
   assert pm.OPTIMIZER_BYTES_PER_PARAM == 7 * 4 + 4
-  assert pm.optimizer_update(1e9, A100) == (pytest.approx(32e9 / 2.039e12), 'hbm')
+  assert pm.optimizer_update(1e9, A100) == pm.Cost(pytest.approx(32e9 / 2.039e12), 'hbm')
   one_layer = dataclasses.replace(SEED, num_layers=1, batch_size=8)
   h100 = pm.HARDWARE['h100']
   train = pm.Workload('train', 8, 2048)
-  p = pm.predict_ep(one_layer, h100, train, 1, 1)
+  p = ep.predict(one_layer, h100, train, 1, 1)
   opt = {t.name: t for t in p.terms}['optimizer']
   assert opt.bound == 'hbm'
   assert opt.time_s == pytest.approx(pm.total_params(one_layer) * 32 / 3.35e12)  # ~24 ms
   assert p.step_s == pytest.approx(sum(t.time_s for t in p.terms))  # serial on one device
-  # ma_sep: each role updates what it holds; the step waits for the larger (here the experts).
-  q = pm.predict_ma_sep(SEED, SEED_HW, pm.Workload('train', 16, 2048), 12, 4, 1)
-  experts_held = 4 * 4 * pm.expert_params(SEED)
+  # ma_sep: every device holds the same buffers (the code's SPMD program): 3 head slots and 4
+  # expert slots of every layer (dummy on the other role), the router, both norms, the embedding,
+  # head and final norm; AdamW runs over all of it.
+  q = ma_sep.predict(SEED, SEED_HW, pm.Workload('train', 16, 2048), ma_sep.Split(12, 4, 1))
+  d, L = 4096, 4
+  held = L * 4 * d * 3 * 128 + L * 4 * 2 * d * 16384 + L * d * 16 + 2 * L * d + 2 * 32000 * d + d
+  assert held == 2_435_092_480
   opt = {t.name: t for t in q.terms}['optimizer']
-  assert opt.time_s == pytest.approx(experts_held * 32 / A100.hbm_bw)
+  assert q.accumulation == 1
+  assert opt.time_s == pytest.approx(held * 32 / A100.hbm_bw)
   # Decode has no optimizer.
-  assert {t.name: t for t in pm.predict_ep(SEED, A100, DECODE, 16, 16).terms}[
-    'optimizer'
-  ].time_s == 0
+  assert ep.predict(SEED, A100, DECODE, 8, 8).time('optimizer') == 0
 
 
 def test_planner_on_one_device_does_not_crash(capsys):
-  from mas_jax import plan
-
   one_layer = dataclasses.replace(SEED, num_layers=1, batch_size=8)
-  preds = plan.print_plan(one_layer, pm.HARDWARE['h100'], pm.Workload('train', 8, 2048), 1)
+  preds = report.print_plan(one_layer, pm.HARDWARE['h100'], pm.Workload('train', 8, 2048), 1)
   assert preds and all(p.strategy != 'ma_sep' for p in preds)
   assert 'no ma_sep split on 1 device' in capsys.readouterr().out
 
 
 def test_grad_accumulation_term_by_hand():
   # Every chunk reads the fp32 accumulator and gradient and writes the accumulator: 12 B/param.
-  assert pm.accumulator_update(1e9, 1, A100) == (0.0, 'hbm')
-  assert pm.accumulator_update(1e9, 4, A100) == (pytest.approx(4 * 12e9 / 2.039e12), 'hbm')
+  assert pm.accumulator_update(1e9, 1, A100) == pm.Cost(0.0, 'hbm')
+  assert pm.accumulator_update(1e9, 4, A100) == pm.Cost(pytest.approx(4 * 12e9 / 2.039e12), 'hbm')
   one_layer = dataclasses.replace(SEED, num_layers=1, batch_size=32)
   h100 = pm.HARDWARE['h100']
-  p = pm.predict_ep(one_layer, h100, pm.Workload('train', 32, 2048, accumulation=4), 1, 1)
+  p = ep.predict(one_layer, h100, pm.Workload('train', 32, 2048, accumulation=4), 1, 1)
   assert p.accumulation == 4
   acc = {t.name: t for t in p.terms}['grad_accumulation']
   assert acc.time_s == pytest.approx(4 * pm.total_params(one_layer) * 12 / 3.35e12)
@@ -258,7 +331,7 @@ def test_decode_looks_up_dropless_expert_timings():
   )
   assert not SEED.dropless
   # 12:4, one micro-batch of 24 sequences: 24 tokens x top-2 x 4/16 of the experts = 12 pairs.
-  p = pm.predict_ma_sep(SEED, SEED_HW, DECODE, 12, 4, 1, cal)
+  p = ma_sep.predict(SEED, SEED_HW, DECODE, ma_sep.Split(12, 4, 1), cal)
   experts = {t.name: t for t in p.terms}['experts']
   assert experts.measured and experts.time_s == pytest.approx(4 * 3e-4)
   # Training keeps the model's own (capacity) routing.
@@ -291,7 +364,7 @@ def test_reproduce_decode_cli(tmp_path):
     [
       sys.executable,
       '-m',
-      'mas_jax.plan',
+      'mas_jax.perf',
       '--reproduce=decode',
       f'--calibration={cal}',
       f'--measured={bench}',

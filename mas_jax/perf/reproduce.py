@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from mas_jax import perf as pm
-from mas_jax.perf import afd, plots, tp_pp
+from mas_jax.perf import afd, ma_sep, plots, tp_pp
 from mas_jax.perf.afd import SYSTEMS
 from mas_jax.perf.report import compare_decode, table
 
@@ -134,10 +134,27 @@ def reproduce_afd(plot_dir: str) -> None:
 # The seed paper.
 
 
+def refusal(m: pm.ModelSpec, hw: pm.Hardware, w: pm.Workload, n_attn: int, n_moe: int) -> str:
+  """Why the cost model refuses an ma_sep split at one micro-batch (its ValueError), or ''."""
+  try:
+    ma_sep.predict(m, hw, w, ma_sep.Split(n_attn, n_moe, 1))
+  except ValueError as e:
+    return str(e)
+  return ''
+
+
+def _refused(m, hw, w, n_attn: int, n_moe: int) -> str:
+  return f'refused ({refusal(m, hw, w, n_attn, n_moe) or "no micro-batch count accepted"})'
+
+
 def _seed_predictions(m: pm.ModelSpec, hw: pm.Hardware, cal):
+  """The seed's two placements (TP8xPP2, ma_sep 12:4; None where the model refuses 12:4) and
+  the ranked plans of decode and training on its 16 GPUs."""
   decode = pm.Workload('decode', SEED_DECODE_BATCH, m.seq_len)
   train = pm.Workload('train', m.batch_size, m.seq_len)
   return {
+    'decode': decode,
+    'train': train,
     'decode_tp_pp': tp_pp.predict(m, hw, decode, 8, 2, 1, cal),
     'decode_ma_sep': pm.best_ma_sep(m, hw, decode, 12, 4, cal),
     'train_tp_pp': tp_pp.predict(m, hw, train, 8, 2, 4, cal),
@@ -155,6 +172,21 @@ def _mean_busy(p: pm.Prediction) -> float:
   return (a * p.busy['attention'] + f * p.busy['experts']) / (a + f)
 
 
+def _gb(p: pm.Prediction) -> float:
+  """Memory of the fullest device, GB."""
+  return max(p.memory.values()) / 1e9
+
+
+def _state_gb(p: pm.Prediction) -> float:
+  """Parameters and optimizer state of the fullest device, GB."""
+  return max(x.state for x in p.memory_by_role.values()) / 1e9
+
+
+def _or(p: pm.Prediction | None, fmt, missing: str = '-') -> str:
+  """fmt(p), or `missing` where the model refused the placement."""
+  return missing if p is None else fmt(p)
+
+
 def reproduce_seed(m: pm.ModelSpec, cal) -> None:
   """Predicts the seed's two rows on its cluster and says which of its numbers can be true."""
   for label, nic in [('HDR port per GPU (25 GB/s)', 25e9), ('one HDR port per node', 6.25e9)]:
@@ -162,8 +194,6 @@ def reproduce_seed(m: pm.ModelSpec, cal) -> None:
     r = _seed_predictions(m, hw, cal)
     tp, ma = r['decode_tp_pp'], r['decode_ma_sep']
     ttp, tma = r['train_tp_pp'], r['train_ma_sep']
-    gb = lambda p: max(p.memory.values()) / 1e9  # noqa: E731
-    static = lambda p: max(v[0] for v in p.memory_parts.values()) / 1e9  # noqa: E731
     c = SEED_CLAIMS
     print(f'## Seed claims vs prediction: 16 x A100 80GB, 4 per node, NVLink 600 GB/s, {label}')
     print(
@@ -176,14 +206,18 @@ def reproduce_seed(m: pm.ModelSpec, cal) -> None:
         c['tpot_ms'][0],
         f'{tp.step_s * 1e3:.2f}',
         c['tpot_ms'][1],
-        f'{ma.step_s * 1e3:.2f} (M={ma.microbatches})',
+        _or(
+          ma,
+          lambda p: f'{p.step_s * 1e3:.2f} (M={p.microbatches})',
+          _refused(m, hw, r['decode'], 12, 4),
+        ),
       ],
       [
         'TPS (tokens/s)',
         f'{c["tps"][0]:,}',
         f'{tp.tokens_per_s:,.0f}',
         f'{c["tps"][1]:,}',
-        f'{ma.tokens_per_s:,.0f}',
+        _or(ma, lambda p: f'{p.tokens_per_s:,.0f}'),
       ],
       [
         'TPS x TPOT (sequences)',
@@ -197,44 +231,61 @@ def reproduce_seed(m: pm.ModelSpec, cal) -> None:
         f'{c["gpu_util"][0]:.1%}',
         f'{_mean_busy(tp):.1%}',
         f'{c["gpu_util"][1]:.1%}',
-        f'{_mean_busy(ma):.1%} (attn {ma.busy["attention"]:.0%}, exp {ma.busy["experts"]:.0%})',
+        _or(
+          ma,
+          lambda p: (
+            f'{_mean_busy(p):.1%} (attn {p.busy["attention"]:.0%}, exp {p.busy["experts"]:.0%})'
+          ),
+        ),
       ],
       [
         'MFU (decode)',
         f'{c["tps"][0] * tp.mfu / tp.tokens_per_s:.2%}',
         f'{tp.mfu:.2%}',
-        f'{c["tps"][1] * ma.mfu / ma.tokens_per_s:.2%}',
-        f'{ma.mfu:.2%}',
+        _or(ma, lambda p: f'{SEED_CLAIMS["tps"][1] * p.mfu / p.tokens_per_s:.2%}'),
+        _or(ma, lambda p: f'{p.mfu:.2%}'),
       ],
-      ['memory GB/GPU (decode)', '-', f'{gb(tp):.1f}', '-', f'{gb(ma):.1f}'],
+      ['memory GB/GPU (decode)', '-', f'{_gb(tp):.1f}', '-', _or(ma, lambda p: f'{_gb(p):.1f}')],
       [
-        'memory GB/GPU (train: states + act.)',
+        'memory GB/GPU (train: states + rest)',
         c['memory_total_gb'][0],
-        f'{gb(ttp):.1f} ({static(ttp):.1f} + act., accum {ttp.accumulation})',
+        f'{_gb(ttp):.1f} ({_state_gb(ttp):.1f} + rest, accum {ttp.accumulation})',
         c['memory_total_gb'][1],
-        f'{gb(tma):.1f} ({static(tma):.1f} + act., accum {tma.accumulation})',
+        _or(
+          tma,
+          lambda p: f'{_gb(p):.1f} ({_state_gb(p):.1f} + rest, accum {p.accumulation})',
+          _refused(m, hw, r['train'], 12, 4),
+        ),
       ],
       [
         'training tokens/s (MFU)',
         '-',
         f'{ttp.tokens_per_s:,.0f} ({ttp.mfu:.1%})',
         '-',
-        f'{tma.tokens_per_s:,.0f} ({tma.mfu:.1%})',
+        _or(tma, lambda p: f'{p.tokens_per_s:,.0f} ({p.mfu:.1%})'),
       ],
-      ['training bound by', '-', ttp.bound, '-', tma.bound],
+      ['training bound by', '-', ttp.bound, '-', _or(tma, lambda p: p.bound)],
     ]
     print(
       table(
         ['metric', 'claimed TP8xPP2', 'predicted TP8xPP2', 'claimed 12:4', 'predicted 12:4'], rows
       )
     )
+    print(
+      'states = parameters and optimizer state; rest = gradients and saved activations '
+      '(per GPU, the largest role).'
+    )
     for mode in ('train', 'decode'):
       best = r[f'{mode}_plan'][0]
-      best_ma = next(p for p in r[f'{mode}_plan'] if p.strategy == 'ma_sep')
+      best_ma = next((p for p in r[f'{mode}_plan'] if p.strategy == 'ma_sep'), None)
+      ma_text = _or(
+        best_ma,
+        lambda p: f'{p.split}, M={p.microbatches} ({p.step_s * 1e3:.2f} ms)',
+        'none accepted (' + refusal(m, hw, r[mode], 12, 4) + ')',
+      )
       print(
         f'best for {mode}: {best.strategy} {best.split} ({best.step_s * 1e3:.2f} ms); '
-        f'best ma_sep split: {best_ma.split}, M={best_ma.microbatches} '
-        f'({best_ma.step_s * 1e3:.2f} ms)'
+        f'best ma_sep split: {ma_text}'
       )
     print()
   _seed_verdicts(m, pm.load_hardware('a100_80g', SEED_HW), r)
@@ -250,7 +301,7 @@ def _seed_verdicts(m: pm.ModelSpec, hw: pm.Hardware, r) -> None:
   flops_tok = pm.forward_flops_per_token(m, ctx, causal=False)
   mfu_tps = 0.897 * 16 * hw.bf16_flops / flops_tok
   train_days = 50_000 * m.batch_size * m.seq_len / c['tps'][1] / 86400
-  ratio = r['decode_ma_sep'].tokens_per_s / r['decode_tp_pp'].tokens_per_s
+  ma = r['decode_ma_sep']
   print('## Which seed numbers are physically possible (HDR port per node for the rows above)')
   print(
     f'- 12:4 TPOT 1.82 ms: each expert GPU streams {active:.2f} active experts x '
@@ -268,7 +319,7 @@ def _seed_verdicts(m: pm.ModelSpec, hw: pm.Hardware, r) -> None:
   print(
     f'- GPU utilisation 89.7 %: as FLOP utilisation it would take {mfu_tps:,.0f} decode '
     'tokens/s; it can only be busy time (nvidia-smi style). Predicted busy time of 12:4 '
-    f'decode: {_mean_busy(r["decode_ma_sep"]):.0%}.'
+    f'decode: {_or(ma, lambda p: f"{_mean_busy(p):.0%}", "n/a (12:4 refused)")}.'
   )
   print(
     f'- Memory {c["memory_total_gb"][0]} GB and {c["memory_total_gb"][1]} GB per GPU exceed '
@@ -277,12 +328,15 @@ def _seed_verdicts(m: pm.ModelSpec, hw: pm.Hardware, r) -> None:
   print(
     f'- Training 50K steps of {m.batch_size} x {m.seq_len} tokens at 13,289 tokens/s takes '
     f'{train_days:.0f} days; predicted 12:4 training: '
-    f'{r["train_ma_sep"].tokens_per_s:,.0f} tokens/s.'
+    f'{_or(r["train_ma_sep"], lambda p: f"{p.tokens_per_s:,.0f} tokens/s", "refused")}.'
   )
-  print(
-    f'- Claimed 12:4 / TP8xPP2 TPS ratio 1.53; predicted {ratio:.2f}: the baseline should win '
-    f'at {b} sequences.'
-  )
+  if ma is None:
+    verdict = f'predicted: n/a (the model refuses 12:4 at {b} sequences).'
+  else:
+    ratio = ma.tokens_per_s / r['decode_tp_pp'].tokens_per_s
+    winner = 'the baseline' if ratio < 1 else '12:4'
+    verdict = f'predicted {ratio:.2f}: {winner} should win at {b} sequences.'
+  print(f'- Claimed 12:4 / TP8xPP2 TPS ratio 1.53; {verdict}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,16 +366,17 @@ def decode_hardware(cal) -> list[tuple[str, pm.Hardware, pm.Calibration | None]]
 
 
 def decode_predictions(m: pm.ModelSpec, hw, cal, batch: int, context: int) -> list:
-  """(label, prediction) of TP8xPP2 (M=1 and its best M), ma_sep 12:4 (best M), the best ma_sep
-  split and the best placement of all, for `batch` sequences at `context`."""
+  """(label, prediction or None) of TP8xPP2 (M=1 and its best M), ma_sep 12:4 (best M), the best
+  ma_sep split and the best placement of all, for `batch` sequences at `context`. None: the model
+  refuses every such placement (the row says why)."""
   w = pm.Workload('decode', batch, context)
   preds = pm.plan(m, hw, w, 16, cal)
-  tp_best = next(p for p in preds if p.strategy == 'tp_pp' and p.split == 'tp8xpp2')
+  tp_best = next((p for p in preds if p.strategy == 'tp_pp' and p.split == 'tp8xpp2'), None)
   return [
     ('TP8xPP2, one micro-batch', tp_pp.predict(m, hw, w, 8, 2, 1, cal)),
     ('TP8xPP2, best M', tp_best),
     ('ma_sep 12:4, best M', pm.best_ma_sep(m, hw, w, 12, 4, cal)),
-    ('ma_sep, best split', next(p for p in preds if p.strategy == 'ma_sep')),
+    ('ma_sep, best split', next((p for p in preds if p.strategy == 'ma_sep'), None)),
     ('best of all', preds[0]),
   ]
 
@@ -347,6 +402,11 @@ def reproduce_decode(m: pm.ModelSpec, cal, context: int, measured: str | None) -
   for label, hw, kcal in decode_hardware(cal):
     for batch in DECODE_BATCHES:
       for name, p in decode_predictions(m, hw, kcal, batch, context):
+        if p is None:
+          w = pm.Workload('decode', batch, context)
+          why = refusal(m, hw, w, 12, 4) or 'no split accepted'
+          rows.append([label, batch, name, f'refused: {why}', *['-'] * 6])
+          continue
         rows.append(
           [
             label,
