@@ -383,3 +383,17 @@ def test_reproduce_decode_cli(tmp_path):
   line = next(x for x in out.splitlines() if x.startswith('| 24    |'))
   assert f'{predicted * 1e3:.3f}' in line and '5.000' in line
   assert f'{(predicted - 5e-3) / 5e-3:+.1%}' in line
+
+
+def test_plots(tmp_path):
+  from mas_jax.perf import plots
+
+  preds = pm.plan(SEED, pm.HARDWARE['h100'], DECODE, 16)
+  assert {p.strategy for p in preds} <= set(plots.STRATEGY_COLORS)
+  sweep = tmp_path / 'sweep.png'
+  plots.plot_split_sweep(preds, str(sweep), 'decode')
+  assert sweep.stat().st_size > 10_000
+  # DeepSeek-V3 / H800 peaks at 2 FFN nodes (33.1 %, scale-up bound); past it BW_eff falls to
+  # one NIC per rank, and the other systems' bounds never rise after 1 node: the dead zone
+  # starts at 2.
+  assert plots.dead_zone_start() == 2
