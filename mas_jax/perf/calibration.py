@@ -24,9 +24,12 @@ Calibration JSON (written by a GPU benchmark; every field optional):
   per layer; expert_ffn = the decode path's grouped kernel on `tokens` routed pairs.
   Timings are used for an exact match, or fitted linearly (time = k1 * x + k2, as MegaScale-Infer
   does) through the two nearest entries in batch / tokens with the other keys equal; with a
-  single such entry, in proportion to batch / tokens (k2 = 0: these kernels are large enough for
-  their launch cost not to count).
-  Everything else stays modelled, and predictions list which terms were measured.
+  single such entry, scaled in proportion to batch / tokens (k2 = 0: these kernels are large
+  enough for their launch cost not to count). A kernel with no entry of equal keys stays
+  modelled (roofline), and predictions list which terms were measured. Every lookup is recorded
+  in `Calibration.lookups` (kernel, axis value, 'exact' / 'line' / 'proportional'), so that a
+  validation can tell the rows whose kernels were timed at their own shapes (in sample) from
+  those whose kernels were extrapolated (held out): mas_jax/perf/validate.py.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Calibration:
   figures: dict[str, float] = dataclasses.field(default_factory=dict)
   attention: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   expert_ffn: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  # (kernel, axis value, how) of every lookup that found entries; how: exact, line, proportional
+  lookups: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)
 
   @classmethod
   def load(cls, path: str) -> Calibration:
@@ -80,7 +85,7 @@ class Calibration:
     """Measured forward time of one layer's attention on one device, or None."""
     required = {'mode': mode, 'heads': heads, 'seq': seq}
     optional = {'d_model': m.d_model, 'head_dim': m.head_dim}
-    return _lookup(self.attention, required, optional, 'batch', batch)
+    return self._record('attention', _lookup(self.attention, required, optional, 'batch', batch))
 
   def expert_time(
     self,
@@ -97,12 +102,21 @@ class Calibration:
     dropless = m.dropless if dropless is None else dropless
     required = {'local_experts': local_experts}
     optional = {'d_model': m.d_model, 'expert_hidden': hidden, 'dropless': dropless}
-    return _lookup(self.expert_ffn, required, optional, 'tokens', tokens)
+    return self._record(
+      'expert_ffn', _lookup(self.expert_ffn, required, optional, 'tokens', tokens)
+    )
+
+  def _record(self, kernel: str, found):
+    if found is None:
+      return None
+    time_s, x, how = found
+    self.lookups.append((kernel, x, how))
+    return time_s
 
 
 def _lookup(entries, required, optional, axis, x):
-  """Exact match on `axis`, else a line through the two nearest entries (through the origin when
-  there is one); None if there is none."""
+  """(time, x, how): exact match on `axis`, else a line through the two nearest entries, else
+  (one entry) in proportion to x; None if no entry has the keys."""
   same = [
     e
     for e in entries
@@ -111,13 +125,13 @@ def _lookup(entries, required, optional, axis, x):
   ]
   for e in same:
     if math.isclose(e[axis], x):
-      return float(e['time_s'])
+      return float(e['time_s']), x, 'exact'
   if not same:
     return None
   if len({e[axis] for e in same}) < 2:
-    return float(same[0]['time_s']) * x / same[0][axis]
+    return float(same[0]['time_s']) * x / same[0][axis], x, 'proportional'
   nearest = sorted(same, key=lambda e: abs(e[axis] - x))
   a = nearest[0]
   b = next(e for e in nearest if e[axis] != a[axis])
   slope = (b['time_s'] - a['time_s']) / (b[axis] - a[axis])
-  return max(0.0, a['time_s'] + slope * (x - a[axis]))
+  return max(0.0, a['time_s'] + slope * (x - a[axis])), x, 'line'

@@ -9,6 +9,10 @@ Compare the one-device training step with a GPU benchmark's measured train steps
   python -m mas_jax.perf --config=configs/paper.py --hardware=h100 \
     --calibration=docs/benchmarks/nvidia_h100_80gb_hbm3_calibration.json \
     --measured=docs/benchmarks/nvidia_h100_80gb_hbm3.json
+Held-out validation (calibration from the bench's kernel rows only; train steps predicted and
+marked in sample or held out; mas_jax/perf/validate.py):
+  python -m mas_jax.perf --config=configs/paper.py --hardware=h100 \
+    --validate=docs/benchmarks/nvidia_h100_80gb_hbm3.json,docs/benchmarks/nvidia_h100_80gb_hbm3_heldout.json
 Reproduce the AFD paper's roofline and penalties, or check the seed paper's claims:
   python -m mas_jax.perf --reproduce=afd
   python -m mas_jax.perf --reproduce=seed
@@ -32,7 +36,7 @@ from ml_collections import config_flags
 
 from mas_jax import perf as pm
 from mas_jax.perf import model as perf_model
-from mas_jax.perf import report, reproduce
+from mas_jax.perf import report, reproduce, validate
 
 
 def define_flags() -> types.SimpleNamespace:
@@ -64,6 +68,13 @@ def define_flags() -> types.SimpleNamespace:
     ),
     measured=flags.DEFINE_string(
       'measured', None, 'Bench JSON (bench/gpu_bench.py): predicted vs measured train steps.'
+    ),
+    validate=flags.DEFINE_list(
+      'validate',
+      None,
+      'Bench JSONs (bench/gpu_bench.py): the held-out validation. The calibration is built '
+      'from the kernel rows of the first file that has them (not --calibration); every '
+      'train_step row is predicted and marked in sample or held out.',
     ),
     reproduce=flags.DEFINE_enum(
       'reproduce',
@@ -119,6 +130,8 @@ def main(f: types.SimpleNamespace, argv: list[str]) -> None:
     reproduce.reproduce_decode(m, cal, f.context.value or m.seq_len, f.measured.value)
   elif f.reproduce.value == 'seed':
     reproduce.reproduce_seed(pm.ModelSpec.from_config(config), cal)
+  elif f.validate.value:
+    validate.validate(config, f.hardware.value, f.validate.value)
   elif f.measured.value:
     hw, cal, _ = hardware(f, config.model.compute_dtype)
     report.compare_measured(config, hw, cal, f.measured.value)

@@ -1,5 +1,39 @@
 """Per-device kernel times: the roofline, the optimizer update, and one layer's attention, experts
-and output head (calibration where measured, roofline elsewhere)."""
+and output head (calibration where measured, roofline elsewhere), and the elementwise and cast
+HBM traffic around them.
+
+Elementwise and cast traffic (`Kernels.layer_elementwise`, `moe_elementwise`, `head_elementwise`,
+`weight_casts`) is counted from first principles, in bytes moved through HBM at the (measured)
+HBM rate, never fitted to measured steps. The counting rule: XLA fuses each chain of elementwise
+ops (and the reductions they feed) into one kernel that reads each input once and writes each
+output once; matmuls (cuBLAS / cuDNN / the grouped kernel) read their operands from HBM in the
+compute dtype, so a cast feeding a matmul is a pass of its own; an elementwise consumer absorbs a
+cast (the bf16 -> fp32 gradient casts fuse into the gradient accumulator, the clip's norm and
+AdamW, whose bytes are counted by `accumulator_update` / `optimizer_update` at fp32 width, so they
+add nothing here). A backward pass of an elementwise op reads the output gradient and what the
+forward saved and writes the input gradient: counted as 2 x the forward's bytes. What the
+calibrated kernels already include (the attention block's RoPE and projection-weight casts, the
+expert FFN's GELU) is not counted again. Per token (d = d_model, b = compute-dtype bytes):
+  layer (attention side): RMSNorm before attention (read x, write h: 2 d b), residual add fused
+    with the RMSNorm before the MoE (read x, attention output; write x, h: 4 d b), residual add
+    after the MoE (read x, MoE output; write x: 3 d b): NORM_RESIDUAL_PASSES = 9 passes of d b;
+  MoE (per routed token-expert pair, per computed slot): capacity dispatch writes the zeroed
+    [E, C, D] buffer (slots x d b) and scatters the routed rows into it (read + write d b per
+    pair); the dropless path gathers the rows sorted by expert (read + write d b per pair);
+    combine gathers each pair's output (d b per pair) and writes one row per token (d b); expert
+    dropout reads and writes the hidden of every computed slot (2 F b per slot; the mask's random
+    bits are generated inside that kernel);
+  head: the final RMSNorm (2 d b), the embedding gather (fp32 row read, compute-dtype write:
+    (4 + b) d) and its gradient's scatter-add into fp32 rows (read b d, read-modify-write 8 d),
+    and the loss over fp32 logits [T, V]: the logits written once in fp32, read by the forward's
+    log-softmax, read again by the backward, which writes compute-dtype logit gradients
+    (CROSS_ENTROPY_BYTES_PER_LOGIT = 4 + 4 + 4 + b); per chunk, the zeroed fp32 embedding
+    gradient (4 V d);
+  weight casts: each forward pass casts every fp32 matmul weight to the compute dtype before the
+    matmul (read 4 B, write b B per parameter; recomputed with remat='full', since the cast sits
+    inside the rematerialised block); the expert weights of the calibrated einsum were bf16 when
+    timed, so their cast is not in the calibration.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +66,18 @@ def accumulator_update(params: float, accum: int, hw: Hardware) -> Cost:
   if accum <= 1:
     return Cost(0.0, 'hbm')
   return Cost(accum * params * ACCUMULATOR_BYTES_PER_PARAM / hw.hbm_bw, 'hbm')
+
+
+# See the module docstring for what each counts.
+NORM_RESIDUAL_PASSES = 9
+FP32_BYTES = 4
+ELEMENTWISE_BACKWARD = 2.0  # backward bytes of an elementwise op / its forward bytes
+
+
+def cross_entropy_bytes_per_logit(act_bytes: int) -> float:
+  """fp32 logits written, read by the forward's log-softmax and by the backward, which writes the
+  logit gradient in the compute dtype."""
+  return 3 * FP32_BYTES + act_bytes
 
 
 class Kernels:
@@ -85,3 +131,43 @@ class Kernels:
     flops = tokens * 2 * m.d_model * m.vocab_size * vocab_share
     nbytes = m.d_model * m.vocab_size * vocab_share * m.act_bytes
     return roofline(flops, nbytes, self.hw, m.compute_dtype)
+
+  # Elementwise and cast traffic (module docstring). Each returns a Cost at the HBM rate.
+
+  def layer_elementwise(self, w: Workload, seqs: float) -> Cost:
+    """Forward norms and residual adds of one layer on `seqs` sequences (full width)."""
+    m = self.m
+    tokens = seqs * (w.context if w.train else 1)
+    nbytes = tokens * NORM_RESIDUAL_PASSES * m.d_model * m.act_bytes
+    return Cost(nbytes / self.hw.hbm_bw, 'hbm')
+
+  def moe_elementwise(
+    self, w: Workload, tokens: float, pairs: float, slots: float, hidden: int, dropout: float
+  ) -> Cost:
+    """Forward dispatch, combine and expert dropout of one layer: `tokens` tokens whose `pairs`
+    routed token-expert pairs fill `slots` computed rows (capacity slots, or = pairs dropless)."""
+    m = self.m
+    row = m.d_model * m.act_bytes
+    dispatch = 2 * pairs * row + (0 if m.dropless else slots * row)
+    combine = pairs * row + tokens * row
+    drop = 2 * slots * hidden * m.act_bytes if (w.train and dropout > 0) else 0.0
+    return Cost((dispatch + combine + drop) / self.hw.hbm_bw, 'hbm')
+
+  def head_elementwise(self, w: Workload, seqs: float, vocab_share: float = 1.0) -> Cost:
+    """One chunk's final norm, embedding gather and loss, forward and backward (training), or
+    the final norm and embedding gather (decode)."""
+    m = self.m
+    tokens = seqs * (w.context if w.train else 1)
+    d, b, v = m.d_model, m.act_bytes, m.vocab_size * vocab_share
+    fwd = tokens * (2 * d * b + (FP32_BYTES + b) * d)
+    if not w.train:
+      return Cost(fwd / self.hw.hbm_bw, 'hbm')
+    norm_bwd = ELEMENTWISE_BACKWARD * tokens * 2 * d * b
+    embed_bwd = tokens * (b + 2 * FP32_BYTES) * d + FP32_BYTES * m.vocab_size * d
+    loss = tokens * v * cross_entropy_bytes_per_logit(b)
+    return Cost((fwd + norm_bwd + embed_bwd + loss) / self.hw.hbm_bw, 'hbm')
+
+  def weight_casts(self, params: float, forward_passes: float = 1.0) -> Cost:
+    """fp32 -> compute-dtype casts of `params` matmul weights, once per forward pass."""
+    nbytes = forward_passes * params * (FP32_BYTES + self.m.act_bytes)
+    return Cost(nbytes / self.hw.hbm_bw, 'hbm')

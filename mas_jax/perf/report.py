@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections
-
 from mas_jax import perf as pm
-from mas_jax.perf import ep, plots
+from mas_jax.perf import ep, plots, validate
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -115,56 +113,14 @@ def print_plan(m, hw, w, n, cal=None, measured=(), plot_dir=None, top=25) -> lis
   return preds
 
 
-def compare_measured(config, hw, cal, bench_path: str) -> list[list]:
-  """Prints the one-device (dp1 = reference strategy) training step vs each measured train step.
-
-  Each entry's overrides are applied to the config. The model has no rematerialisation: entries
-  with model.remat other than 'none' get a prediction without recomputation and no error.
-  """
-  with open(bench_path) as f:
-    bench = json.load(f)
-  rows = []
-  for entry in bench.get('train_step', []):
-    cd = ml_collections.ConfigDict(config.to_dict())
-    for dotted, value in entry['overrides'].items():
-      section, field = dotted.split('.')
-      cd[section][field] = value
-    m = pm.ModelSpec.from_config(cd)
-    accumulation = cd.train.get('grad_accum_steps', 1)
-    w = pm.Workload('train', m.batch_size, m.seq_len, accumulation)
-    p = ep.predict(m, hw, w, 1, 1, cal)
-    remat = entry['overrides'].get('model.remat', 'none')
-    err = (p.step_s - entry['step_s']) / entry['step_s']
-    routing = 'dropless' if m.dropless else 'capacity'
-    if cd.model.get('expert_dropout', 0) > 0:
-      routing += f', dropout {cd.model.expert_dropout:g}'
-    rows.append(
-      [
-        m.batch_size,
-        accumulation,
-        routing,
-        remat,
-        f'{p.step_s * 1e3:.1f}',
-        f'{entry["step_s"] * 1e3:.1f}',
-        f'{err:+.1%}' if remat == 'none' else 'n/a (no remat model)',
-        ', '.join(f'{t.name} {t.time_s * 1e3:.1f}' for t in p.terms if t.time_s > 0),
-        ', '.join(p.measured) or '-',
-      ]
-    )
-  print(f'# one-device training step: predicted ({hw.name}) vs measured ({bench.get("device")})')
-  headers = [
-    'batch',
-    'accum',
-    'experts',
-    'remat',
-    'predicted ms',
-    'measured ms',
-    'error',
-    'terms ms',
-    'measured terms',
-  ]
-  print(table(headers, rows))
-  return rows
+def compare_measured(config, hw, cal, bench_path: str) -> list:
+  """Prints the one-device (dp1 = reference strategy) training step predicted with `cal` vs each
+  measured train step of `bench_path`, in-sample and held-out rows apart
+  (mas_jax/perf/validate.py; for a calibration from kernel rows alone use --validate)."""
+  name = cal.device if cal else 'no calibration (datasheet peaks)'
+  return validate.print_validation(
+    config, hw, cal or pm.Calibration(), [bench_path], f'--calibration ({name})'
+  )
 
 
 def compare_decode(m: pm.ModelSpec, cal, context: int, bench_path: str) -> list[list]:
