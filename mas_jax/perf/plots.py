@@ -153,7 +153,9 @@ def plot_split_sweep(
         color=STRATEGY_COLORS[strategy],
         ls='--',
         lw=1.8,
-        label=f'best {strategy}: {p.split}, M={p.microbatches}, accum {p.accumulation} ({_ms(p)})',
+        label=f'best {strategy}: {p.split}, M={p.microbatches}'
+        + (f', accum {p.accumulation}' if train else '')
+        + f' ({_ms(p)})',
       )
   ax.set_ylabel('predicted training step (ms)' if train else 'predicted time per token (ms)')
   ax.set_yscale('log')
