@@ -253,14 +253,15 @@ def test_load_hardware_json_and_overrides(tmp_path):
 
 
 def test_reproduce_afd_cli(tmp_path):
+  plot_dir = tmp_path / 'new'  # created by the CLI
   out = subprocess.run(
-    [sys.executable, '-m', 'mas_jax.perf', '--reproduce=afd', f'--plot_dir={tmp_path}'],
+    [sys.executable, '-m', 'mas_jax.perf', '--reproduce=afd', f'--plot_dir={plot_dir}'],
     capture_output=True,
     text=True,
     check=True,
   )
   assert '33.1 %' in out.stdout and '65.5 %' in out.stdout
-  assert (tmp_path / 'afd_roofline.png').stat().st_size > 10_000
+  assert (plot_dir / 'afd_roofline.png').stat().st_size > 10_000
 
 
 def test_reproduce_seed_cli():

@@ -125,6 +125,7 @@ def reproduce_afd(plot_dir: str) -> None:
       rows,
     )
   )
+  os.makedirs(plot_dir, exist_ok=True)
   path = os.path.join(plot_dir, 'afd_roofline.png')
   plots.plot_afd_roofline(path)
   print(f'\nwrote {path}')
