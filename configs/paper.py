@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
 
   config.parallel.strategy = 'ma_sep'
+  # The seed's split. --config.parallel.attn_devices=auto --config.parallel.moe_devices=auto
+  # lets the planner choose instead (at M=4 unless num_microbatches=auto too; configs/tiny.py).
   config.parallel.attn_devices = 12
   config.parallel.moe_devices = 4
   config.parallel.num_microbatches = 4

@@ -119,10 +119,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Strategy name from mas_jax.strategies: 'reference' (one device) or 'dp' (all devices).
   config.parallel.strategy = 'reference'
   # MA Separation: attention and expert devices (attn_devices + moe_devices == device count).
-  config.parallel.attn_devices = 12
-  config.parallel.moe_devices = 4
-  # Micro-batches per step (co-execution / pipelining); must divide batch_size.
-  config.parallel.num_microbatches = 1
+  # 'auto' (ma_sep only; either or both): train.py asks the planner (mas_jax.perf) for the
+  # fastest valid split of the device count for this model and batch on `hardware`, logs the
+  # top three with the reason, and records the numbers it chose in the run's config.json.
+  # Declared with field_type=object so that a flag can give either an integer or 'auto'.
+  config.parallel.attn_devices = ml_collections.FieldReference(12, field_type=object)
+  config.parallel.moe_devices = ml_collections.FieldReference(4, field_type=object)
+  # Micro-batches per step (co-execution / pipelining); must divide batch_size. 'auto' (ma_sep
+  # only): the planner's best M for the split; a number given here is held fixed while an
+  # 'auto' split is chosen (the planner then ranks the splits at that M).
+  config.parallel.num_microbatches = ml_collections.FieldReference(1, field_type=object)
+  # What the planner models for the 'auto' fields: 'auto' is the GPU's preset (h100, h200,
+  # a100, ...) with docs/benchmarks/<device>_calibration.json when present, the datasheet
+  # otherwise, and h100 where the device kind names no preset (CPU); or a preset name of
+  # mas_jax.perf.HARDWARE, or a JSON file of figures ({"base": "h100", "hbm_bw": ...}).
+  config.parallel.hardware = 'auto'
   # MA Separation: reduce attention outputs inside a row first, then across rows.
   config.parallel.hierarchical_allreduce = False
   # MA Separation MoE dispatch: 'all_to_all' (each expert device routes its share of the

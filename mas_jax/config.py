@@ -96,17 +96,29 @@ class TrainConfig:
   tensorboard: bool = True
 
 
+# parallel fields that may be 'auto' (ma_sep only): train.py asks the planner for them
+# (mas_jax.train_lib.resolve_auto_placement) before the strategy is built.
+AUTO = 'auto'
+AUTO_FIELDS = ('attn_devices', 'moe_devices', 'num_microbatches')
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
   strategy: str
-  attn_devices: int
-  moe_devices: int
-  num_microbatches: int
+  attn_devices: int | str  # int, or AUTO until resolved
+  moe_devices: int | str
+  num_microbatches: int | str
   hierarchical_allreduce: bool
   tp: int
   pp: int
   ep: int
   moe_dispatch: str = 'auto'
+  hardware: str = 'auto'  # what the planner models for AUTO fields (see configs/tiny.py)
+
+  @property
+  def auto_fields(self) -> list[str]:
+    """The AUTO_FIELDS set to 'auto' (resolved by the planner before the strategy is built)."""
+    return [f for f in AUTO_FIELDS if getattr(self, f) == AUTO]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +246,9 @@ def validate(config: Config) -> None:
     p.moe_dispatch in _DISPATCH,
     f'parallel.moe_dispatch={p.moe_dispatch!r} is not one of {_DISPATCH}',
   )
+  _check_auto_fields(p)
+  if p.num_microbatches == AUTO:
+    return  # the divisibility checks below run again once the planner has chosen M
   _check(p.num_microbatches > 0, f'parallel.num_microbatches={p.num_microbatches} must be positive')
   _check(
     d.batch_size % p.num_microbatches == 0,
@@ -244,4 +259,31 @@ def validate(config: Config) -> None:
     d.batch_size % (t.grad_accum_steps * p.num_microbatches) == 0,
     f'train.grad_accum_steps={t.grad_accum_steps} x parallel.num_microbatches='
     f'{p.num_microbatches} does not divide data.batch_size={d.batch_size}',
+  )
+
+
+def _check_auto_fields(p: ParallelConfig) -> None:
+  """attn_devices, moe_devices and num_microbatches: an integer, or 'auto' under ma_sep."""
+  for name in AUTO_FIELDS:
+    value = getattr(p, name)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    _check(
+      is_int or value == AUTO, f"parallel.{name}={value!r} must be a positive integer or 'auto'"
+    )
+  auto = p.auto_fields
+  if not auto:
+    return
+  _check(
+    p.strategy == 'ma_sep',
+    f"parallel.{auto[0]}='auto' is chosen by the planner for parallel.strategy='ma_sep' only, "
+    f'not {p.strategy!r}: give it a number',
+  )
+  for name in AUTO_FIELDS:
+    value = getattr(p, name)
+    _check(
+      value == AUTO or value > 0, f"parallel.{name}={value} must be a positive integer or 'auto'"
+    )
+  _check(
+    isinstance(p.hardware, str) and bool(p.hardware),
+    f"parallel.hardware={p.hardware!r} must be 'auto', a preset name or a JSON file",
   )

@@ -7,6 +7,7 @@ parameter and batch shardings and the loss; everything here works for all of the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import signal
@@ -31,7 +32,84 @@ from mas_jax import workdir as workdir_lib
 from mas_jax.config import Config, TrainConfig
 from mas_jax.layers import moe as moe_lib
 from mas_jax.model import init_params  # noqa: F401  (the trainer's API; defined beside the model)
+from mas_jax.perf import planner
+from mas_jax.perf.model import ModelSpec
+from mas_jax.perf.prediction import Workload
 from mas_jax.workdir import RunError
+
+# ---------------------------------------------------------------------------------------------
+# parallel.*='auto': the planner's ma_sep split.
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_auto_placement(
+  config: Config, config_dict: ml_collections.ConfigDict, devices: Sequence | None = None
+) -> tuple[Config, ml_collections.ConfigDict]:
+  """Replaces parallel.attn_devices / moe_devices / num_microbatches = 'auto' by the planner's.
+
+  The planner (`mas_jax.perf.planner.choose_ma_sep_split`) ranks every ma_sep split of the
+  device count the strategy accepts, at this config's model, batch, seq_len and
+  train.grad_accum_steps, on the hardware `parallel.hardware` names for the device kind
+  (`planner.hardware_for_device`); fields given as numbers are held fixed (a given
+  num_microbatches is the only M tried). One INFO block logs the top three splits, their step
+  times, M and accumulation, and why the best wins. Pure Python and deterministic: every process
+  of a multi-process run, and every resume on the same devices, resolves the same numbers.
+
+  Returns:
+    The resolved Config (validated again) and a copy of config_dict holding the same numbers,
+    which is what the run's config.json records; both unchanged when nothing is 'auto'.
+
+  Raises:
+    ConfigError: one line when no split is valid on the device count, or for a bad
+      parallel.hardware.
+  """
+  p = config.parallel
+  auto = p.auto_fields
+  if not auto:
+    return config, config_dict
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  fixed = {f: None if f in auto else getattr(p, f) for f in config_lib.AUTO_FIELDS}
+  w = Workload('train', config.data.batch_size, config.data.seq_len, config.train.grad_accum_steps)
+  try:
+    hw, cal, hardware = planner.hardware_for_device(
+      devices[0].device_kind, p.hardware, config.model.compute_dtype
+    )
+    best, ranked, reason = planner.choose_ma_sep_split(
+      ModelSpec.from_config(config),
+      hw,
+      w,
+      n,
+      cal,
+      attn_devices=fixed['attn_devices'],
+      moe_devices=fixed['moe_devices'],
+      microbatches=fixed['num_microbatches'],
+      dispatch=p.moe_dispatch,
+      hierarchical=p.hierarchical_allreduce,
+    )
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  attn, moe = (int(x) for x in best.split.split(':'))
+  chosen = {'attn_devices': attn, 'moe_devices': moe, 'num_microbatches': best.microbatches}
+  resolved = {f: chosen[f] for f in auto}
+  block = planner.describe_ma_sep_choice(
+    best, ranked, reason, n, hardware, accumulation=config.train.grad_accum_steps
+  )
+  given = [f'{f}={fixed[f]} (given)' for f in config_lib.AUTO_FIELDS if f not in auto]
+  logging.info(
+    '%s\n  Running parallel.%s%s.',
+    block,
+    ', parallel.'.join(f'{f}={v}' for f, v in resolved.items()),
+    f'; {", ".join(given)}' if given else '',
+  )
+  config = dataclasses.replace(config, parallel=dataclasses.replace(p, **resolved))
+  config_lib.validate(config)
+  config_dict = copy.deepcopy(config_dict)
+  with config_dict.ignore_type():
+    for f, v in resolved.items():
+      config_dict.parallel[f] = v
+  return config, config_dict
+
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer and state.
@@ -357,6 +435,8 @@ def train_and_evaluate(
     The last logged metrics (train and eval).
   """
   config = config_lib.from_config_dict(config_dict)
+  # parallel.*='auto' -> the planner's numbers, in config and in the config.json written below.
+  config, config_dict = resolve_auto_placement(config, config_dict)
   strategy = strategies.get(config)  # validates the placement before any work
   batch_sharding = strategy.batch_sharding()
   global_shape = (config.data.batch_size, config.data.seq_len + 1)

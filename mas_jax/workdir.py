@@ -38,6 +38,8 @@ SAFE_TO_CHANGE = (
   'train.keep_checkpoints',
   'train.tensorboard',
   'data.prefetch',
+  # What the planner models for parallel.*='auto'; the splits it resolves are compared anyway.
+  'parallel.hardware',
 )
 
 

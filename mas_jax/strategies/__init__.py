@@ -27,4 +27,9 @@ def get(config: Config, devices: list | None = None) -> base.Strategy:
   name = config.parallel.strategy
   if name not in REGISTRY:
     raise ConfigError(f'parallel.strategy={name!r} is not one of {sorted(REGISTRY)}')
+  if auto := config.parallel.auto_fields:
+    raise ConfigError(
+      f"parallel.{auto[0]}='auto' is not resolved: train.py resolves it with the planner "
+      '(mas_jax.train_lib.resolve_auto_placement); elsewhere give it a number'
+    )
   return REGISTRY[name](config, devices)
