@@ -1,6 +1,6 @@
 """The planner models the program that runs: its collectives and parameter bytes per strategy.
 
-Each case compiles a strategy's train step for the tiny model on 16 fake CPU devices and reads the
+Each case compiles a strategy's train step (or one decode step) for the tiny model on 16 fake CPU devices and reads the
 collectives from the compiled HLO (mas_jax.perf.hlo); the strategy's cost model must list the same
 ones: per (kind, group size), the bytes per device of one step within 1%. Collectives under 1% of a
 program's bytes (scalar loss and statistic sums) and one-device groups are left out of both sides.
@@ -19,7 +19,8 @@ import pytest
 from conftest import tiny_config
 
 from mas_jax import config as config_lib
-from mas_jax import perf, strategies, train_lib
+from mas_jax import decode, perf, strategies, train_lib
+from mas_jax import model as model_lib
 from mas_jax.perf import hlo
 from mas_jax.perf import ma_sep as ma_sep_model
 from mas_jax.strategies import base
@@ -31,7 +32,10 @@ CASES = {
     'parallel.moe_dispatch': 'replicated',
     'parallel.num_microbatches': 2,
   },
-  'ma_sep 12:4 hierarchical': {'parallel.strategy': 'ma_sep', 'parallel.hierarchical_allreduce': True},
+  'ma_sep 12:4 hierarchical': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.hierarchical_allreduce': True,
+  },
   'ma_sep 8:8 M=2 accum 2': {
     'parallel.strategy': 'ma_sep',
     'parallel.attn_devices': 8,
@@ -78,7 +82,7 @@ def _compiled_collectives(config):
 def _by_kind(items) -> dict[tuple[str, int], float]:
   totals = collections.Counter()
   for c in items:
-    if c.group > 1:
+    if c.group > 1 or c.kind == 'collective-permute':  # a permute's group is its pairs
       totals[(c.kind, c.group)] += c.bytes
   floor = 0.01 * sum(totals.values())
   return {k: v for k, v in totals.items() if v >= floor}
@@ -90,6 +94,36 @@ def test_planner_collectives_equal_the_compiled_program(name):
   config = _config(CASES[name])
   compiled = _by_kind(_compiled_collectives(config))
   predicted = _by_kind(perf.predict_config(config, perf.HARDWARE['h100'], 16).collectives)
+  assert set(predicted) == set(compiled), (predicted, compiled)
+  for key, nbytes in compiled.items():
+    assert predicted[key] == pytest.approx(nbytes, rel=0.01), (key, predicted, compiled)
+
+
+DECODE_CASES = {
+  'ma_sep 12:4 all_to_all': {'parallel.strategy': 'ma_sep'},
+  'ma_sep 12:4 replicated M=2': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.moe_dispatch': 'replicated',
+    'parallel.num_microbatches': 2,
+  },
+  'tp_pp 8x2 M=2': {'parallel.strategy': 'tp_pp', 'parallel.num_microbatches': 2},
+  'ep 4x4': {'parallel.strategy': 'ep', 'parallel.ep': 4},
+  'dp 16': {'parallel.strategy': 'dp'},
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('name', list(DECODE_CASES))
+def test_planner_decode_collectives_equal_the_compiled_step(name):
+  """One decode step (one new token for each of 16 sequences, a 32-position cache)."""
+  config = _config({**DECODE_CASES[name], 'model.dropless': True})
+  batch, context = config.data.batch_size, 32
+  generator = decode.Generator(config, model_lib.init_params(config), context)
+  step = generator._compiled(generator.padded_batch(batch), 4, (0.0, 0, 1.0))['step']
+  compiled = _by_kind(hlo.collectives(step.as_text()))
+  workload = perf.Workload('decode', batch, context)
+  prediction = perf.predict_config(config, perf.HARDWARE['h100'], 16, workload=workload)
+  predicted = _by_kind(prediction.collectives)
   assert set(predicted) == set(compiled), (predicted, compiled)
   for key, nbytes in compiled.items():
     assert predicted[key] == pytest.approx(nbytes, rel=0.01), (key, predicted, compiled)

@@ -68,7 +68,7 @@ def collectives(
   passes = 2 if w.train else 1
   out: list[Collective] = []
   if ep > 1:
-    cap = m.capacity_slots(tokens)
+    cap = m.capacity_slots(tokens) if w.train else tokens  # generation is always dropless
     buf = local * m.num_experts * cap * m.d_model * m.act_bytes
     ops = passes * 2 * m.num_layers
     out.append(

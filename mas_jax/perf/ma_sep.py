@@ -169,7 +169,7 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
   else:
     psum('attention psum (forward)', items * x, items)
     expert_row = list(range(s.n_attn, s.n))
-    cap = m.capacity_slots(tokens)
+    cap = m.capacity_slots(tokens) if w.train else tokens  # generation is always dropless
     buf = (b // s.n_moe) * m.num_experts * cap * m.d_model * m.act_bytes
     a2a = coll.collective('dispatch+combine all_to_all', 'all-to-all', expert_row, 0, 1, hw)
     out.append(dataclasses.replace(a2a, bytes=passes * 2 * items * buf, count=passes * 2 * items))
@@ -199,6 +199,21 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
           hw,
         )
       )
+  if not w.train and s.n > 1:
+    # Generation returns device 0's logits [B, V] (float32) to every device: XLA reshards them
+    # as one 1/n block from device 0 to each other device.
+    block = w.batch * m.vocab_size * 4 / s.n
+    out.append(
+      coll.collective(
+        'logits from device 0',
+        'collective-permute',
+        [],
+        (s.n - 1) * block,
+        s.n - 1,
+        hw,
+        pairs=[(0, s.n - 1)],
+      )
+    )
   if w.train:
     # Backward psums: the transposes of the forward's implicit broadcasts (the psum results
     # added to the varying residual stream, and the embedding output entering each micro-batch).

@@ -84,13 +84,17 @@ def plan(
 
 
 def predict_config(
-  config: Any, hw: Hardware, n_devices: int, cal: Calibration | None = None
+  config: Any,
+  hw: Hardware,
+  n_devices: int,
+  cal: Calibration | None = None,
+  workload: Workload | None = None,
 ) -> Prediction:
   """The prediction of the placement a config asks for on n_devices (its strategy, split and
-  micro-batches) at its batch and train.grad_accum_steps."""
+  micro-batches), by default for a train step of its batch at train.grad_accum_steps."""
   m = ModelSpec.from_config(config)
   p = config.parallel
-  w = Workload('train', m.batch_size, m.seq_len, config.train.grad_accum_steps)
+  w = workload or Workload('train', m.batch_size, m.seq_len, config.train.grad_accum_steps)
   if p.strategy == 'ma_sep':
     s = ma_sep_model.Split(
       p.attn_devices, p.moe_devices, p.num_microbatches, p.moe_dispatch, p.hierarchical_allreduce

@@ -89,6 +89,11 @@ def collectives(
           hw,
         )
       )
+  if pp > 1 and not w.train:
+    # Generation: the last stage's logits [B, V] (float32) are psum-ed over 'pipe'.
+    out.append(
+      coll.collective('logits psum', 'all-reduce', pipe, w.batch * m.vocab_size * 4, 1, hw)
+    )
   if pp > 1:
     pairs = [(s * tp + t, (s + 1) * tp + t) for s in range(pp - 1) for t in range(tp)]
     passes = 2 if w.train else 1
