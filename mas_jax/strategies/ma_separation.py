@@ -590,7 +590,12 @@ class MASeparation(base.Strategy):
       x0 = params['embed'][inputs].astype(dtype)  # [B, T, D]
       keys = model_lib.layer_keys(key, mcfg.num_layers)
       blocks = _to_varying(params['blocks'])
-      layer = lambda i: jax.tree.map(lambda p: p[i], blocks)
+      # One slice per layer, taken once outside the ticks: a tick's switch then closes over its
+      # layer's weights only, so its backward returns that layer's gradient (not a zero-padded
+      # gradient of every layer's stacked weights per tick, which held ~150 GB on the paper
+      # config), and the ticks of a layer add into one buffer.
+      per_layer = [jax.tree.map(lambda p, i=i: p[i], blocks) for i in range(mcfg.num_layers)]
+      layer = lambda i: per_layer[i]
 
       # Each role's work of a tick is rematerialised in the backward pass as model.remat says.
       attention_part = model_lib.remat(self._attention_part, mcfg)
