@@ -380,7 +380,13 @@ def test_reproduce_decode_cli(tmp_path):
   assert 'ma_sep 12:4' in out and 'tp_pp tp8xpp2' in out
   # One GPU: 4 layers x (1e-4 attention + 1e-3 experts, both measured) + the unembedding at the
   # measured HBM rate (4096 x 32000 bf16 weights / 1e12 B/s = 0.262 ms; its FLOPs take 0.013 ms).
-  predicted = 4 * (1e-4 + 1e-3) + 4096 * 32000 * 2 / 1e12
+  # Elementwise traffic (kernels.py; decode is dropless): per layer the norms and residuals of
+  # 24 tokens (9 x 4096 x 2 B each), the gather of 48 routed rows (2 x 8192 B each) and the
+  # combine (48 + 24 rows of 8192 B); the final norm and embedding gather of 24 tokens
+  # (2 x 4096 x 2 + 6 x 4096 B each).
+  layer = 24 * 9 * 4096 * 2 + 2 * 48 * 8192 + (48 + 24) * 8192
+  elementwise = (4 * layer + 24 * (2 * 4096 * 2 + 6 * 4096)) / 1e12
+  predicted = 4 * (1e-4 + 1e-3) + 4096 * 32000 * 2 / 1e12 + elementwise
   line = next(x for x in out.splitlines() if x.startswith('| 24    |'))
   assert f'{predicted * 1e3:.3f}' in line and '5.000' in line
   assert f'{(predicted - 5e-3) / 5e-3:+.1%}' in line

@@ -15,7 +15,13 @@ import dataclasses
 from mas_jax.perf import collectives as coll
 from mas_jax.perf.calibration import Calibration
 from mas_jax.perf.hardware import Hardware
-from mas_jax.perf.kernels import Kernels, accumulator_update, optimizer_update
+from mas_jax.perf.kernels import (
+  Kernels,
+  accumulator_update,
+  cast_passes,
+  elementwise_passes,
+  optimizer_update,
+)
 from mas_jax.perf.model import (
   ModelSpec,
   attn_act_bytes_per_token,
@@ -142,13 +148,35 @@ def predict(
   opt = optimizer_update(held, hw) if w.train else Cost(0.0, 'hbm')
   acc = accumulator_update(held, accum, hw)
   compute = n_l * passes * (attn.time_s + exp.time_s) + accum * passes * head.time_s
-  step = compute + a2a + sync + opt.time_s + acc.time_s
+  # Elementwise traffic (kernels.py): norms and residuals, dispatch / combine / dropout of this
+  # device's tokens, the head's norm, gather and loss; casts of the matmul weights it reads
+  # outside a calibrated kernel (the local experts, router, unembedding; attention unless timed).
+  local_tokens = local_seqs * tokens
+  routed = local_tokens * m.top_k
+  slots = (
+    routed if (m.dropless or not w.train) else local_seqs * m.num_experts * m.capacity_slots(tokens)
+  )
+  dropout = m.expert_dropout if w.train else 0.0
+  per_layer = k.layer_elementwise(w, local_seqs).time_s
+  per_layer += k.moe_elementwise(w, local_tokens, routed, slots, m.expert_hidden, dropout).time_s
+  elem = (
+    n_l * elementwise_passes(m, w) * per_layer + accum * k.head_elementwise(w, local_seqs).time_s
+  )
+  block = m.num_experts // ep * expert_params(m) + m.d_model * m.num_experts
+  block += 0 if attn.measured else attn_params_per_layer(m)
+  casts = accum * (
+    k.weight_casts(m.num_layers * block, cast_passes(m, w)).time_s
+    + k.weight_casts(m.d_model * m.vocab_size, min(1.0, cast_passes(m, w))).time_s
+  )
+  step = compute + elem + casts + a2a + sync + opt.time_s + acc.time_s
   bound = 'scale-out' if n > hw.gpus_per_node else 'scale-up'
   terms = [
     Term('attention', n_l * passes * attn.time_s, attn.bound, attn.measured),
     Term('experts', n_l * passes * exp.time_s, exp.bound, exp.measured),
     Term('all_to_all', a2a, bound),
     Term('lm_head', accum * passes * head.time_s, head.bound),
+    Term('elementwise', elem, 'hbm'),
+    Term('weight_casts', casts, 'hbm'),
     Term('grad_allreduce', sync, bound),
     Term('optimizer', opt.time_s, opt.bound),
     Term('grad_accumulation', acc.time_s, acc.bound),

@@ -74,6 +74,22 @@ FP32_BYTES = 4
 ELEMENTWISE_BACKWARD = 2.0  # backward bytes of an elementwise op / its forward bytes
 
 
+def elementwise_passes(m: ModelSpec, w: Workload) -> float:
+  """Elementwise traffic of a block per step in forward passes: the forward, the backward
+  (ELEMENTWISE_BACKWARD) and the recomputed forward under remat='full'."""
+  if not w.train:
+    return 1.0
+  return 1.0 + ELEMENTWISE_BACKWARD + (1.0 if m.remat == 'full' else 0.0)
+
+
+def cast_passes(m: ModelSpec, w: Workload) -> float:
+  """Forward passes that cast fp32 weights: one, two under remat='full'; none in decode, whose
+  weights are held in the compute dtype."""
+  if not w.train:
+    return 0.0
+  return 2.0 if m.remat == 'full' else 1.0
+
+
 def cross_entropy_bytes_per_logit(act_bytes: int) -> float:
   """fp32 logits written, read by the forward's log-softmax and by the backward, which writes the
   logit gradient in the compute dtype."""
@@ -148,7 +164,8 @@ class Kernels:
     routed token-expert pairs fill `slots` computed rows (capacity slots, or = pairs dropless)."""
     m = self.m
     row = m.d_model * m.act_bytes
-    dispatch = 2 * pairs * row + (0 if m.dropless else slots * row)
+    dropless = m.dropless or not w.train  # generation is always dropless
+    dispatch = 2 * pairs * row + (0 if dropless else slots * row)
     combine = pairs * row + tokens * row
     drop = 2 * slots * hidden * m.act_bytes if (w.train and dropout > 0) else 0.0
     return Cost((dispatch + combine + drop) / self.hw.hbm_bw, 'hbm')

@@ -25,7 +25,13 @@ import math
 from mas_jax.perf import collectives as coll
 from mas_jax.perf.calibration import Calibration
 from mas_jax.perf.hardware import Hardware
-from mas_jax.perf.kernels import Kernels, accumulator_update, optimizer_update
+from mas_jax.perf.kernels import (
+  Kernels,
+  accumulator_update,
+  cast_passes,
+  elementwise_passes,
+  optimizer_update,
+)
 from mas_jax.perf.model import ModelSpec, attn_act_bytes_per_token, moe_act_bytes_per_token
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
@@ -120,6 +126,11 @@ def resolve_dispatch(s: Split, batch: int) -> str:
   if s.dispatch == 'auto':
     return 'all_to_all' if fits else 'replicated'
   return s.dispatch
+
+
+def slots_h(m: ModelSpec, s: Split) -> int:
+  """Head slots x head_dim of one attention device (padding slots included)."""
+  return math.ceil(m.num_heads / s.n_attn) * m.head_dim
 
 
 def held_params(m: ModelSpec, s: Split) -> dict[str, float]:
@@ -295,20 +306,51 @@ def predict(
   gather = times.get('MoE output all_gather', Cost(0.0, 'none')).time_s / items
   scatter = times.get('MoE output reduce_scatter (backward)', Cost(0.0, 'none')).time_s / items
   bwd = backward_passes(m)
+  # Elementwise traffic and weight casts per item (kernels.py), inside each role's branch: the
+  # attention side's norm and residual adds; the expert side's dispatch, combine and dropout of
+  # the tokens it routes (its 1/F of the micro-batch with all_to_all, all of it replicated). Each
+  # item casts its layer's fp32 weights (a calibrated attention kernel was timed with its casts).
+  routed_tokens = b * tokens / (s.n_moe if dispatch == 'all_to_all' else 1)
+  routed = routed_tokens * m.top_k
+  buffers = routed_tokens / tokens * m.num_experts * m.capacity_slots(tokens)
+  if dispatch == 'replicated':
+    buffers *= local / m.num_experts
+  slots = routed if (m.dropless or not w.train) else buffers
+  dropout = m.expert_dropout if w.train else 0.0
+  a_elem = k.layer_elementwise(w, b).time_s
+  e_elem = k.moe_elementwise(w, routed_tokens, routed, slots, m.expert_hidden, dropout).time_s
+  a_cast = 0.0 if attn.measured else k.weight_casts(4 * m.d_model * slots_h(m, s)).time_s
+  e_cast = k.weight_casts(local * m.n_mat * m.d_model * m.expert_hidden + m.d_model * m.num_experts)
+  e_cast = e_cast.time_s if w.train else 0.0
+  a_cast = a_cast if w.train else 0.0
+  back_elem = elementwise_passes(m, w) - 1.0  # the backward and any recomputed forward
+  back_cast = cast_passes(m, w) - 1.0 if w.train else 0.0
   ticks = schedule(m.num_layers, s.microbatches)
   fwd_s = sum(
-    max(attn.time_s if t.attn else 0.0, exp.time_s + a2a + gather if t.moe else 0.0) for t in ticks
+    max(
+      attn.time_s + a_elem + a_cast if t.attn else 0.0,
+      exp.time_s + a2a + gather + e_elem + e_cast if t.moe else 0.0,
+    )
+    for t in ticks
   )
   bwd_s = 0.0
   if w.train:
     bwd_s = sum(
-      max(bwd * attn.time_s if t.attn else 0.0, bwd * exp.time_s + a2a + scatter if t.moe else 0.0)
+      max(
+        bwd * attn.time_s + back_elem * a_elem + back_cast * a_cast if t.attn else 0.0,
+        bwd * exp.time_s + a2a + scatter + back_elem * e_elem + back_cast * e_cast
+        if t.moe
+        else 0.0,
+      )
       for t in ticks
     )
   # The head: training splits the tokens over all devices; generation runs every token's head
   # on every device.
   head = k.head(w, chunk / s.n if w.train else w.batch, 1.0)
   head_s = head.time_s * (1 + bwd if w.train else 1)
+  head_s += k.head_elementwise(w, chunk / s.n if w.train else w.batch).time_s
+  if w.train:
+    head_s += k.weight_casts(m.d_model * m.vocab_size).time_s
   exchange = sum(t.time_s for name, t in times.items() if name not in in_branch)
   p = held_params(m, s)
   opt = optimizer_update(p['held'], hw) if w.train else Cost(0.0, 'hbm')
@@ -331,7 +373,12 @@ def predict(
       exchange,
       max(times.values(), key=lambda t: t.time_s).bound if times else 'none',
     ),
-    Term('lm_head', accum * head_s, head.bound),
+    Term('lm_head (with its norm, loss and cast)', accum * head_s, head.bound),
+    Term(
+      'elementwise and casts (in the ticks)',
+      items * ((1 + back_elem) * (a_elem + e_elem) + (1 + back_cast) * (a_cast + e_cast)),
+      'hbm',
+    ),
     Term('optimizer', opt.time_s, opt.bound),
     Term('grad_accumulation', acc.time_s, acc.bound),
   ]

@@ -38,6 +38,7 @@ class ModelSpec:
   seq_len: int = 2048
   batch_size: int = 1024
   remat: str = 'none'  # model.remat: 'full' recomputes each block's forward in the backward
+  expert_dropout: float = 0.0  # model.expert_dropout (training only)
   # Measured share of the routed token-expert pairs per expert (sums to 1; None: uniform), e.g.
   # a run's expert_load_<e> metrics (`loads_from_metrics`). Only dropless routing (and decode,
   # which is always dropless) computes what is routed; capacity routing computes fixed buffers.
@@ -92,6 +93,7 @@ class ModelSpec:
       seq_len=config.data.seq_len,
       batch_size=config.data.batch_size,
       remat=getattr(m, 'remat', 'none'),
+      expert_dropout=float(getattr(m, 'expert_dropout', 0.0)),
     )
 
 

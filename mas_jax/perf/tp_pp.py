@@ -18,7 +18,13 @@ import dataclasses
 from mas_jax.perf import collectives as coll
 from mas_jax.perf.calibration import Calibration
 from mas_jax.perf.hardware import Hardware
-from mas_jax.perf.kernels import Kernels, accumulator_update, optimizer_update
+from mas_jax.perf.kernels import (
+  Kernels,
+  accumulator_update,
+  cast_passes,
+  elementwise_passes,
+  optimizer_update,
+)
 from mas_jax.perf.model import ModelSpec, attn_act_bytes_per_token, moe_act_bytes_per_token
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
@@ -170,7 +176,26 @@ def predict(
   held = held_params(m, tp, pp)
   opt = optimizer_update(held, hw) if w.train else Cost(0.0, 'hbm')
   acc = accumulator_update(held, accum, hw)
-  step = compute + comm + head_s + opt.time_s + acc.time_s
+  # Elementwise traffic (kernels.py) per tick and layer: norms, residuals, dispatch and combine
+  # run replicated over 'tensor' at full width, the expert dropout on this device's F / tp;
+  # the head's norm, gather and loss on the last stage; casts of the stage's matmul weights.
+  tokens_mb = b * tokens
+  routed = tokens_mb * m.top_k
+  capacity_rows = b * m.num_experts * m.capacity_slots(tokens)
+  slots = routed if (m.dropless or not w.train) else capacity_rows
+  dropout = m.expert_dropout if w.train else 0.0
+  per_layer = k.layer_elementwise(w, b).time_s
+  hidden = m.expert_hidden // tp
+  per_layer += k.moe_elementwise(w, tokens_mb, routed, slots, hidden, dropout).time_s
+  elem = accum * ticks * lps * elementwise_passes(m, w) * per_layer
+  elem += accum * k.head_elementwise(w, chunk if w.train else w.batch).time_s
+  # (Once per forward pass of a chunk, as if XLA hoists them out of the tick loop; a calibrated
+  # attention kernel was timed with its casts.)
+  block = m.num_experts * m.n_mat * m.d_model * hidden + m.d_model * m.num_experts
+  block += 0 if attn.measured else 4 * m.d_model * m.num_heads * m.head_dim // tp
+  casts = accum * k.weight_casts(lps * block, cast_passes(m, w)).time_s
+  casts += accum * k.weight_casts(m.d_model * m.vocab_size, min(1.0, cast_passes(m, w))).time_s
+  step = compute + elem + casts + comm + head_s + opt.time_s + acc.time_s
   useful = compute * microbatches / ticks
   terms = [
     Term('attention', useful * attn.time_s / (attn.time_s + exp.time_s), attn.bound, attn.measured),
@@ -182,6 +207,8 @@ def predict(
       max((coll.time(c, hw) for c in colls), key=lambda t: t.time_s).bound if colls else 'none',
     ),
     Term('lm_head', head_s, head.bound),
+    Term('elementwise', elem, 'hbm'),
+    Term('weight_casts', casts, 'hbm'),
     Term('optimizer', opt.time_s, opt.bound),
     Term('grad_accumulation', acc.time_s, acc.bound),
   ]

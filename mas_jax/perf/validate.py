@@ -35,9 +35,6 @@ import ml_collections
 from mas_jax import perf as pm
 from mas_jax.perf import ep
 from mas_jax.perf.calibration import Calibration
-from mas_jax.perf.kernels import ELEMENTWISE_BACKWARD, Kernels
-from mas_jax.perf.model import attn_params_per_layer, expert_params
-from mas_jax.perf.prediction import Term, backward_passes
 
 # The shapes bench/gpu_bench.py times its kernels at (its GPU dict): entries carry them as guard
 # keys, so a model of other widths falls back to the roofline instead of borrowing these timings.
@@ -99,39 +96,6 @@ def config_of(config, overrides: dict):
   return cd
 
 
-def elementwise_terms(m: pm.ModelSpec, hw, w: pm.Workload, p: pm.Prediction, dropout: float):
-  """The elementwise and cast terms (mas_jax/perf/kernels.py) of the one-device step `p`.
-
-  ep.predict does not sum them yet; this is the sum it would add for dp1 (the report names the
-  change to ep.py)."""
-  k = Kernels(m, hw, None)  # HBM traffic only: hw carries the measured HBM rate
-  accum = p.accumulation
-  seqs = w.batch // accum
-  tokens = seqs * w.context
-  pairs = tokens * m.top_k
-  slots = pairs if m.dropless else seqs * m.num_experts * m.capacity_slots(w.context)
-  recompute = backward_passes(m) - 2.0  # 1 with remat='full'
-  elem_passes = 1.0 + ELEMENTWISE_BACKWARD + recompute
-  per_layer = k.layer_elementwise(w, seqs).time_s + (
-    k.moe_elementwise(w, tokens, pairs, slots, m.expert_hidden, dropout).time_s
-  )
-  layers = accum * m.num_layers * elem_passes * per_layer
-  head = accum * k.head_elementwise(w, seqs).time_s
-  # Casts not inside a calibrated kernel: the experts (timed with bf16 weights), the router,
-  # the unembedding, and the attention weights when attention is not calibrated.
-  block = m.num_experts * expert_params(m) + m.d_model * m.num_experts
-  if 'attention' not in p.measured:
-    block += attn_params_per_layer(m)
-  casts = accum * (
-    k.weight_casts(m.num_layers * block, 1.0 + recompute).time_s
-    + k.weight_casts(m.d_model * m.vocab_size).time_s
-  )
-  return [
-    Term('elementwise', layers + head, 'hbm'),
-    Term('weight_casts', casts, 'hbm'),
-  ]
-
-
 @dataclasses.dataclass
 class Row:
   """One predicted train step."""
@@ -180,8 +144,7 @@ def predict_rows(config, hw, cal: Calibration, bench_paths: list[str]) -> list[R
       cal.lookups.clear()
       p = ep.predict(m, hw, w, 1, 1, cal)
       lookups = list(cal.lookups)
-      dropout = float(cd.model.get('expert_dropout', 0.0))
-      extra = elementwise_terms(m, hw, w, p, dropout)
+      dropout = m.expert_dropout
       routing = 'dropless' if m.dropless else 'capacity'
       if dropout > 0:
         routing += f', dropout {dropout:g}'
@@ -197,13 +160,13 @@ def predict_rows(config, hw, cal: Calibration, bench_paths: list[str]) -> list[R
           seq=m.seq_len,
           routing=routing,
           remat=m.remat,
-          kernels_s=p.step_s,
-          predicted_s=p.step_s + sum(t.time_s for t in extra),
+          kernels_s=p.step_s - p.time('elementwise', 'weight_casts'),
+          predicted_s=p.step_s,
           measured_s=entry['step_s'],
           group='in sample' if any(how == 'exact' for _, _, how in lookups) else 'held out',
           new=new,
           lookups=lookups,
-          terms=[t for t in p.terms + extra if t.time_s > 0],
+          terms=[t for t in p.terms if t.time_s > 0],
         )
       )
   return rows
@@ -321,8 +284,8 @@ def print_validation(
   ]
   print(table(headers, summary(rows)))
   print(
-    '\nkernels-only = ep.predict (attention, experts, lm_head, optimizer, accumulator); '
-    'predicted adds the elementwise and weight_casts terms (mas_jax/perf/kernels.py). '
+    '\npredicted = ep.predict on one device; kernels-only = the same without its elementwise and '
+    'weight_casts terms (mas_jax/perf/kernels.py). '
     'calibrated kernels: how each calibrated lookup was made (exact: timed at this shape).'
   )
   return rows
