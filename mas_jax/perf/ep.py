@@ -24,12 +24,11 @@ from mas_jax.perf.kernels import (
 )
 from mas_jax.perf.model import (
   ModelSpec,
-  attn_act_bytes_per_token,
   attn_params_per_layer,
   embed_params,
   expert_params,
   kv_bytes_per_token_layer,
-  moe_act_bytes_per_token,
+  layer_act_bytes_per_token,
 )
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
@@ -42,7 +41,8 @@ from mas_jax.perf.prediction import (
   backward_passes,
   finish,
   fit_accumulation,
-  train_state,
+  saved_per_token_layer,
+  temporaries,
 )
 
 
@@ -114,9 +114,11 @@ def _memory(m: ModelSpec, w: Workload, n: int, ep: int, accum: int) -> dict[str,
   if not w.train:
     kv = w.batch / n * w.context * m.num_layers * kv_bytes_per_token_layer(m)
     return {'all': Memory(params=held * m.act_bytes, activations=kv)}
-  tokens = w.batch // accum / n * w.context * m.num_layers
-  act = attn_act_bytes_per_token(m) + moe_act_bytes_per_token(m)
-  return {'all': Memory(**train_state(held, accum), activations=tokens * act)}
+  local_tokens = w.batch // accum / n * w.context
+  per_token = layer_act_bytes_per_token(m)
+  saved = m.num_layers * local_tokens * saved_per_token_layer(m, per_token)
+  mem = temporaries(m, held, accum, saved, local_tokens * per_token, local_tokens)
+  return {'all': Memory(**mem)}
 
 
 def predict(

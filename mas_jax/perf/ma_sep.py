@@ -35,6 +35,8 @@ from mas_jax.perf.kernels import (
 from mas_jax.perf.model import ModelSpec, attn_act_bytes_per_token, moe_act_bytes_per_token
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
+  OPTIMIZER_STATE_BYTES,
+  PARAM_BYTES,
   Collective,
   Cost,
   Memory,
@@ -44,7 +46,7 @@ from mas_jax.perf.prediction import (
   backward_passes,
   finish,
   fit_accumulation,
-  train_state,
+  temporaries,
 )
 
 
@@ -258,13 +260,24 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
     arena = (max(experts, kv) + w.context * slots * m.head_dim) * m.act_bytes
     mem = Memory(params=static, activations=arena)
     return {'attention': mem, 'experts': mem}
-  tokens = w.batch // accum * w.context * m.num_layers
-  # The switch saves every branch's residuals on every device: attention's (its head slots)
-  # and the MoE's (its local experts' share of the routed pairs) for each item.
-  act = tokens * (attn_act_bytes_per_token(m, slots / m.num_heads))
-  act += tokens * moe_act_bytes_per_token(m) * local / m.num_experts
+  # Every device holds each micro-batch's two residual streams, and per (layer, micro-batch)
+  # item what the tick's switch keeps for the backward: its inputs under remat='full', else
+  # the union of both branches' residuals (the attention's on its head slots, the MoE's on its
+  # local experts). Each layer's weights are sliced once (an fp32 copy of the block parameters).
+  chunk_tokens = w.batch // accum * w.context
+  mb_tokens = chunk_tokens / s.microbatches
+  items = m.num_layers * s.microbatches
+  scores = slots * m.seq_len * 4 if m.attention_scores else 0.0
+  per_token = attn_act_bytes_per_token(m, slots / m.num_heads) + scores
+  per_token += moe_act_bytes_per_token(m) * local / m.num_experts
+  row = m.d_model * m.act_bytes
+  item = 2 * row if m.remat == 'full' else per_token
+  shared = 2 * m.vocab_size * m.d_model + m.d_model
+  saved = mb_tokens * (2 * s.microbatches * row + items * item)
+  saved += (p['held'] - shared) * PARAM_BYTES
+  mem = temporaries(m, p['held'], accum, saved, mb_tokens * per_token, chunk_tokens / s.n)
   return {
-    role: Memory(**train_state(p['held'], accum, p[role]), activations=act)
+    role: Memory(**{**mem, 'used': p[role] * (PARAM_BYTES + OPTIMIZER_STATE_BYTES)})
     for role in ('attention', 'experts')
   }
 

@@ -39,6 +39,9 @@ class ModelSpec:
   batch_size: int = 1024
   remat: str = 'none'  # model.remat: 'full' recomputes each block's forward in the backward
   expert_dropout: float = 0.0  # model.expert_dropout (training only)
+  # False: flash attention (cuDNN), no [T, T] scores in memory. True: XLA attention, which holds
+  # the float32 probabilities of each (head, query, key); model.attention_impl='xla' (the CPU).
+  attention_scores: bool = False
   # Measured share of the routed token-expert pairs per expert (sums to 1; None: uniform), e.g.
   # a run's expert_load_<e> metrics (`loads_from_metrics`). Only dropless routing (and decode,
   # which is always dropless) computes what is routed; capacity routing computes fixed buffers.
@@ -94,6 +97,7 @@ class ModelSpec:
       batch_size=config.data.batch_size,
       remat=getattr(m, 'remat', 'none'),
       expert_dropout=float(getattr(m, 'expert_dropout', 0.0)),
+      attention_scores=getattr(m, 'attention_impl', 'auto') == 'xla',
     )
 
 
@@ -164,6 +168,15 @@ def attn_act_bytes_per_token(m: ModelSpec, head_share: float = 1.0) -> float:
   the pre-wo output scale with the share of heads a device holds.
   """
   return m.act_bytes * m.d_model * (3 + 4 * head_share)
+
+
+def layer_act_bytes_per_token(m: ModelSpec, head_share: float = 1.0, hidden_share: float = 1.0):
+  """Everything one layer's forward keeps for its backward, per token: the attention's (with the
+  float32 scores of XLA attention) and the MoE's, whose hidden width is split `hidden_share`."""
+  scores = m.num_heads * head_share * m.seq_len * 4 if m.attention_scores else 0.0
+  pairs = m.top_k * m.capacity
+  hidden = m.act_bytes * pairs * 2 * m.expert_hidden * (m.n_mat - 1) * (1 - hidden_share)
+  return attn_act_bytes_per_token(m, head_share) + scores + moe_act_bytes_per_token(m) - hidden
 
 
 def moe_act_bytes_per_token(m: ModelSpec) -> float:

@@ -182,6 +182,30 @@ def train_state(params: float, accum: int, used: float | None = None) -> dict:
   }
 
 
+def temporaries(
+  m: ModelSpec, held: float, accum: int, saved: float, layer: float, logits_tokens: float
+) -> dict:
+  """Memory fields of a training step's peak on one device: the larger of two phases.
+
+  Backward: the gradients (and the accumulator), the activations saved by the forward (`saved`
+  bytes), one layer's activations (`layer` bytes) twice over while its backward runs (once more
+  recomputed under remat='full', already in `saved` otherwise), and the float32 logits and their
+  gradient of `logits_tokens` tokens. Update: the gradients and AdamW's update, both float32 and
+  parameter-sized. Checked against the compiled programs' memory analysis by bench/planner_memory.py
+  and tests/test_perf_fidelity.py."""
+  state = train_state(held, accum)
+  backward = state['grads'] + saved + (2 * layer if m.remat == 'full' else 0.0)
+  backward += 2 * logits_tokens * m.vocab_size * 4
+  update = 2 * held * GRAD_BYTES
+  return {**state, 'activations': max(backward, update) - state['grads']}
+
+
+def saved_per_token_layer(m: ModelSpec, layer: float) -> float:
+  """Bytes a layer's forward keeps per token until its backward: its input under remat='full'
+  (the block is recomputed), else everything (`layer`)."""
+  return m.d_model * m.act_bytes if m.remat == 'full' else layer
+
+
 def backward_passes(m: ModelSpec) -> float:
   """Backward compute in forward passes: 2, plus the recomputed forward under remat='full'."""
   return 3.0 if m.remat == 'full' else 2.0

@@ -25,7 +25,7 @@ from mas_jax.perf.kernels import (
   elementwise_passes,
   optimizer_update,
 )
-from mas_jax.perf.model import ModelSpec, attn_act_bytes_per_token, moe_act_bytes_per_token
+from mas_jax.perf.model import ModelSpec, layer_act_bytes_per_token
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
   Collective,
@@ -37,7 +37,8 @@ from mas_jax.perf.prediction import (
   backward_passes,
   finish,
   fit_accumulation,
-  train_state,
+  saved_per_token_layer,
+  temporaries,
 )
 
 
@@ -137,10 +138,17 @@ def _memory(m: ModelSpec, w: Workload, tp: int, pp: int, microbatches: int, accu
   if not w.train:
     kv = w.batch * w.context * 2 * m.head_dim * (m.num_heads // tp) * lps * m.act_bytes
     return {'all': Memory(params=held * m.act_bytes, activations=kv)}
-  # GPipe keeps every micro-batch's activations of the stage until the backward.
-  tokens = w.batch // accum * w.context * lps
-  act = attn_act_bytes_per_token(m, 1 / tp) + moe_act_bytes_per_token(m) / tp
-  return {'all': Memory(**train_state(held, accum), activations=tokens * act)}
+  # GPipe: every tick (bubble ticks too, which compute on zeros) keeps its layers' saved
+  # activations, the carried stage input and its output until the backward; the head's logits
+  # cover the whole chunk on the last stage.
+  ticks = microbatches + pp - 1
+  chunk_tokens = w.batch // accum * w.context
+  mb_tokens = chunk_tokens / microbatches
+  per_token = layer_act_bytes_per_token(m, 1 / tp, 1 / tp)
+  carried = 2 * m.d_model * m.act_bytes
+  saved = ticks * mb_tokens * (lps * saved_per_token_layer(m, per_token) + carried)
+  mem = temporaries(m, held, accum, saved, mb_tokens * per_token, chunk_tokens)
+  return {'all': Memory(**mem)}
 
 
 def predict(
