@@ -71,7 +71,9 @@ def collectives(
   local = chunk // n  # sequences per device
   tokens = w.context if w.train else 1
   params = held_params(m, ep)
-  passes = 2 if w.train else 1
+  # Forward, backward, and under remat='full' the forward again (both all_to_alls are
+  # recomputed: the combine's backward needs the returned buffer).
+  passes = (3 if m.remat == 'full' else 2) if w.train else 1
   out: list[Collective] = []
   if ep > 1:
     cap = m.capacity_slots(tokens) if w.train else tokens  # generation is always dropless

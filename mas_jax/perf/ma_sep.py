@@ -176,6 +176,9 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
       out.append(coll.collective(name, 'all-reduce', everyone, nbytes, count, hw))
 
   passes = 2 if w.train else 1
+  # Under remat='full' the MoE branch's forward runs again in the backward: its two all_to_alls
+  # (not the final all_gather, whose output the backward does not need).
+  a2a_passes = passes + (1 if w.train and m.remat == 'full' else 0)
   if dispatch == 'replicated':
     # Every tick psums [2, b, T, D]: attention partials and the experts' partial outputs.
     psum('tick exchange psum (forward)', len(ticks) * 2 * x, len(ticks))
@@ -185,7 +188,9 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
     cap = m.capacity_slots(tokens) if w.train else tokens  # generation is always dropless
     buf = (b // s.n_moe) * m.num_experts * cap * m.d_model * m.act_bytes
     a2a = coll.collective('dispatch+combine all_to_all', 'all-to-all', expert_row, 0, 1, hw)
-    out.append(dataclasses.replace(a2a, bytes=passes * 2 * items * buf, count=passes * 2 * items))
+    out.append(
+      dataclasses.replace(a2a, bytes=a2a_passes * 2 * items * buf, count=a2a_passes * 2 * items)
+    )
     out.append(
       coll.collective('MoE output all_gather', 'all-gather', expert_row, items * x, items, hw)
     )
@@ -311,11 +316,8 @@ def predict(
   )
   items = m.num_layers * s.microbatches * accum
   # Per item: the expert row's collectives inside the MoE branch (forward, backward).
-  a2a = (
-    times.get('dispatch+combine all_to_all', Cost(0.0, 'none')).time_s
-    / items
-    / (2 if w.train else 1)
-  )
+  a2a_passes = (3 if m.remat == 'full' else 2) if w.train else 1  # see `collectives`
+  a2a = times.get('dispatch+combine all_to_all', Cost(0.0, 'none')).time_s / items / a2a_passes
   gather = times.get('MoE output all_gather', Cost(0.0, 'none')).time_s / items
   scatter = times.get('MoE output reduce_scatter (backward)', Cost(0.0, 'none')).time_s / items
   bwd = backward_passes(m)
@@ -351,7 +353,11 @@ def predict(
     bwd_s = sum(
       max(
         bwd * attn.time_s + back_elem * a_elem + back_cast * a_cast if t.attn else 0.0,
-        bwd * exp.time_s + a2a + scatter + back_elem * e_elem + back_cast * e_cast
+        bwd * exp.time_s
+        + (a2a_passes - 1) * a2a
+        + scatter
+        + back_elem * e_elem
+        + back_cast * e_cast
         if t.moe
         else 0.0,
       )

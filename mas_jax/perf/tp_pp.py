@@ -82,6 +82,10 @@ def collectives(
     out.append(
       coll.collective('attention + MoE output psum', 'all-reduce', stage, n * 2 * x, 2 * n, hw)
     )
+    if w.train and m.remat == 'full':
+      # The recomputed forward repeats the attention psum (the MoE psum makes the block's
+      # output, which the backward does not need).
+      out.append(coll.collective('attention psum (recomputed)', 'all-reduce', stage, n * x, n, hw))
     if w.train:
       cap = m.capacity_slots(tokens)
       buf = b * m.num_experts * cap * m.d_model * a
