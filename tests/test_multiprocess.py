@@ -3,10 +3,13 @@
 Each 2-process run starts train.py twice on 127.0.0.1 (gloo collectives across the processes)
 under a hard timeout; process 0 writes metrics.jsonl, compared step by step with a 1-process
 16-device run of the same config (loss and eval loss within RTOL: the cross-process reductions
-add in another order, so not bit for bit). Checkpoints of either run resume in the other. Runs
-are shared between tests (module fixture), runs asked for together run side by side, and all use
-a compilation cache in the module's tmp dir (the resumed runs load the programs of the runs they
-resume). The data-sharding tests run in this process.
+add in another order, so not bit for bit). The 1-process runs are `train_and_evaluate` in this
+process: 16 CPU devices and the XLA flags of conftest, so the program train.py would compile
+with one process. Checkpoints of either run resume in the other. Every run is made once for the
+module (fixture): the 2-process runs one after another in a background thread while this process
+makes the 1-process ones (a 2-process run alone keeps about 1.4 of 2 cores busy), and the
+2-process runs share a compilation cache in the module's tmp dir (programs they have in common,
+and all of the resumed run's, load from it). The data-sharding tests run in this process.
 """
 
 from __future__ import annotations
@@ -18,47 +21,64 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import CPU_FAST_COMPILE, tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mas_jax import config as config_lib
-from mas_jax import distributed
+from mas_jax import distributed, train_lib
 from mas_jax.data.c4 import C4Source
 from mas_jax.data.synthetic import SyntheticSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 10
-RUN_TIMEOUT_S = 150
+STEPS = 6
+HALF = STEPS // 2
 # The tiny config, made cheap to compile: one block, short rows.
-COMMON = [
-  '--config=configs/tiny.py',
-  '--config.data.source=synthetic',
-  '--config.model.num_layers=1',
-  '--config.data.seq_len=16',
-  f'--config.train.steps={STEPS}',
-  '--config.train.log_every=1',
-  '--config.train.tensorboard=False',  # no TensorFlow import: about 4 s less per run
-  '--config.train.eval_every=1000',  # evaluates once, at the last step
-  '--config.train.eval_steps=1',
-  '--config.train.checkpoint_every=5',  # steps 5 and 10 are kept
-]
+COMMON = {
+  'data.source': 'synthetic',
+  'model.num_layers': 1,
+  'data.seq_len': 16,
+  'train.steps': STEPS,
+  'train.log_every': 1,
+  'train.tensorboard': False,  # no TensorFlow import: about 4 s less per process
+  'train.eval_every': 1000,  # evaluates once, at the last step
+  'train.eval_steps': 1,
+  'train.checkpoint_every': HALF,  # steps HALF and STEPS are kept
+}
 STRATEGIES = {
-  'dp': ['--config.parallel.strategy=dp'],
-  'ma_sep': [
-    '--config.parallel.strategy=ma_sep',
-    '--config.parallel.attn_devices=12',
-    '--config.parallel.moe_devices=4',
-  ],
-  'ep': ['--config.parallel.strategy=ep', '--config.parallel.ep=16'],
+  'dp': {'parallel.strategy': 'dp'},
+  'ma_sep': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.attn_devices': 12,
+    'parallel.moe_devices': 4,
+  },
+  'ep': {'parallel.strategy': 'ep', 'parallel.ep': 16},
 }
 # Data shards of the batch with 2 processes: rows split over all devices, or replicated.
 DATA_SHARDS = {'dp': 2, 'ma_sep': 1, 'ep': 2}
 RTOL = 1e-6
+# The 2-process runs (name, strategy, the run it resumes), made one after another in this order:
+# dp's first (the in-process resume needs it), then the one resuming dp's 1-process run, which
+# loads dp's programs from the compilation cache.
+LAUNCHES = [
+  ('dp_2p', 'dp', None),
+  ('dp_1p_to_2p', 'dp', 'dp_1p'),
+  ('ma_sep_2p', 'ma_sep', None),
+  ('ep_2p', 'ep', None),
+]
+# The hard timeout of one 2-process run (alone about 20-35 s on 2 cores), and of a test, which
+# may wait for all of them.
+RUN_TIMEOUT_S = 180
+TEST_TIMEOUT_S = len(LAUNCHES) * RUN_TIMEOUT_S
+
+
+def _overrides(strategy: str) -> dict:
+  return {**COMMON, **STRATEGIES[strategy]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,33 +96,40 @@ class RunFailed(AssertionError):
   pass
 
 
-class Launch:
-  """train.py started as `processes` processes (16 devices in all), its logs in `logdir`."""
+class PortTaken(RunFailed):
+  pass
 
-  def __init__(self, flags: list[str], workdir: str, logdir: str, processes: int, jax_cache: str):
-    self.args = (flags, workdir, logdir, processes, jax_cache)
+
+class Launch:
+  """train.py started as 2 processes of 8 CPU devices each, its logs in `logdir`."""
+
+  PROCESSES = 2
+
+  def __init__(self, strategy: str, workdir: str, logdir: str, jax_cache: str):
+    self.workdir = workdir
     self.name = os.path.basename(workdir)
     self.port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in distributed.ENV_NAMES}
     env.update(
       JAX_PLATFORMS='cpu',
-      # LLVM's optimisation level 0 compiles about a third faster (XLA's HLO passes, SPMD
-      # partitioning and collectives included, are unchanged).
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={16 // processes} '
-      '--xla_backend_optimization_level=0',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={16 // self.PROCESSES} {CPU_FAST_COMPILE}',
       JAX_COMPILATION_CACHE_DIR=jax_cache,
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
     )
+    flags = [f'--config.{k}={v}' for k, v in _overrides(strategy).items()]
     self.procs, self.logs = [], []
-    for pid in range(processes):
-      cmd = [sys.executable, 'train.py', *flags, f'--workdir={workdir}']
-      if processes > 1:
-        cmd += [
-          f'--coordinator_address=127.0.0.1:{self.port}',
-          f'--num_processes={processes}',
-          f'--process_id={pid}',
-        ]
+    for pid in range(self.PROCESSES):
+      cmd = [
+        sys.executable,
+        'train.py',
+        '--config=configs/tiny.py',
+        *flags,
+        f'--workdir={workdir}',
+        f'--coordinator_address=127.0.0.1:{self.port}',
+        f'--num_processes={self.PROCESSES}',
+        f'--process_id={pid}',
+      ]
       self.logs.append(os.path.join(logdir, f'{self.name}.p{pid}.log'))
       with open(self.logs[-1], 'w') as log:
         self.procs.append(
@@ -115,11 +142,8 @@ class Launch:
         p.kill()
         p.wait()
 
-  def wait(self, retry: bool = True) -> dict[int, dict]:
-    """Waits (hard timeout); metrics by step, or RunFailed with every process's log.
-
-    A coordinator port taken between choosing and binding it gets one retry on a new port.
-    """
+  def wait(self) -> dict[int, dict]:
+    """Waits (hard timeout); metrics by step, or RunFailed (PortTaken) with every process's log."""
     try:
       codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in self.procs]
     except subprocess.TimeoutExpired:
@@ -127,14 +151,12 @@ class Launch:
     finally:
       self.kill()
     if codes == [0] * len(self.procs):
-      return read_metrics(self.args[1])
+      return read_metrics(self.workdir)
     text = '\n'.join(f'===== {path}\n{_tail(path)}' for path in self.logs)
     port_taken = 'Failed to add port' in text or 'Address already in use' in text
-    if retry and len(self.procs) > 1 and port_taken:
-      shutil.rmtree(self.args[1], ignore_errors=True)
-      return Launch(*self.args).wait(retry=False)
     what = 'timed out' if codes is None else f'exit codes {codes}'
-    raise RunFailed(f'{self.name} ({len(self.procs)} processes, port {self.port}): {what}\n{text}')
+    error = PortTaken if port_taken else RunFailed
+    raise error(f'{self.name} ({len(self.procs)} processes, port {self.port}): {what}\n{text}')
 
 
 def _tail(path: str, chars: int = 6000) -> str:
@@ -158,62 +180,113 @@ def assert_losses_close(actual: dict, expected: dict, steps) -> None:
 
 
 class Runs:
-  """train.py runs of this module, each made once on first use.
+  """The runs of this module, each made once: 2-process launches and in-process 1-process runs.
 
-  Runs asked for in one call run side by side: on 2 cores a 1-process run leaves one mostly idle.
+  The launches run one after another in a background thread (each loads the programs it shares
+  with the ones before it, e.g. the checkpoint's shard slices, from the compilation cache; two
+  processes of a launch use about 1.4 of the 2 cores), while this process makes the 1-process
+  runs. A run that failed fails every test that asks for it, and only those.
   """
 
   def __init__(self, root: str, jax_cache: str):
     self.root, self.jax_cache = root, jax_cache
-    self._metrics: dict[str, dict] = {}
+    self._results: dict[str, dict[int, dict] | Exception] = {}
+    self._ready: dict[str, threading.Event] = collections.defaultdict(threading.Event)
+    self._lock = threading.Lock()  # guards _ready's defaultdict, _launch and _stopped
+    self._launch: Launch | None = None
+    self._stopped = False
+    self._thread: threading.Thread | None = None
 
   def workdir(self, name: str) -> str:
     return os.path.join(self.root, name)
 
-  def _run(self, launches: dict[str, Launch]) -> None:
+  def _event(self, name: str) -> threading.Event:
+    with self._lock:
+      return self._ready[name]
+
+  def _make(self, name: str, make) -> None:
     try:
-      for name, launch in launches.items():
-        self._metrics[name] = launch.wait()
-    finally:
-      for launch in launches.values():
-        launch.kill()
+      self._results[name] = make()
+    except Exception as e:  # noqa: BLE001  (raised again for each test that needs it)
+      self._results[name] = e
+    self._event(name).set()
 
-  def straight(self, strategy: str, *processes: int) -> list[dict[int, dict]]:
-    """Metrics of STEPS steps from scratch with each number of processes."""
-    names = [f'{strategy}_{n}p' for n in processes]
-    flags = COMMON + STRATEGIES[strategy]
-    self._run(
-      {
-        name: Launch(flags, self.workdir(name), self.root, n, self.jax_cache)
-        for name, n in zip(names, processes, strict=True)
-        if name not in self._metrics
-      }
-    )
-    return [self._metrics[name] for name in names]
+  def result(self, name: str) -> dict[int, dict]:
+    """Metrics of run `name` (waits for a launch to finish), or the run's error."""
+    if not self._event(name).wait(timeout=TEST_TIMEOUT_S):
+      raise RunFailed(f'{name}: not finished after {TEST_TIMEOUT_S} s')
+    if isinstance(self._results[name], Exception):
+      raise self._results[name]
+    return self._results[name]
 
-  def resumed(self, strategy: str, *moves: tuple[int, int]) -> list[dict[int, dict]]:
-    """Metrics of resuming straight runs from their step-5 checkpoint, for each (from, to).
+  def _prepare(self, name: str, resume_from: str | None) -> str:
+    """The workdir of run `name`: none yet, or run `resume_from`'s as if stopped at step HALF."""
+    workdir = self.workdir(name)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if resume_from is not None:
+      self.result(resume_from)  # waits for it; its error if it failed
+      shutil.copytree(self.workdir(resume_from), workdir)
+      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(STEPS)))
+    return workdir
 
-    The straight run of `from` processes is copied without its last checkpoint and resumed with
-    `to` processes: steps 6..STEPS, after 1..5 of the straight run.
-    """
-    self.straight(strategy, *sorted({a for a, _ in moves}))
-    launches = {}
-    for a, b in moves:
-      workdir = self.workdir(f'{strategy}_{a}p_to_{b}p')
-      shutil.copytree(self.workdir(f'{strategy}_{a}p'), workdir)
-      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(STEPS)))  # as if stopped at 5
-      launches[os.path.basename(workdir)] = Launch(
-        COMMON + STRATEGIES[strategy], workdir, self.root, b, self.jax_cache
-      )
-    self._run(launches)
-    return [self._metrics[name] for name in launches]
+  def one(self, name: str, strategy: str, resume_from: str | None = None) -> None:
+    """Makes the 1-process run `name`: train_and_evaluate here, on the 16 CPU devices."""
+
+    def make():
+      workdir = self._prepare(name, resume_from)
+      train_lib.train_and_evaluate(tiny_config(**_overrides(strategy)), workdir)
+      return read_metrics(workdir)
+
+    self._make(name, make)
+
+  def _two(self, name: str, strategy: str, resume_from: str | None) -> dict[int, dict]:
+    """The 2-process run `name`; a coordinator port taken meanwhile gets one retry."""
+    for attempt in range(2):
+      workdir = self._prepare(name, resume_from)
+      with self._lock:
+        if self._stopped:
+          raise RunFailed(f'{name}: not started, the module is done')
+        self._launch = Launch(strategy, workdir, self.root, self.jax_cache)
+      try:
+        return self._launch.wait()
+      except PortTaken:
+        if attempt:
+          raise
+    raise AssertionError('unreachable')
+
+  def start(self, launches: list[tuple[str, str, str | None]]) -> None:
+    """Starts the background thread that makes the 2-process runs (name, strategy, resume_from)
+    in this order."""
+
+    def run_all():
+      for name, strategy, resume_from in launches:
+        self._make(name, lambda a=(name, strategy, resume_from): self._two(*a))
+
+    self._thread = threading.Thread(target=run_all, daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    with self._lock:
+      self._stopped = True
+      if self._launch is not None:
+        self._launch.kill()
+    if self._thread is not None:
+      self._thread.join(timeout=60)
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory) -> Runs:
+def runs(tmp_path_factory):
+  """Starts the 2-process runs in the background, then makes the 1-process runs here."""
   root = str(tmp_path_factory.mktemp('multiprocess'))
-  return Runs(root, jax_cache=os.path.join(root, 'jax_cache'))
+  runs = Runs(root, jax_cache=os.path.join(root, 'jax_cache'))
+  try:
+    runs.start(LAUNCHES)
+    for strategy in STRATEGIES:
+      runs.one(f'{strategy}_1p', strategy)
+    runs.one('dp_2p_to_1p', 'dp', resume_from='dp_2p')
+    yield runs
+  finally:
+    runs.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +294,11 @@ def runs(tmp_path_factory) -> Runs:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 @pytest.mark.parametrize('strategy', list(STRATEGIES))
 def test_two_processes_train_like_one(runs, strategy):
-  one, two = runs.straight(strategy, 1, 2)
+  one = runs.result(f'{strategy}_1p')
+  two = runs.result(f'{strategy}_2p')
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
   assert_losses_close(two, one, range(1, STEPS + 1))
   # Both processes wrote their part of the checkpoint, and its data state holds every shard.
@@ -235,19 +309,14 @@ def test_two_processes_train_like_one(runs, strategy):
     assert json.load(f) == {'shard_count': shards, 'shards': [{'index': STEPS}] * shards}
 
 
-@pytest.fixture(scope='module')
-def dp_resumed(runs) -> dict[str, dict]:
-  two_to_one, one_to_two = runs.resumed('dp', (2, 1), (1, 2))
-  return {'2p_to_1p': two_to_one, '1p_to_2p': one_to_two}
-
-
-@pytest.mark.timeout(4 * RUN_TIMEOUT_S)
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 @pytest.mark.parametrize('move', ['2p_to_1p', '1p_to_2p'])
-def test_checkpoint_resumes_with_another_process_count(runs, dp_resumed, move):
-  resumed = dp_resumed[move]
-  assert sorted(resumed) == list(range(1, STEPS + 1))  # 1..5 kept from the run it resumes
-  (straight,) = runs.straight('dp', 1)
-  assert_losses_close(resumed, straight, range(6, STEPS + 1))
+def test_checkpoint_resumes_with_another_process_count(runs, move):
+  """The straight run of one process count, stopped at step HALF, resumed with the other."""
+  straight = runs.result('dp_1p')
+  resumed = runs.result(f'dp_{move}')
+  assert sorted(resumed) == list(range(1, STEPS + 1))  # 1..HALF kept from the run it resumes
+  assert_losses_close(resumed, straight, range(HALF + 1, STEPS + 1))
 
 
 # ---------------------------------------------------------------------------------------------
