@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 
@@ -31,6 +32,11 @@ def _inputs(config: config_lib.Config):
   return params, batch
 
 
+# The latest compiled steps of `run` by (config, dropout) on all devices, for tests that read the
+# compiled program (`compiled_step`) of a config another test ran: one compile for both.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+
+
 def run(config: config_lib.Config, devices=None, dropout: bool = True):
   """((loss, metrics), grads) of `config`'s strategy on fixed params and batch, jitted."""
   strategy = strategies.get(config, devices)
@@ -44,7 +50,20 @@ def run(config: config_lib.Config, devices=None, dropout: bool = True):
     (loss, metrics), grads = strategy.value_and_grad(p, b, key)
     return (loss, metrics), strategy.to_reference(grads)
 
-  return jax.device_get(jax.jit(step)(params, batch))
+  compiled = jax.jit(step).lower(params, batch).compile()
+  if devices is None:
+    _COMPILED[config, dropout] = compiled
+    while len(_COMPILED) > 8:
+      _COMPILED.popitem(last=False)
+  return jax.device_get(compiled(params, batch))
+
+
+def compiled_step(config: config_lib.Config, dropout: bool = True):
+  """The compiled program of `run(config, dropout=dropout)` (forward, backward and the gradients'
+  conversion to the reference layout): the one a test already ran, else compiled now."""
+  if (config, dropout) not in _COMPILED:
+    run(config, dropout=dropout)
+  return _COMPILED[config, dropout]
 
 
 @functools.lru_cache(maxsize=8)

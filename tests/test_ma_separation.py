@@ -5,7 +5,7 @@ import re
 import jax
 import pytest
 from conftest import tiny_config
-from strategy_harness import _inputs, assert_matches_reference, small_config
+from strategy_harness import assert_matches_reference, compiled_step, small_config
 
 from mas_jax import config as config_lib
 from mas_jax import strategies
@@ -26,6 +26,11 @@ def ma_config(attn, moe, microbatches, **overrides):
   )
 
 
+# The case (all_to_all, two micro-batches) whose compiled step test_each_role_runs_only_its_own_work
+# reads after test_matches_reference_on_16_devices ran it: compiled once for both.
+ROLES_CONFIG = (8, 8, 2, {'parallel.hierarchical_allreduce': True})
+
+
 # 8 heads never divide 12 or 6 attention devices; capacity_factor 0.5 drops tokens.
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
@@ -33,7 +38,7 @@ def ma_config(attn, moe, microbatches, **overrides):
   [
     (12, 4, 1, {}),
     (12, 4, 2, {'parallel.hierarchical_allreduce': True, 'parallel.moe_dispatch': 'replicated'}),
-    (8, 8, 2, {'parallel.hierarchical_allreduce': True}),
+    ROLES_CONFIG,
     (8, 8, 4, {}),
     (4, 12, 2, {'model.num_experts': 24, 'model.num_heads': 16, 'model.d_model': 64}),
     (12, 4, 4, {'model.dropless': True, 'model.remat': 'full'}),
@@ -91,19 +96,14 @@ def test_schedule_overlaps_roles_with_microbatches():
 
 @pytest.mark.timeout(180)
 def test_each_role_runs_only_its_own_work():
-  """In the compiled forward + backward HLO, every attention matmul lives only in the attention
-  branch of the per-device conditional and every router/expert matmul only in the expert branch:
-  a device executes only its role's branch, so it never computes the other role's work."""
-  config = ma_config(12, 4, 2)
+  """In the compiled step's HLO (forward and backward, with dropout, and the gradients' layout
+  change), every attention matmul lives only in the attention branch of the per-device
+  conditional and every router/expert matmul only in the expert branch: a device executes only
+  its role's branch, so it never computes the other role's work."""
+  attn, moe, microbatches, overrides = ROLES_CONFIG
+  config = ma_config(attn, moe, microbatches, **overrides)
   strategy = strategies.get(config)
-  params, batch = _inputs(config)
-  params = jax.eval_shape(strategy.from_reference, params)
-  hlo = (
-    jax.jit(lambda p, b: strategy.value_and_grad(p, b, None))
-    .lower(params, jax.ShapeDtypeStruct(batch.shape, batch.dtype))
-    .compile()
-    .as_text()
-  )
+  hlo = compiled_step(config).as_text()
   bodies = _computations(hlo)
   conditionals = [
     [n.strip().lstrip('%') for n in m.split(',')]
