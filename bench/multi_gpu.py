@@ -161,7 +161,13 @@ def main():
     'model': model,
     'rows': [],
   }
-  for overrides in strategy_list(n, model):
+  rows = strategy_list(n, model)
+  if args.smoke:  # one row per strategy (its code path): the second ma_sep split only on GPUs
+    first = {}
+    for r in rows:
+      first.setdefault(r['parallel.strategy'], r)
+    rows = list(first.values())
+  for overrides in rows:
     result['rows'].append(measure(model, overrides, 1 if args.smoke else args.repeats))
     print(result['rows'][-1], flush=True)
   name = 'multi_gpu_smoke' if args.smoke else 'multi_gpu'
