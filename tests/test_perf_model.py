@@ -404,3 +404,14 @@ def test_plots(tmp_path):
   # one NIC per rank, and the other systems' bounds never rise after 1 node: the dead zone
   # starts at 2.
   assert plots.dead_zone_start() == 2
+
+
+def test_the_planner_imports_no_jax():
+  """The model of the program must not depend on the program: no JAX in mas_jax.perf."""
+  code = (
+    'import sys; import mas_jax.perf, mas_jax.perf.cli, mas_jax.perf.validate, '
+    'mas_jax.perf.reproduce, mas_jax.perf.hlo; '
+    "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))"
+  )
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'
