@@ -91,10 +91,13 @@ def predict_config(
   workload: Workload | None = None,
 ) -> Prediction:
   """The prediction of the placement a config asks for on n_devices (its strategy, split and
-  micro-batches), by default for a train step of its batch at train.grad_accum_steps."""
+  micro-batches), by default for a train step of its batch at exactly train.grad_accum_steps
+  (the program as configured, whether or not the planner thinks it fits)."""
   m = ModelSpec.from_config(config)
   p = config.parallel
-  w = workload or Workload('train', m.batch_size, m.seq_len, config.train.grad_accum_steps)
+  w = workload or Workload(
+    'train', m.batch_size, m.seq_len, config.train.grad_accum_steps, fit_memory=False
+  )
   if p.strategy == 'ma_sep':
     s = ma_sep_model.Split(
       p.attn_devices, p.moe_devices, p.num_microbatches, p.moe_dispatch, p.hierarchical_allreduce

@@ -133,6 +133,9 @@ class Workload:
   batch: int  # sequences
   context: int  # keys per query at decode; sequence length in training
   accumulation: int = 1  # at least this many gradient-accumulation chunks (train.grad_accum_steps)
+  # False: exactly `accumulation` chunks, the program as configured (validation, fidelity);
+  # True: the planner may raise it until the memory fits.
+  fit_memory: bool = True
 
   @property
   def train(self) -> bool:
@@ -160,6 +163,8 @@ def fit_accumulation(hw: Hardware, w: Workload, granule: int, memory_fn) -> int:
   if none does); each chunk must divide into `granule` sequences. Decode: 1."""
   if not w.train:
     return 1
+  if not w.fit_memory:
+    return w.accumulation
   options = [
     a
     for a in range(w.accumulation, w.batch + 1, w.accumulation)
