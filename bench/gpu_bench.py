@@ -170,7 +170,7 @@ SMOKE = {
   'attn_impls': ['xla'],
   'expert_hidden': 256,
   'tokens': 64,
-  'local_experts': [1, 2],
+  'local_experts': [2],
   'train_repeats': 1,
   'train_overrides': [
     {

@@ -214,7 +214,7 @@ SMOKE = {
   'expert_hidden': 128,
   'tokens': 64,
   'tune_local': 2,
-  'local_experts': [1, 2],
+  'local_experts': [2],
   'block_m': [64],
   'block_n': [64],
   'block_k': [64],
