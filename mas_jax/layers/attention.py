@@ -9,6 +9,9 @@ Dims: B batch, T sequence, D d_model, N heads (local), H head_dim.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -71,10 +74,172 @@ def causal_attention(
 ) -> jax.Array:
   """Stage 2: causal softmax attention per head; q, k, v, output: [B, T, N, H].
 
-  `implementation`: None lets JAX choose, 'cudnn' forces cuDNN flash attention (GPU, bf16/fp16),
-  'xla' the plain softmax(QK^T)V.
+  `implementation`: 'cudnn' forces cuDNN flash attention (GPU, bf16/fp16). 'xla' and None
+  (model.attention_impl='auto') run `blockwise_causal_attention`, which holds no [T, T] scores.
+  'auto' is the XLA path on every platform, as before: given None, JAX 0.10's
+  `jax.nn.dot_product_attention` never picks cuDNN (it runs its dense XLA attention).
   """
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  if implementation == 'cudnn':
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+  if implementation not in (None, 'xla'):
+    raise ValueError(f"implementation={implementation!r} is not one of None, 'xla', 'cudnn'")
+  return blockwise_causal_attention(q, k, v)
+
+
+def _dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The plain softmax(QK^T)V, holding [B, N, T, T] scores: what the tests compare against."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+
+
+# ---------------------------------------------------------------------------------------------
+# Blockwise (flash-style) causal attention.
+
+_MAX_BLOCK = 512
+
+
+def attention_block_size(t: int) -> int:
+  """Query and key block of a sequence of t tokens: the fewest blocks of at most 512, of equal
+  size; t is padded up to a multiple of it (by fewer rows than there are blocks)."""
+  n_blocks = -(-t // _MAX_BLOCK)
+  return -(-t // n_blocks)
+
+
+def blockwise_causal_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, block: int | None = None
+) -> jax.Array:
+  """Causal softmax attention of q, k, v [B, T, N, H] in [block, block] tiles, online softmax.
+
+  The forward walks the key blocks of each query block with a running max and sum (float32,
+  whatever the input dtype), the FlashAttention-2 way. Key blocks wholly above the diagonal are
+  skipped (the loop over key blocks stops at the diagonal block, which the causal mask cuts). The
+  backward (`jax.custom_vjp`) keeps only q, k, v, the output and each row's logsumexp, and
+  recomputes each tile's probabilities: no [T, T] array is live in either pass, only tiles of
+  [B, N, block, block].
+
+  A T that is not a multiple of `block` is padded with zero rows at the end: a padded key sits
+  after every real query, so the causal mask already hides it, and padded queries are sliced off
+  (their output cotangent is zero, so they add nothing to the gradients).
+
+  Args:
+    q, k, v: [B, T, N, H], one dtype.
+    block: tile size; None: `attention_block_size(T)` (T itself up to 512).
+
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  t = q.shape[1]
+  block = block or attention_block_size(t)
+  padded = -(-t // block) * block
+  if padded != t:
+    rows = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, rows) for x in (q, k, v))
+  return _flash(q, k, v, block)[:, :t]
+
+
+def _rows(x: jax.Array, i: jax.Array, block: int, axis: int = 1) -> jax.Array:
+  """Block i (rows i * block ..) of x along `axis`."""
+  return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
+
+
+def _tile_scores(q_i: jax.Array, k_j: jax.Array, i: jax.Array, j: jax.Array) -> jax.Array:
+  """Scaled scores [B, N, Tb, Sb] in float32 of query block i against key block j, -inf where
+  the key comes after the query."""
+  block = q_i.shape[1]
+  scale = 1.0 / math.sqrt(q_i.shape[-1])  # as jax.nn.dot_product_attention scales
+  s = jnp.einsum('BTNH,BSNH->BNTS', q_i, k_j, preferred_element_type=jnp.float32) * scale
+  causal = (i * block + jnp.arange(block))[:, None] >= (j * block + jnp.arange(block))[None, :]
+  return jnp.where(causal[None, None], s, -jnp.inf)
+
+
+def _flash_forward(
+  q: jax.Array, k: jax.Array, v: jax.Array, block: int
+) -> tuple[jax.Array, jax.Array]:
+  """Output [B, T, N, H] (q's dtype) and row logsumexp [B, N, T] (float32); T a block multiple."""
+  b, t, n, h = q.shape
+  f32 = jnp.float32
+
+  def query_block(i):
+    q_i = _rows(q, i, block)  # [B, Tb, N, H]
+
+    def key_block(j, carry):
+      top, total, acc = carry  # [B, N, Tb], [B, N, Tb], [B, N, Tb, H]
+      s = _tile_scores(q_i, _rows(k, j, block), i, j)  # [B, N, Tb, Sb]
+      new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+      # Key block 0 comes first and every query sees key 0: new_top is finite from the start, and
+      # the -inf initial max rescales the zero initial sums by exp(-inf) = 0.
+      p = jnp.exp(s - new_top[..., None])
+      rescale = jnp.exp(top - new_top)
+      total = total * rescale + jnp.sum(p, axis=-1)
+      pv = jnp.einsum(
+        'BNTS,BSNH->BNTH', p.astype(v.dtype), _rows(v, j, block), preferred_element_type=f32
+      )
+      return new_top, total, acc * rescale[..., None] + pv
+
+    # Accumulators derived from q_i (not fresh constants) so that inside shard_map they carry
+    # the same varying mesh axes as the values the loop adds to them.
+    zero = jnp.zeros_like(q_i, f32).transpose(0, 2, 1, 3)  # [B, N, Tb, H]
+    init = (zero[..., 0] - jnp.inf, zero[..., 0], zero)
+    top, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)  # key blocks 0 .. i
+    o = (acc / total[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)  # [B, Tb, N, H]
+    return o, top + jnp.log(total)
+
+  o, lse = jax.lax.map(query_block, jnp.arange(t // block))  # [nb, B, Tb, N, H], [nb, B, N, Tb]
+  o = o.transpose(1, 0, 2, 3, 4).reshape(b, t, n, h)
+  return o, lse.transpose(1, 2, 0, 3).reshape(b, n, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+  """Blockwise causal attention of q, k, v [B, T, N, H], T a multiple of block."""
+  return _flash_forward(q, k, v, block)[0]
+
+
+def _flash_fwd(q, k, v, block):
+  o, lse = _flash_forward(q, k, v, block)
+  return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(block, residuals, do):
+  """FlashAttention-2 backward: per tile P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+  dS = P * (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q (dS carrying the 1/sqrt(H) scale).
+
+  Outer loop over key blocks j (dK_j, dV_j accumulate in its carry), inner over the query blocks
+  i >= j that see it; dQ [B, T, N, H] float32 is carried through both and updated in place.
+  """
+  q, k, v, o, lse = residuals
+  t = q.shape[1]
+  f32 = jnp.float32
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  delta = jnp.einsum('BTNH,BTNH->BNT', do.astype(f32), o.astype(f32))  # rowsum(dO * O)
+
+  def key_block(dq, j):
+    k_j, v_j = _rows(k, j, block), _rows(v, j, block)  # [B, Sb, N, H]
+
+    def query_block(i, carry):
+      dq, dk_j, dv_j = carry
+      q_i, do_i = _rows(q, i, block), _rows(do, i, block)  # [B, Tb, N, H]
+      p = jnp.exp(_tile_scores(q_i, k_j, i, j) - _rows(lse, i, block, axis=2)[..., None])
+      dv_j = dv_j + jnp.einsum(
+        'BNTS,BTNH->BSNH', p.astype(do.dtype), do_i, preferred_element_type=f32
+      )
+      dp = jnp.einsum('BTNH,BSNH->BNTS', do_i, v_j, preferred_element_type=f32)
+      ds = (p * (dp - _rows(delta, i, block, axis=2)[..., None]) * scale).astype(q.dtype)
+      dk_j = dk_j + jnp.einsum('BNTS,BTNH->BSNH', ds, q_i, preferred_element_type=f32)
+      dq_i = jnp.einsum('BNTS,BSNH->BTNH', ds, k_j, preferred_element_type=f32)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, _rows(dq, i, block) + dq_i, i * block, axis=1)
+      return dq, dk_j, dv_j
+
+    zero = jnp.zeros_like(k_j, f32)
+    dq, dk_j, dv_j = jax.lax.fori_loop(j, t // block, query_block, (dq, zero, zero))
+    return dq, (dk_j, dv_j)
+
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros_like(q, f32), jnp.arange(t // block))
+  # [nb, B, Sb, N, H] -> [B, T, N, H]
+  unblock = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(q.shape)
+  return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def output_projection(o: jax.Array, wo: jax.Array) -> jax.Array:
@@ -128,6 +293,10 @@ def cached_attention(
   N on either side of S), XLA's GPU compiler chose per shape between that same rewrite and a
   matmul path: on one H100 the decode step of 8 heads at batch 24 ran 2.8x slower that way
   (bench/decode.py, section "variants"; docs/benchmarks/nvidia_h100_80gb_hbm3_decode.md).
+
+  Dense, not blockwise: it holds the float32 scores of the T new queries against all S + T keys,
+  small for decode (T = 1). A prefill of a long prompt does hold its [B, N, T, T] scores
+  (inference only: nothing is kept for a backward).
 
   Args:
     q, k, v: the new tokens' queries, keys and values [B, T, N, H].
