@@ -144,6 +144,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Hybrid tensor x pipeline parallelism: tp * pp == device count.
   config.parallel.tp = 8
   config.parallel.pp = 2
+  # tp_pp's pipeline schedule: 'gpipe' (autodiff of the forward ticks: every stage keeps all
+  # M micro-batches' activations) or '1f1b' (one forward or backward per tick, at most pp
+  # micro-batches' stage inputs live per stage, the forward recomputed in the backward).
+  config.parallel.pp_schedule = 'gpipe'
   # Expert parallelism degree (the rest of the devices is data parallel).
   config.parallel.ep = 16
   return config

@@ -21,6 +21,8 @@ _SOURCES = ('c4', 'synthetic')
 _ATTENTION_IMPLS = ('auto', 'cudnn', 'xla')
 _REMAT = ('none', 'full', 'save_dots')
 _DISPATCH = ('auto', 'all_to_all', 'replicated')
+# tp_pp's pipeline schedule: GPipe (all M micro-batches live per stage) or 1F1B (at most pp).
+PP_SCHEDULES = ('gpipe', '1f1b')
 
 
 class ConfigError(ValueError):
@@ -114,6 +116,7 @@ class ParallelConfig:
   ep: int
   moe_dispatch: str = 'auto'
   hardware: str = 'auto'  # what the planner models for AUTO fields (see configs/tiny.py)
+  pp_schedule: str = 'gpipe'  # tp_pp's pipeline schedule: PP_SCHEDULES
 
   @property
   def auto_fields(self) -> list[str]:
@@ -245,6 +248,10 @@ def validate(config: Config) -> None:
   _check(
     p.moe_dispatch in _DISPATCH,
     f'parallel.moe_dispatch={p.moe_dispatch!r} is not one of {_DISPATCH}',
+  )
+  _check(
+    p.pp_schedule in PP_SCHEDULES,
+    f'parallel.pp_schedule={p.pp_schedule!r} is not one of {PP_SCHEDULES}',
   )
   _check_auto_fields(p)
   if p.num_microbatches == AUTO:

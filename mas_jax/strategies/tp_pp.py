@@ -16,6 +16,12 @@ and `ppermute`s its output to stage s + 1. Autodiff turns the scan around into t
 ticks, so forward and backward follow the GPipe schedule, with bubble (pp - 1) / (M + pp - 1).
 Ticks outside a stage's micro-batches compute on zeros and are masked out of the sums.
 
+With parallel.pp_schedule='1f1b' the train step's gradients are computed by hand instead
+(`value_and_grad`, `one_f_one_b`): 2 (M + pp - 1) ticks of one forward or one backward each, a
+stage keeping the inputs of at most pp micro-batches (GPipe: the activations of all M), the
+backward recomputing the stage's forward from its input. Same bubble, less memory, a forward
+more per micro-batch. `loss` (evaluation) runs the GPipe forward with either schedule.
+
 Generation runs the same ticks (`gpipe`, `tp_block`) on the new tokens, with the KV cache
 [L, B, S, N, H] split like the weights (layers by stage, heads by tp) as the ticks' carried
 state: in its tick a stage reads and writes the cache rows of its micro-batch, and writes nothing
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -193,6 +200,16 @@ def on_last_stage(fn, zeros: jax.Array, *operands):
   return lax.cond(is_last, fn, lambda *_: _vary(zeros, PIPE_AXIS), *operands)
 
 
+def _vary_pipe(tree):
+  """Every leaf of tree cast to varying over 'pipe'."""
+  return jax.tree.map(lambda a: _vary(a, PIPE_AXIS), tree)
+
+
+def zeros_like_vary(tree):
+  """Zeros like every leaf of tree, varying over 'pipe'."""
+  return _vary_pipe(jax.tree.map(jnp.zeros_like, tree))
+
+
 def _write_rows(
   cache: jax.Array, layer: int, row0, new: jax.Array, start: jax.Array | None, valid
 ) -> jax.Array:
@@ -209,8 +226,87 @@ def _write_rows(
   return cache.at[layer, rows, pos].set(new.astype(cache.dtype), mode='drop')
 
 
+def _stage_forward(mcfg: ModelConfig, cap: int, blocks_local, keys_local, x, group_offset):
+  """This stage's layers on x[G, S, D] (the same on the stage's tp devices): (y, summed stats)."""
+
+  def block(x, layer):
+    p, key = layer
+    x, stats, _ = tp_block(mcfg, x, p, cap, key, group_offset)
+    return x, stats
+
+  x, stats = lax.scan(model_lib.remat(block, mcfg), x, (blocks_local, keys_local))
+  return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+
+
+def _stage_keys(key: jax.Array | None, layers_local: int) -> jax.Array | None:
+  """The dropout keys of this stage's layers: fold_in(key, global layer), = model.layer_keys."""
+  if key is None:
+    return None
+  layer_ids = lax.axis_index(PIPE_AXIS) * layers_local + jnp.arange(layers_local)
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(layer_ids)
+
+
+_SCHEDULE_NAMES = {'gpipe': 'GPipe', '1f1b': '1F1B'}
+IDLE, FORWARD, BACKWARD = 0, 1, 2
+
+
+def one_f_one_b(pp: int, num_microbatches: int) -> np.ndarray:
+  """The 1F1B tick table: int32[ticks, pp, 4] of (op, m, m_in, m_cot) per tick and stage.
+
+  op is IDLE, FORWARD or BACKWARD of micro-batch m. Stage s runs min(pp - 1 - s, M) warm-up
+  forwards, then alternates forward and backward, then drains its backwards; each op runs in the
+  first tick its input is there (one tick per op, whatever its cost), which gives 2 (M + pp - 1)
+  ticks. m_in (m_cot) is the micro-batch whose stage input (output cotangent) the stage receives
+  at the end of the tick from stage s - 1 (s + 1), or -1. Checked here: a stage holds at most pp
+  received stage inputs (a ring of pp slots, slot m % pp) and at most one cotangent.
+  """
+  mb = num_microbatches
+  order = []
+  for s in range(pp):
+    warm = min(pp - 1 - s, mb)
+    ops = [(FORWARD, m) for m in range(warm)]
+    for i in range(mb - warm):
+      ops += [(FORWARD, warm + i), (BACKWARD, i)]
+    order.append(ops + [(BACKWARD, m) for m in range(mb - warm, mb)])
+  done: dict[tuple[int, int, int], int] = {}  # (op, stage, m) -> tick
+
+  def ready(s, op, m, t):
+    if op == FORWARD:
+      dep = None if s == 0 else (FORWARD, s - 1, m)
+    else:
+      dep = (FORWARD, s, m) if s == pp - 1 else (BACKWARD, s + 1, m)
+    return dep is None or done.get(dep, t) < t
+
+  rows, nxt = [], [0] * pp
+  while any(nxt[s] < len(order[s]) for s in range(pp)):
+    t, row = len(rows), []
+    for s in range(pp):
+      op = order[s][nxt[s]] if nxt[s] < len(order[s]) else None
+      row.append(op if op and ready(s, *op, t) else (IDLE, 0))
+    for s, (op, m) in enumerate(row):
+      if op != IDLE:
+        done[op, s, m] = t
+        nxt[s] += 1
+    rows.append(row)
+  table = np.zeros((len(rows), pp, 4), np.int32)
+  table[:, :, :2] = np.array(rows, np.int32)
+  op, m = table[:, :, 0], table[:, :, 1]
+  table[:, :, 2:] = -1
+  table[:, 1:, 2] = np.where(op[:, :-1] == FORWARD, m[:, :-1], -1)
+  table[:, :-1, 3] = np.where(op[:, 1:] == BACKWARD, m[:, 1:], -1)
+  for s in range(pp):
+    # A stage input lives from its arrival (stage 0: its forward looks it up) to its backward.
+    arrive = [done[FORWARD, s - 1, i] if s else done[FORWARD, 0, i] - 1 for i in range(mb)]
+    cot = [done[BACKWARD, s + 1, i] if s < pp - 1 else done[BACKWARD, s, i] for i in range(mb)]
+    for t in range(len(rows)):
+      live = sum(arrive[i] < t <= done[BACKWARD, s, i] for i in range(mb))
+      waiting = sum(cot[i] < t <= done[BACKWARD, s, i] for i in range(mb))
+      assert live <= pp and waiting <= 1, (pp, mb, s, t, live, waiting)
+  return table
+
+
 class TensorPipeline(base.Strategy):
-  """Tensor parallelism over 'tensor' inside each of the 'pipe' stages (GPipe)."""
+  """Tensor parallelism over 'tensor' inside each of the 'pipe' stages (GPipe or 1F1B)."""
 
   name = 'tp_pp'
 
@@ -242,7 +338,7 @@ class TensorPipeline(base.Strategy):
 
   @property
   def bubble_fraction(self) -> float:
-    """GPipe idle fraction of a stage: (pp - 1) / (M + pp - 1)."""
+    """Idle fraction of a stage, GPipe and 1F1B alike: (pp - 1) / (M + pp - 1)."""
     pp, mb = self.config.parallel.pp, self.config.parallel.num_microbatches
     return (pp - 1) / (mb + pp - 1)
 
@@ -270,7 +366,7 @@ class TensorPipeline(base.Strategy):
         f'strategy=tp_pp mesh={dict(self.mesh.shape)}: {cfg.model.num_layers // par.pp} layers '
         f'per stage, {cfg.model.num_heads // par.tp} heads and '
         f'{cfg.model.expert_hidden // par.tp} expert hidden units per device',
-        f'tp_pp: GPipe with {par.num_microbatches} micro-batches of '
+        f'tp_pp: {_SCHEDULE_NAMES[par.pp_schedule]} with {par.num_microbatches} micro-batches of '
         f'{cfg.data.batch_size // par.num_microbatches} sequences; pipeline bubble fraction '
         f'(pp-1)/(M+pp-1) = {self.bubble_fraction:.3f}',
         self.uniform_memory_line(param_bytes),
@@ -289,14 +385,7 @@ class TensorPipeline(base.Strategy):
     )
 
     def stage_forward(blocks_local, keys_local, x, group_offset):
-      # x: f32[G, S, D], the same on the stage's tp devices; blocks_local: this stage's layers.
-      def block(x, layer):
-        p, key = layer
-        x, stats, _ = tp_block(mcfg, x, p, cap, key, group_offset)
-        return x, stats
-
-      x, stats = lax.scan(model_lib.remat(block, mcfg), x, (blocks_local, keys_local))
-      return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+      return _stage_forward(mcfg, cap, blocks_local, keys_local, x, group_offset)
 
     def head(x, head_params, targets):
       # x: f32[M, G, S, D], the last stage's outputs of every micro-batch.
@@ -306,13 +395,9 @@ class TensorPipeline(base.Strategy):
 
     def local_loss(params, batch, key):
       # batch: i32[B, T+1] (replicated); blocks: this stage's L/pp layers, F and N split by tp.
-      stage = lax.axis_index(PIPE_AXIS)
       tokens = batch.reshape(mb, group, batch.shape[1])  # [M, G, S+1]
       inputs, targets = tokens[..., :-1], tokens[..., 1:]
-      keys_local = None
-      if key is not None:
-        layer_ids = stage * layers_local + jnp.arange(layers_local)
-        keys_local = jax.vmap(lambda i: jax.random.fold_in(key, i))(layer_ids)  # = layer_keys
+      keys_local = _stage_keys(key, layers_local)
 
       def stage_fn(x, m, valid, state):
         y, stats = stage_forward(params['blocks'], keys_local, x, m * group)
@@ -335,6 +420,136 @@ class TensorPipeline(base.Strategy):
       mesh=self.mesh,
       in_specs=(self.param_specs(params), self.batch_spec(), P()),
       out_specs=(P(), P()),
+    )(params, batch, dropout_key)
+
+  # -------------------------------------------------------------------------------------------
+  # Training with the 1F1B schedule: gradients computed tick by tick inside the shard_map.
+  # -------------------------------------------------------------------------------------------
+
+  def value_and_grad(self, params, batch, dropout_key):
+    if self.config.parallel.pp_schedule == 'gpipe':
+      return super().value_and_grad(params, batch, dropout_key)
+    return self._value_and_grad_1f1b(params, batch, dropout_key)
+
+  def _value_and_grad_1f1b(self, params, batch, dropout_key):
+    """((loss, metrics), grads) by the 1F1B schedule (`one_f_one_b`), equal to autodiff's.
+
+    One `lax.scan` over the tick table; in a tick each stage runs a forward or a backward of one
+    micro-batch in a per-stage `lax.cond` (its collectives are over 'tensor', inside the stage),
+    then every stage joins two ppermutes: outputs to s + 1, input cotangents to s - 1. A forward
+    keeps nothing but its stage input (in a ring of pp slots); the backward recomputes the
+    stage's forward from it under `jax.vjp`. The loss is linear in the cross-entropy sum and the
+    routing statistics' sums (`base.finalize`), so each backward starts from constant
+    cotangents of its statistics and, on the last stage, of its head's cross entropy.
+    Parameter gradients accumulate in the scan's carry; those of the replicated embedding and
+    head are psum-ed over 'pipe' at the end, as autodiff's transpose of their broadcast does.
+    """
+    cfg = self.config
+    mcfg = cfg.model
+    pp, mb = cfg.parallel.pp, cfg.parallel.num_microbatches
+    group = cfg.data.batch_size // mb  # sequences per micro-batch
+    layers_local = mcfg.num_layers // pp
+    dtype = jnp.dtype(mcfg.compute_dtype)
+    cap = moe_lib.capacity(
+      cfg.data.seq_len, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, mcfg.dropless
+    )
+    table = jnp.asarray(one_f_one_b(pp, mb))  # [ticks, pp, 4]
+    head_names = ('final_norm', 'unembed')
+
+    def head_ce(head_params, y, targets):
+      # y: [G, S, D] the last stage's output of one micro-batch -> its cross-entropy sum.
+      return model_lib.cross_entropy_sum(model_lib.head_logits(head_params, y), targets)
+
+    def local_value_and_grad(params, batch, key):
+      stage = lax.axis_index(PIPE_AXIS)
+      is_first, is_last = stage == 0, stage == pp - 1
+      tokens = batch.reshape(mb, group, batch.shape[1])  # [M, G, S+1]
+      inputs, targets = tokens[..., :-1], tokens[..., 1:]
+      keys_local = _stage_keys(key, layers_local)
+      blocks = params['blocks']
+      # Cast before the conds, so that nothing inside them is transposed into a psum over 'pipe'.
+      head_params = _vary_pipe({k: params[k] for k in head_names})
+
+      def stage_fn(blocks, x, m):
+        return _stage_forward(mcfg, cap, blocks, keys_local, x, m * group)
+
+      # d loss / d (ce_sum, stats): constants, the loss being linear in them.
+      buf = _vary(jnp.zeros((group, cfg.data.seq_len, mcfg.d_model), dtype), PIPE_AXIS)
+      stats_shape = jax.eval_shape(lambda: stage_fn(blocks, buf, 0)[1])
+      zero_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), stats_shape)
+      d_ce, d_stats = jax.grad(lambda c, st: base.finalize(cfg, c, st)[0], argnums=(0, 1))(
+        jnp.zeros((), jnp.float32), zero_stats
+      )
+      d_ce, d_stats = _vary_pipe((d_ce, d_stats))
+
+      def forward(x, dy, m, grads):
+        y, stats = stage_fn(blocks, x, m)
+        return y, jnp.zeros_like(x), stats, grads, _vary(jnp.zeros(()), PIPE_AXIS)
+
+      def backward(x, dy, m, grads):
+        (y, stats), stage_vjp = jax.vjp(lambda b, x: stage_fn(b, x, m), blocks, x)
+
+        def head_vjp(y, head_params, targets):
+          ce, vjp = jax.vjp(lambda y, hp: head_ce(hp, y, targets), y, head_params)
+          return *vjp(d_ce), ce
+
+        def no_head(y, head_params, targets):
+          del targets
+          return jnp.zeros_like(y), zeros_like_vary(head_params), _vary(jnp.zeros(()), PIPE_AXIS)
+
+        with jax.named_scope('head'):
+          dy_head, d_head, ce = lax.cond(is_last, head_vjp, no_head, y, head_params, targets[m])
+        d_blocks, dx = stage_vjp((jnp.where(is_last, dy_head, dy), d_stats))
+        grads = {
+          'blocks': jax.tree.map(jnp.add, grads['blocks'], d_blocks),
+          **{k: jax.tree.map(jnp.add, grads[k], d_head[k]) for k in head_names},
+          'embed': grads['embed'],
+        }
+        return y, dx, stats, grads, ce
+
+      def tick(carry, row):
+        ring, dy, grads, stats_sum, ce_sum = carry
+        op, m, m_in, m_cot = row[stage]  # this stage's entry of the tick table
+        # x: [G, S, D] micro-batch m's stage input (stage 0 looks it up again in its backward).
+        x = jnp.where(is_first, params['embed'][inputs[m]].astype(dtype), ring[m % pp])
+        with jax.named_scope('stage'):
+          y, dx, stats, grads, ce = lax.cond(op == BACKWARD, backward, forward, x, dy, m, grads)
+        is_fwd = op == FORWARD
+        stats_sum = jax.tree.map(lambda a, b: a + jnp.where(is_fwd, b, 0.0), stats_sum, stats)
+        # Stage 0's input cotangent goes into the embedding (the transpose of the lookup).
+        rows = jnp.where(is_first & (op == BACKWARD), inputs[m], mcfg.vocab_size)  # [G, S]
+        grads['embed'] = grads['embed'].at[rows].add(dx.astype(jnp.float32), mode='drop')
+        with jax.named_scope('send'):
+          if pp > 1:
+            # y[G,S,D] of stage s -> stage s+1 and dx[G,S,D] of stage s -> stage s-1; what a
+            # stage receives is kept where the table says the sender ran that op.
+            y = lax.ppermute(y, PIPE_AXIS, [(s, s + 1) for s in range(pp - 1)])
+            dx = lax.ppermute(dx, PIPE_AXIS, [(s + 1, s) for s in range(pp - 1)])
+          ring = ring.at[jnp.where(m_in >= 0, m_in % pp, pp)].set(y, mode='drop')
+          dy = jnp.where(m_cot >= 0, dx, dy)
+        return (ring, dy, grads, stats_sum, ce_sum + ce), None
+
+      grads = {
+        'blocks': jax.tree.map(jnp.zeros_like, blocks),
+        'embed': _vary(jnp.zeros_like(params['embed']), PIPE_AXIS),
+        **zeros_like_vary(head_params),
+      }
+      ring = _vary(jnp.zeros((pp, *buf.shape), dtype), PIPE_AXIS)  # [pp, G, S, D]
+      carry = (ring, buf, grads, _vary_pipe(zero_stats), _vary(jnp.zeros(()), PIPE_AXIS))
+      (_, _, grads, stats, ce_sum), _ = lax.scan(tick, carry, table)
+      # sums[..]{U_pipe} -> sums[..]: the head's cross entropy and every stage's statistics;
+      # the replicated parameters' gradients (embedding on stage 0, head on the last stage).
+      ce_sum, stats = lax.psum((ce_sum, stats), PIPE_AXIS)
+      for k in ('embed', *head_names):
+        grads[k] = lax.psum(grads[k], PIPE_AXIS)
+      return base.finalize(cfg, ce_sum, stats), grads
+
+    specs = self.param_specs(params)
+    return jax.shard_map(
+      local_value_and_grad,
+      mesh=self.mesh,
+      in_specs=(specs, self.batch_spec(), P()),
+      out_specs=((P(), P()), specs),
     )(params, batch, dropout_key)
 
   # -------------------------------------------------------------------------------------------
