@@ -104,7 +104,7 @@ def predict_config(
     )
     return ma_sep_model.predict(m, hw, w, s, cal)
   if p.strategy == 'tp_pp':
-    return tp_pp_model.predict(m, hw, w, p.tp, p.pp, p.num_microbatches, cal)
+    return tp_pp_model.predict(m, hw, w, p.tp, p.pp, p.num_microbatches, cal, p.pp_schedule)
   if p.strategy == 'ep':
     return ep_model.predict(m, hw, w, n_devices, p.ep, cal)
   if p.strategy == 'dp':
