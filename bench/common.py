@@ -15,7 +15,7 @@ import numpy as np
 from configs import paper
 from mas_jax import config as config_lib
 from mas_jax import metrics as metrics_lib
-from mas_jax import strategies, train_lib
+from mas_jax import strategies, train_lib, zero
 
 
 def device_stem(smoke: bool) -> str:
@@ -60,8 +60,9 @@ def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
   config = config_lib.from_config_dict(cd)
   strategy = strategies.get(config)
   tx = train_lib.make_optimizer(config.train)
-  state, shardings = train_lib.create_train_state(config, strategy, tx)
-  step = train_lib.compile_train_step(config, strategy, tx, shardings, state)
+  layout = zero.ParamLayout(config, strategy)
+  state, shardings = train_lib.create_train_state(layout, tx)
+  step = train_lib.compile_train_step(config, layout, tx, shardings, state)
   shape = (config.data.batch_size, config.data.seq_len + 1)
   tokens_np = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, np.int32)
   batch = jax.device_put(tokens_np, strategy.batch_sharding())

@@ -16,7 +16,6 @@ import sys
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=16')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 
 from configs import paper, tiny  # noqa: E402
 from mas_jax import config as config_lib  # noqa: E402
@@ -24,16 +23,7 @@ from mas_jax import strategies, train_lib  # noqa: E402
 
 
 def activation_bytes(config, strategy) -> int:
-  tx = train_lib.make_optimizer(config.train)
-  shardings = train_lib.state_shardings(strategy, tx, config)
-  state = jax.eval_shape(
-    lambda: {
-      'step': jax.numpy.zeros((), jax.numpy.int32),
-      'params': strategy.from_reference(train_lib.init_params(config)),
-      'opt_state': tx.init(strategy.from_reference(train_lib.init_params(config))),
-    }
-  )
-  return train_lib.compile_train_step(config, strategy, tx, shardings, state).memory_analysis()
+  return train_lib.compile_abstract_train_step(config, strategy).memory_analysis()
 
 
 def main():

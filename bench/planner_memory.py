@@ -24,7 +24,6 @@ if '--gpu_topology' not in ' '.join(sys.argv):
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from configs import paper, tiny  # noqa: E402
 from mas_jax import config as config_lib  # noqa: E402
@@ -70,13 +69,7 @@ def _devices(topology: str | None):
 
 def compiled_memory(config, devices):
   strategy = strategies.get(config, devices)
-  tx = train_lib.make_optimizer(config.train)
-  shardings = train_lib.state_shardings(strategy, tx, config)
-  params = lambda: strategy.from_reference(train_lib.init_params(config))
-  state = jax.eval_shape(
-    lambda: {'step': jnp.zeros((), jnp.int32), 'params': params(), 'opt_state': tx.init(params())}
-  )
-  return train_lib.compile_train_step(config, strategy, tx, shardings, state).memory_analysis()
+  return train_lib.compile_abstract_train_step(config, strategy).memory_analysis()
 
 
 def main():

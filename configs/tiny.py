@@ -150,4 +150,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.pp_schedule = 'gpipe'
   # Expert parallelism degree (the rest of the devices is data parallel).
   config.parallel.ep = 16
+  # ZeRO-style optimizer sharding, any strategy: the fp32 master weights and AdamW moments are
+  # held in the reference layout split over all devices, gradients are reduce-scattered into
+  # them, and each step all-gathers compute-dtype copies to the devices that read them.
+  config.parallel.shard_optimizer = False
   return config

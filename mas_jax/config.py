@@ -116,6 +116,7 @@ class ParallelConfig:
   ep: int
   moe_dispatch: str = 'auto'
   hardware: str = 'auto'  # what the planner models for AUTO fields (see configs/tiny.py)
+  shard_optimizer: bool = False  # ZeRO: master weights and AdamW moments over all devices
   pp_schedule: str = 'gpipe'  # tp_pp's pipeline schedule: PP_SCHEDULES
 
   @property

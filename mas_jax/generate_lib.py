@@ -8,10 +8,11 @@ The library behind `generate.py`, importable without it (the tests call `generat
   print(generate_lib.report(out))
 
 Restoring goes through the strategy the run *trained* with (its config.json): the checkpoint
-holds parameters in that strategy's layout (e.g. ma_sep's head and expert slots), so they are
-restored into its abstract parameters and shardings (orbax partial restore: the optimizer state
-is never read) and converted with `strategy.to_reference`. Generation then runs under the
-strategy of the possibly overridden config (`decode.Generator`).
+holds parameters in that strategy's layout (e.g. ma_sep's head and expert slots), or with
+parallel.shard_optimizer in the reference layout split over all devices (`zero.ParamLayout`),
+so they are restored into that layout's abstract parameters and shardings (orbax partial
+restore: the optimizer state is never read) and converted to the reference layout. Generation
+then runs under the strategy of the possibly overridden config (`decode.Generator`).
 
 Every bad input raises one ConfigError before anything is restored or compiled.
 """
@@ -31,7 +32,7 @@ from absl import logging
 
 from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
-from mas_jax import decode, strategies, train_lib
+from mas_jax import decode, strategies, zero
 from mas_jax import workdir as workdir_lib
 from mas_jax.config import Config, ConfigError
 from mas_jax.data import c4, sample
@@ -88,12 +89,12 @@ def restore_params(workdir: str, devices: list | None = None) -> tuple[dict, int
       f'the checkpoint is in the layout of parallel.strategy={name!r}, which cannot be built '
       f'on these devices to restore it: {e}'
     ) from None
-  abstract = jax.eval_shape(lambda: strategy.from_reference(train_lib.init_params(run_config)))
+  layout = zero.ParamLayout(run_config, strategy)  # the strategy's, or the sharded reference
   target = {
     'params': jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract,
-      strategy.param_shardings(abstract),
+      layout.abstract(),
+      layout.shardings(),
     )
   }
   state_args = ocp.args.PyTreeRestore(
@@ -107,7 +108,7 @@ def restore_params(workdir: str, devices: list | None = None) -> tuple[dict, int
       step, args=ocp.args.Composite(state=state_args, integrity=ocp.args.JsonRestore())
     )
   checkpoint_lib.verify_arrays({'params': restored['state']['params']}, restored['integrity'], step)
-  params = jax.jit(strategy.to_reference, donate_argnums=0)(restored['state']['params'])
+  params = jax.jit(layout.to_reference, donate_argnums=0)(restored['state']['params'])
   logging.info(
     'Restored the params of step %d from %s (trained with parallel.strategy=%s).',
     step,

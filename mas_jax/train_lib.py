@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -25,7 +26,7 @@ from absl import logging
 from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
 from mas_jax import data as data_lib
-from mas_jax import distributed, strategies
+from mas_jax import distributed, strategies, zero
 from mas_jax import logs as logs_lib
 from mas_jax import metrics as metrics_lib
 from mas_jax import workdir as workdir_lib
@@ -70,7 +71,13 @@ def resolve_auto_placement(
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
   fixed = {f: None if f in auto else getattr(p, f) for f in config_lib.AUTO_FIELDS}
-  w = Workload('train', config.data.batch_size, config.data.seq_len, config.train.grad_accum_steps)
+  w = Workload(
+    'train',
+    config.data.batch_size,
+    config.data.seq_len,
+    config.train.grad_accum_steps,
+    shard_optimizer=p.shard_optimizer,
+  )
   try:
     hw, cal, hardware = planner.hardware_for_device(
       devices[0].device_kind, p.hardware, config.model.compute_dtype
@@ -163,30 +170,39 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   return tx
 
 
-def state_shardings(strategy, tx: optax.GradientTransformation, config: Config) -> dict:
+def state_shardings(layout: zero.ParamLayout, tx: optax.GradientTransformation) -> dict:
   """Shardings of the train state: optimizer moments follow their parameters."""
-  abstract_params = jax.eval_shape(lambda: strategy.from_reference(init_params(config)))
-  param_sh = strategy.param_shardings(abstract_params)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  param_sh = layout.shardings()
+  abstract_opt = jax.eval_shape(tx.init, layout.abstract())
+  replicated = layout.strategy.replicated()
   opt_sh = optax.tree_map_params(
-    tx,
-    lambda _, sh: sh,
-    abstract_opt,
-    param_sh,
-    transform_non_params=lambda _: strategy.replicated(),
+    tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
   )
-  return {'step': strategy.replicated(), 'params': param_sh, 'opt_state': opt_sh}
+  return {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
 
 
-def create_train_state(config: Config, strategy, tx) -> tuple[dict, dict]:
+def create_train_state(layout: zero.ParamLayout, tx) -> tuple[dict, dict]:
   """Initializes the train state directly into its shardings; returns (state, shardings)."""
-  shardings = state_shardings(strategy, tx, config)
+  shardings = state_shardings(layout, tx)
 
   def init():
-    params = strategy.from_reference(init_params(config))
+    params = layout.init()
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def abstract_state(layout: zero.ParamLayout, tx) -> dict:
+  """The train state's shapes, dtypes and shardings (nothing allocated)."""
+  abstract = jax.eval_shape(
+    lambda: {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(layout.abstract())}
+  )
+  abstract['params'] = layout.abstract()
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract,
+    state_shardings(layout, tx),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +216,13 @@ def micro_config(config: Config) -> Config:
   return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=micro))
 
 
-def accumulate(value_and_grad, params, batch: jax.Array, key, steps: int):
+def accumulate(value_and_grad, params, batch: jax.Array, key, steps: int, grads_like=None):
   """Mean loss, metrics and gradients of `value_and_grad` over `steps` equal micro-batches.
 
   Micro-batch j holds rows j, j + steps, j + 2 * steps, ... of batch[B, T + 1], so each device
   keeps its own rows of a sequence-sharded batch (nothing moves between devices). Gradients are
-  summed in float32 in a `lax.scan`; micro-batch j draws dropout from fold_in(key, j).
+  summed in float32 in a `lax.scan`, in an accumulator shaped like `grads_like` (default:
+  `params`); micro-batch j draws dropout from fold_in(key, j).
   """
   if steps == 1:
     return value_and_grad(params, batch, key)
@@ -218,17 +235,33 @@ def accumulate(value_and_grad, params, batch: jax.Array, key, steps: int):
     )
     return jax.tree.map(lambda a, g: a + g / steps, acc, grads), (loss, metrics)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  zeros = jax.tree.map(
+    lambda x: jnp.zeros(x.shape, jnp.float32), params if grads_like is None else grads_like
+  )
   grads, (losses, metrics) = jax.lax.scan(body, zeros, (micro, jnp.arange(steps)))
   return (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
 
 
-def make_train_step(config: Config, strategy, tx, shardings):
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves, scaled by the largest magnitude first so that it is finite
+  whenever every leaf is (a plain sum of squares overflows float32 above about 1.8e19, and then
+  a step whose gradients are all finite, and so not skipped, would report grad_norm=inf)."""
+  leaves = jax.tree.leaves(tree)
+  scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in leaves))
+
+
+def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   """The jitted train step: (state, batch) -> (state, metrics); state buffers are donated.
 
   With train.grad_accum_steps = A > 1 the batch is processed as A micro-batches by a strategy
-  built for batch_size / A (same devices and mesh), and the optimizer runs once per step.
+  built for batch_size / A (same devices and mesh), and the optimizer runs once per step. With
+  parallel.shard_optimizer the loss is taken of the compute copy built once per step
+  (`layout.to_compute`), and each chunk's gradients go back through its transpose into the
+  sharded master's layout (see mas_jax/zero.py).
   """
+  strategy = layout.strategy
   base_key = jax.random.key(config.seed)
   schedule = learning_rate_schedule(config.train)
   steps = config.train.grad_accum_steps
@@ -238,12 +271,20 @@ def make_train_step(config: Config, strategy, tx, shardings):
 
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
+    compute, pullback = jax.vjp(layout.to_compute, state['params'])
+
+    def value_and_grad(params, rows, key):
+      (loss, metrics), grads = micro_strategy.value_and_grad(params, rows, key)
+      if layout.sharded:
+        grads = layout.constrain(pullback(grads)[0])
+      return (loss, metrics), grads
+
     (_, metrics), grads = accumulate(
-      micro_strategy.value_and_grad, state['params'], batch, dropout_key, steps
+      value_and_grad, compute, batch, dropout_key, steps, grads_like=state['params']
     )
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['grad_norm'] = global_norm(grads)
     metrics['learning_rate'] = schedule(state['step'])
     if config.train.skip_nonfinite_steps:
       metrics['skipped_steps'] = opt_state.total_notfinite
@@ -258,20 +299,22 @@ def make_train_step(config: Config, strategy, tx, shardings):
   )
 
 
-def compile_train_step(config: Config, strategy, tx, shardings, state):
+def compile_train_step(config: Config, layout: zero.ParamLayout, tx, shardings, state):
   """Compiles the train step once, ahead of time, and logs its memory use per device.
 
   The loop calls the compiled executable, so a shape or sharding change would fail loudly
   instead of recompiling silently.
   """
   batch = jax.ShapeDtypeStruct(
-    (config.data.batch_size, config.data.seq_len + 1), jnp.int32, sharding=strategy.batch_sharding()
+    (config.data.batch_size, config.data.seq_len + 1),
+    jnp.int32,
+    sharding=layout.strategy.batch_sharding(),
   )
   abstract_state = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
   )
   start = time.perf_counter()
-  compiled = make_train_step(config, strategy, tx, shardings).lower(abstract_state, batch).compile()
+  compiled = make_train_step(config, layout, tx, shardings).lower(abstract_state, batch).compile()
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - start)
   mem = compiled.memory_analysis()
   if mem is not None:
@@ -286,11 +329,21 @@ def compile_train_step(config: Config, strategy, tx, shardings, state):
   return compiled
 
 
-def make_eval_step(strategy, param_shardings):
+def compile_abstract_train_step(config: Config, strategy):
+  """The train step compiled from the state's shapes alone (nothing allocated, so a model of any
+  size compiles): for its memory analysis and HLO."""
+  tx = make_optimizer(config.train)
+  layout = zero.ParamLayout(config, strategy)
+  shardings = state_shardings(layout, tx)
+  return compile_train_step(config, layout, tx, shardings, abstract_state(layout, tx))
+
+
+def make_eval_step(layout: zero.ParamLayout, param_shardings):
   """The jitted eval step: (params, batch) -> metrics, no dropout."""
+  strategy = layout.strategy
 
   def eval_step(params, batch):
-    return strategy.loss(params, batch, None)[1]
+    return strategy.loss(layout.to_compute(params), batch, None)[1]
 
   return jax.jit(
     eval_step,
@@ -328,7 +381,7 @@ def _scalars(metrics: dict) -> dict[str, float]:
   return out
 
 
-def log_model_summary(config: Config, strategy) -> None:
+def log_model_summary(config: Config, layout: zero.ParamLayout) -> None:
   counts = metrics_lib.param_count(config.model)
   flops = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
   logging.info(
@@ -345,8 +398,9 @@ def log_model_summary(config: Config, strategy) -> None:
   if config.parallel.strategy in ('reference', 'dp'):
     impl = moe_lib.resolve_expert_impl(m.expert_impl, m.dropless, m.expert_dropout)
     logging.info('Experts: %s (model.expert_impl=%r).', impl, m.expert_impl)
-  for line in strategy.describe().splitlines():
+  for line in layout.strategy.describe().splitlines():
     logging.info('%s', line)
+  logging.info('%s', layout.describe())
 
 
 class NonFiniteError(RunError):
@@ -422,6 +476,39 @@ def _check_finite(step: int, metrics: dict, skip_limit: int, last_saved: int | N
   )
 
 
+def restore(mgr, layout: zero.ParamLayout, tx, workdir: str) -> tuple[dict, dict, int] | None:
+  """(state, data, step) of the newest good checkpoint in `layout`, None without any.
+
+  A checkpoint saved in the other layout (parallel.shard_optimizer changed on resume, for a
+  strategy whose layout is not the reference's, e.g. ma_sep) is restored in its own and
+  converted; any other mismatch raises IncompatibleCheckpoint.
+  """
+  target = abstract_state(layout, tx)
+  try:
+    return checkpoint_lib.restore_latest_good(mgr, target, workdir)
+  except checkpoint_lib.IncompatibleCheckpoint as e:
+    config = layout.config
+    flipped = dataclasses.replace(
+      config,
+      parallel=dataclasses.replace(config.parallel, shard_optimizer=not layout.sharded),
+    )
+    other = zero.ParamLayout(flipped, layout.strategy)
+    try:
+      restored = checkpoint_lib.restore_latest_good(mgr, abstract_state(other, tx), workdir)
+    except checkpoint_lib.IncompatibleCheckpoint:
+      raise e from None
+  state, data, step = restored
+  logging.info(
+    'The checkpoint of step %d holds the parameters %s optimizer sharding: converted.',
+    step,
+    'without' if layout.sharded else 'with',
+  )
+  convert = jax.jit(
+    lambda s: layout.convert_state(s, other), out_shardings=state_shardings(layout, tx)
+  )
+  return convert(state), data, step
+
+
 def train_and_evaluate(
   config_dict: ml_collections.ConfigDict, workdir: str, resume_changed: Sequence[str] = ()
 ) -> dict[str, float]:
@@ -438,6 +525,7 @@ def train_and_evaluate(
   # parallel.*='auto' -> the planner's numbers, in config and in the config.json written below.
   config, config_dict = resolve_auto_placement(config, config_dict)
   strategy = strategies.get(config)  # validates the placement before any work
+  layout = zero.ParamLayout(config, strategy)  # and the optimizer sharding
   batch_sharding = strategy.batch_sharding()
   global_shape = (config.data.batch_size, config.data.seq_len + 1)
   shard_index, shard_count = distributed.data_shard(batch_sharding, global_shape)
@@ -459,13 +547,10 @@ def train_and_evaluate(
       mgr.latest_step(),
       write=is_main,
     )
-    log_model_summary(config, strategy)
     tx = make_optimizer(config.train)
-    state, shardings = create_train_state(config, strategy, tx)
-    target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
-    )
-    restored = checkpoint_lib.restore_latest_good(mgr, target, workdir)
+    log_model_summary(config, layout)
+    state, shardings = create_train_state(layout, tx)
+    restored = restore(mgr, layout, tx, workdir)
     data_state = None
     if restored is not None:
       state, saved_data, restored_step = restored
@@ -474,8 +559,8 @@ def train_and_evaluate(
     step = int(jax.device_get(state['step']))
     if is_main:
       workdir_lib.truncate_metrics(workdir, step)
-    train_step = compile_train_step(config, strategy, tx, shardings, state)
-    eval_step = make_eval_step(strategy, shardings['params'])
+    train_step = compile_train_step(config, layout, tx, shardings, state)
+    eval_step = make_eval_step(layout, shardings['params'])
     writer = metrics_lib.MetricWriter(
       workdir, enabled=is_main, tensorboard=config.train.tensorboard
     )

@@ -40,6 +40,8 @@ SAFE_TO_CHANGE = (
   'data.prefetch',
   # What the planner models for parallel.*='auto'; the splits it resolves are compared anyway.
   'parallel.hardware',
+  # Where the optimizer state lives, not what it holds: the checkpoint is converted on restore.
+  'parallel.shard_optimizer',
 )
 
 

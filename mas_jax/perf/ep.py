@@ -42,6 +42,7 @@ from mas_jax.perf.prediction import (
   finish,
   fit_accumulation,
   saved_per_token_layer,
+  shard_optimizer_memory,
   temporaries,
 )
 
@@ -108,7 +109,35 @@ def collectives(
             'expert gradient all-reduce', 'all-reduce', group, nbytes, m.num_layers, hw
           )
         )
-  return [dataclasses.replace(c, bytes=c.bytes * accum, count=c.count * accum) for c in out]
+  out = [dataclasses.replace(c, bytes=c.bytes * accum, count=c.count * accum) for c in out]
+  if w.train and w.shard_optimizer:
+    # The compute copy, once per step (mas_jax/zero.py): the replicated weights gathered from
+    # all devices, and with data groups (ep < n) the experts from the ep-strided group holding
+    # their shards. The gradients leave the strategy's all-reduces as they are (XLA slices each
+    # device's share out of them): no reduce-scatter.
+    dp_group = coll.strided(0, n // ep, ep)
+    out.append(
+      coll.collective(
+        'compute-copy all-gather (shared weights)',
+        'all-gather',
+        list(range(n)),
+        (params['shared'] if ep > 1 else params['held']) * m.act_bytes,
+        1,
+        hw,
+      )
+    )
+    if 1 < ep < n:
+      out.append(
+        coll.collective(
+          'compute-copy all-gather (experts)',
+          'all-gather',
+          dp_group,
+          params['experts'] * m.act_bytes,
+          1,
+          hw,
+        )
+      )
+  return out
 
 
 def _memory(m: ModelSpec, w: Workload, n: int, ep: int, accum: int) -> dict[str, Memory]:
@@ -120,7 +149,7 @@ def _memory(m: ModelSpec, w: Workload, n: int, ep: int, accum: int) -> dict[str,
   per_token = layer_act_bytes_per_token(m)
   saved = m.num_layers * local_tokens * saved_per_token_layer(m, per_token)
   mem = temporaries(m, held, accum, saved, local_tokens * per_token, local_tokens)
-  return {'all': Memory(**mem)}
+  return shard_optimizer_memory(m, w, n, accum, held, {'all': Memory(**mem)})
 
 
 def predict(

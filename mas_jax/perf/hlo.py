@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import re
 
 KINDS = ('all-reduce', 'all-to-all', 'collective-permute', 'all-gather', 'reduce-scatter')
@@ -69,10 +70,15 @@ def type_bytes(type_text: str) -> int:
 
 
 def _group_size(rest: str) -> int:
-  """Devices per group of a collective's replica_groups (iota or explicit form)."""
+  """Devices per group of a collective's replica_groups (iota, mesh-axes or explicit form)."""
   m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', rest)
   if m:
     return int(m.group(2))
+  # replica_groups=mesh['axis_0'=16,'axis_1'=1] {'axis_0'}: a group spans the braced axes.
+  m = re.search(r'replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}', rest)
+  if m:
+    sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
   m = re.search(r'replica_groups=\{\{([0-9,]*)\}', rest)
   if m:
     return len(m.group(1).split(','))

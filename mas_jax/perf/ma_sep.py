@@ -46,6 +46,7 @@ from mas_jax.perf.prediction import (
   backward_passes,
   finish,
   fit_accumulation,
+  shard_optimizer_memory,
   temporaries,
 )
 
@@ -281,10 +282,11 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
   saved = mb_tokens * (2 * s.microbatches * row + items * item)
   saved += (p['held'] - shared) * PARAM_BYTES
   mem = temporaries(m, p['held'], accum, saved, mb_tokens * per_token, chunk_tokens / s.n)
-  return {
+  memory = {
     role: Memory(**{**mem, 'used': p[role] * (PARAM_BYTES + OPTIMIZER_STATE_BYTES)})
     for role in ('attention', 'experts')
   }
+  return shard_optimizer_memory(m, w, s.n, accum, p['held'], memory)
 
 
 def predict(

@@ -96,7 +96,12 @@ def predict_config(
   m = ModelSpec.from_config(config)
   p = config.parallel
   w = workload or Workload(
-    'train', m.batch_size, m.seq_len, config.train.grad_accum_steps, fit_memory=False
+    'train',
+    m.batch_size,
+    m.seq_len,
+    config.train.grad_accum_steps,
+    fit_memory=False,
+    shard_optimizer=p.shard_optimizer,
   )
   if p.strategy == 'ma_sep':
     s = ma_sep_model.Split(

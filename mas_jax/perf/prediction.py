@@ -6,7 +6,12 @@ import dataclasses
 from typing import NamedTuple
 
 from mas_jax.perf.hardware import USABLE_HBM, Hardware
-from mas_jax.perf.model import ModelSpec, forward_flops_per_token, train_flops_per_token
+from mas_jax.perf.model import (
+  ModelSpec,
+  forward_flops_per_token,
+  total_params,
+  train_flops_per_token,
+)
 
 # Bytes per parameter held in training: fp32 weight and two fp32 AdamW moments (the optimizer
 # state follows its parameter's sharding), and the fp32 gradient.
@@ -136,6 +141,8 @@ class Workload:
   # False: exactly `accumulation` chunks, the program as configured (validation, fidelity);
   # True: the planner may raise it until the memory fits.
   fit_memory: bool = True
+  # parallel.shard_optimizer (mas_jax/zero.py): master weights and moments split over all devices.
+  shard_optimizer: bool = False
 
   @property
   def train(self) -> bool:
@@ -203,6 +210,32 @@ def temporaries(
   backward += 2 * logits_tokens * m.vocab_size * 4
   update = 2 * held * GRAD_BYTES
   return {**state, 'activations': max(backward, update) - state['grads']}
+
+
+def shard_optimizer_memory(
+  m: ModelSpec, w: Workload, n: int, accum: int, held: float, memory: dict[str, Memory]
+) -> dict[str, Memory]:
+  """`memory` (a role's buffers as held without optimizer sharding, `held` parameters per
+  device in the strategy's layout) with parallel.shard_optimizer: each device holds 1/n of the
+  fp32 master weights and both moments (all of it updated: efficiency 1), a float32 gradient
+  accumulator of the same 1/n (with accumulation), one chunk's gradients with respect to the
+  compute copy, and the compute copy itself (`held` parameters in the compute dtype, dummy
+  slots included). The saved activations are unchanged. Checked against the GPU compile by
+  bench/memory.py (docs/benchmarks/memory.json)."""
+  if not (w.shard_optimizer and w.train):
+    return memory
+  shard = total_params(m) / n
+  copy = held * m.act_bytes
+  accum_grads = shard * GRAD_BYTES if accum > 1 else 0.0
+  out = {}
+  for role, mem in memory.items():
+    out[role] = Memory(
+      params=shard * PARAM_BYTES,
+      optimizer=shard * OPTIMIZER_STATE_BYTES,
+      grads=accum_grads + copy,
+      activations=mem.activations + copy,
+    )
+  return out
 
 
 def saved_per_token_layer(m: ModelSpec, layer: float) -> float:

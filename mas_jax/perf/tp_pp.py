@@ -48,6 +48,7 @@ from mas_jax.perf.prediction import (
   finish,
   fit_accumulation,
   saved_per_token_layer,
+  shard_optimizer_memory,
   temporaries,
 )
 
@@ -253,10 +254,11 @@ def _memory(
     # micro-batch.
     held_inputs = (pp + 3) * mb_tokens * m.d_model * m.act_bytes
     saved = held_inputs + mb_tokens * lps * saved_per_token_layer(m, per_token)
-    return {'all': Memory(**temporaries(m, held, accum, saved, mb_tokens * per_token, mb_tokens))}
-  saved = ticks * mb_tokens * (lps * saved_per_token_layer(m, per_token) + carried)
-  mem = temporaries(m, held, accum, saved, mb_tokens * per_token, chunk_tokens)
-  return {'all': Memory(**mem)}
+    mem = temporaries(m, held, accum, saved, mb_tokens * per_token, mb_tokens)
+  else:
+    saved = ticks * mb_tokens * (lps * saved_per_token_layer(m, per_token) + carried)
+    mem = temporaries(m, held, accum, saved, mb_tokens * per_token, chunk_tokens)
+  return shard_optimizer_memory(m, w, tp * pp, accum, held, {'all': Memory(**mem)})
 
 
 def predict(
