@@ -9,7 +9,8 @@ chunks and full remat. Per row:
     strategy's layout (dummy slots included), part of the temporaries;
   - gradients: the float32 accumulator, one per held master weight, part of the temporaries;
   - temporaries: the compiled step's (gradients, activations, compute copy, update buffers);
-  - total = compiled arguments + temporaries; efficiency = used / held state; fits 80 GB.
+  - total = compiled arguments + temporaries; efficiency = used / held state; fits 80 GB;
+  - the planner's temporaries (gradients + activations) of the same placement, beside them.
 With `--gpu_topology=1x1x16` on a machine with one GPU, the compile targets 16 compile-only GPUs
 of that kind (the GPU compiler's figures, cuDNN attention); without it 16 fake CPU devices
 (XLA attention; the CPU compiler).
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 from planner_memory import _config, _devices  # noqa: E402
 
 from configs import paper, tiny  # noqa: E402
-from mas_jax import strategies, train_lib, zero  # noqa: E402
+from mas_jax import perf, strategies, train_lib, zero  # noqa: E402
 
 GPU_MEMORY = 80e9  # an H100's HBM, the seed's A100-80GB too
 PAPER = {
@@ -113,8 +114,10 @@ def rows_of(config, devices, name: str) -> list[dict]:
     )
     held = _bytes_per_device(copy) // 4 * itemsize
     compute_by_role['all'] = (held, held)
+  predicted = perf.predict_config(config, perf.HARDWARE['h100'], len(devices)).memory_by_role
   out = []
   for role, effs in roles.items():
+    planner = predicted['experts' if role == 'expert' else role]
     copy_held, copy_used = compute_by_role[role] if layout.sharded else (0, 0)
     total = mem.argument_size_in_bytes + mem.temp_size_in_bytes
     out.append(
@@ -134,6 +137,8 @@ def rows_of(config, devices, name: str) -> list[dict]:
         'compiled_temporaries': mem.temp_size_in_bytes,
         'total': total,
         'state_efficiency_min': min(effs),
+        'planner_state': planner.state,
+        'planner_temporaries': planner.grads + planner.activations,
         'fits_80gb': total <= GPU_MEMORY,
         'compile_s': round(seconds, 1),
       }
@@ -149,7 +154,9 @@ def main():
   parser.add_argument('--out', default=None, help='JSON path (default under docs/benchmarks)')
   args = parser.parse_args()
   devices = _devices(args.gpu_topology)
-  module, base = (tiny, {}) if args.smoke else (paper, PAPER)
+  # cuDNN flash attention on the GPU compile (what a GPU run uses), the blockwise XLA path on CPU.
+  attention = {'model.attention_impl': 'cudnn' if args.gpu_topology else 'xla'}
+  module, base = (tiny, {}) if args.smoke else (paper, {**PAPER, **attention})
   names = list(SMOKE if args.smoke else PLACEMENTS)
   if args.only:
     names = [n for n in names if n in args.only.split(',')]
@@ -205,7 +212,7 @@ def table(rows, target, out) -> str:
     f'{target}; GB per device; {out}',
     '',
     '| placement | shard_optimizer | role | params | optimizer | compute copy (used) '
-    '| gradients | temporaries | total | state efficiency | fits 80 GB |',
+    '| gradients | temporaries (planner) | total | state efficiency | fits 80 GB |',
     '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
@@ -214,7 +221,7 @@ def table(rows, target, out) -> str:
     lines.append(
       f'| {name} | {r["shard_optimizer"]} | {r["role"]} | {gb(r["params"])} | '
       f'{gb(r["optimizer"])} | {copy} | {gb(r["gradients"])} | '
-      f'{gb(r["compiled_temporaries"])} | {gb(r["total"])} | '
+      f'{gb(r["compiled_temporaries"])} ({gb(r["planner_temporaries"])}) | {gb(r["total"])} | '
       f'{r["state_efficiency_min"]:.1%} | {"yes" if r["fits_80gb"] else "no"} |'
     )
   return '\n'.join(lines)
