@@ -7,10 +7,12 @@ chunks and full remat. Per row:
     (the state's shardings); their used share by role (ma_sep's dummy slots are held, unused);
   - compute copy: with shard_optimizer, the compute-dtype weights the step gathers into the
     strategy's layout (dummy slots included), part of the temporaries;
-  - gradients: the float32 accumulator, one per held master weight, part of the temporaries;
+  - gradients: the float32 accumulator, one per held master weight (with shard_gradients=False
+    one per weight of the strategy layout), part of the temporaries;
   - temporaries: the compiled step's (gradients, activations, compute copy, update buffers);
   - total = compiled arguments + temporaries; efficiency = used / held state; fits 80 GB;
-  - the planner's temporaries (gradients + activations) of the same placement, beside them.
+  - the planner's temporaries (gradients + activations) of the same placement, beside them;
+  - the step's collectives from the compiled HLO, bytes per device by kind and group size.
 With `--gpu_topology=1x1x16` on a machine with one GPU, the compile targets 16 compile-only GPUs
 of that kind (the GPU compiler's figures, cuDNN attention); without it 16 fake CPU devices
 (XLA attention; the CPU compiler).
@@ -23,6 +25,7 @@ Writes docs/benchmarks/memory[_cpu|_smoke].json and prints a markdown table.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,6 +41,7 @@ from planner_memory import _config, _devices  # noqa: E402
 
 from configs import paper, tiny  # noqa: E402
 from mas_jax import perf, strategies, train_lib, zero  # noqa: E402
+from mas_jax.perf import hlo  # noqa: E402
 
 GPU_MEMORY = 80e9  # an H100's HBM, the seed's A100-80GB too
 PAPER = {
@@ -48,6 +52,12 @@ PAPER = {
 }
 PLACEMENTS = {
   'ma_sep 12:4': {'parallel.strategy': 'ma_sep', 'parallel.num_microbatches': 4},
+  # Gradients accumulated in the compute layout and moved once per step (ZeRO-1), sharded only.
+  'ma_sep 12:4 shard_gradients=False': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.num_microbatches': 4,
+    'parallel.shard_gradients': False,
+  },
   'ma_sep best': {
     'parallel.strategy': 'ma_sep',
     'parallel.attn_devices': 'auto',
@@ -81,6 +91,20 @@ def _bytes_per_device(tree) -> int:
   )
 
 
+def _collective_bytes(text: str) -> dict[str, float] | None:
+  """Bytes per device of one step's collectives by 'kind/group' (mas_jax.perf.hlo), or None
+  when the HLO holds a loop of unknown trip count (the CPU compiler's widened loops)."""
+  try:
+    items = hlo.collectives(text)
+  except ValueError:
+    return None
+  out: dict[str, float] = {}
+  for c in items:
+    key = f'{c.kind}/{c.group}'
+    out[key] = out.get(key, 0.0) + c.bytes
+  return out
+
+
 def rows_of(config, devices, name: str) -> list[dict]:
   """One row per role: the state's bytes from its shardings, the compiled step's memory."""
   strategy = strategies.get(config, devices)
@@ -89,10 +113,27 @@ def rows_of(config, devices, name: str) -> list[dict]:
   state = train_lib.abstract_state(layout, tx)
   params = _bytes_per_device(state['params'])
   optimizer = _bytes_per_device(state['opt_state'])
-  grads = params if config.train.grad_accum_steps > 1 else 0
+  # The float32 accumulator: one per master weight, or with shard_gradients=False (ZeRO-1) one
+  # per weight of the strategy layout.
+  grads = params
+  if layout.sharded and not config.parallel.shard_gradients:
+    grads = _bytes_per_device(
+      train_lib.abstract_state(
+        zero.ParamLayout(
+          dataclasses.replace(
+            config, parallel=dataclasses.replace(config.parallel, shard_optimizer=False)
+          ),
+          strategy,
+        ),
+        tx,
+      )['params']
+    )
+  grads = grads if config.train.grad_accum_steps > 1 else 0
   start = time.perf_counter()
-  mem = train_lib.compile_abstract_train_step(config, strategy).memory_analysis()
+  compiled = train_lib.compile_abstract_train_step(config, strategy)
   seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  collectives = _collective_bytes(compiled.as_text())
   # Used state by role: ma_sep's unsharded layout holds dummy slots (Strategy.memory_rows);
   # everything else every device holds it also updates.
   roles: dict[str, list[float]] = {}
@@ -141,6 +182,7 @@ def rows_of(config, devices, name: str) -> list[dict]:
         'planner_temporaries': planner.grads + planner.activations,
         'fits_80gb': total <= GPU_MEMORY,
         'compile_s': round(seconds, 1),
+        'collective_bytes': collectives,
       }
     )
   return out
@@ -173,7 +215,8 @@ def main():
       commands = old.get('commands', [])
   commands.append(' '.join(['python bench/memory.py', *sys.argv[1:]]))
   for name in names:
-    for shard in (False, True):
+    only_sharded = 'parallel.shard_gradients' in PLACEMENTS[name]
+    for shard in (True,) if only_sharded else (False, True):
       overrides = {**base, **PLACEMENTS[name], 'parallel.shard_optimizer': shard}
       config = _config(module, overrides)
       if config.parallel.auto_fields:

@@ -154,4 +154,8 @@ def get_config() -> ml_collections.ConfigDict:
   # held in the reference layout split over all devices, gradients are reduce-scattered into
   # them, and each step all-gathers compute-dtype copies to the devices that read them.
   config.parallel.shard_optimizer = False
+  # With shard_optimizer and accumulation: True moves each chunk's gradients into the sharded
+  # float32 accumulator (ZeRO-2, least memory); False sums them in the compute layout and moves
+  # them once per step (ZeRO-1: fewer bytes, one float32 gradient buffer of the strategy layout).
+  config.parallel.shard_gradients = True
   return config

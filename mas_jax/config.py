@@ -117,6 +117,7 @@ class ParallelConfig:
   moe_dispatch: str = 'auto'
   hardware: str = 'auto'  # what the planner models for AUTO fields (see configs/tiny.py)
   shard_optimizer: bool = False  # ZeRO: master weights and AdamW moments over all devices
+  shard_gradients: bool = True  # with shard_optimizer: gradients per chunk (ZeRO-2) or per step
   pp_schedule: str = 'gpipe'  # tp_pp's pipeline schedule: PP_SCHEDULES
 
   @property

@@ -77,6 +77,7 @@ def resolve_auto_placement(
     config.data.seq_len,
     config.train.grad_accum_steps,
     shard_optimizer=p.shard_optimizer,
+    shard_gradients=p.shard_gradients,
   )
   try:
     hw, cal, hardware = planner.hardware_for_device(
@@ -259,7 +260,8 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   built for batch_size / A (same devices and mesh), and the optimizer runs once per step. With
   parallel.shard_optimizer the loss is taken of the compute copy built once per step
   (`layout.to_compute`), and each chunk's gradients go back through its transpose into the
-  sharded master's layout (see mas_jax/zero.py).
+  sharded master's layout (see mas_jax/zero.py); with parallel.shard_gradients=False too, the
+  chunks' gradients are summed in the compute layout (float32) and mapped back once.
   """
   strategy = layout.strategy
   base_key = jax.random.key(config.seed)
@@ -269,19 +271,31 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
     strategy if steps == 1 else strategies.get(micro_config(config), strategy.devices)
   )
 
+  # parallel.shard_gradients=False (ZeRO-1): accumulate in the compute layout, map once per step.
+  per_step = layout.sharded and not config.parallel.shard_gradients and steps > 1
+
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
     compute, pullback = jax.vjp(layout.to_compute, state['params'])
+    if per_step:
+      # The float32 map from the master to the strategy layout: its transpose takes the
+      # float32 sum of every chunk's gradients (the cast's transpose is the identity on values).
+      _, to_master = jax.vjp(layout.to_strategy_layout, state['params'])
+      (_, metrics), grads = accumulate(
+        micro_strategy.value_and_grad, compute, batch, dropout_key, steps
+      )
+      grads = layout.constrain(to_master(grads)[0])
+    else:
 
-    def value_and_grad(params, rows, key):
-      (loss, metrics), grads = micro_strategy.value_and_grad(params, rows, key)
-      if layout.sharded:
-        grads = layout.constrain(pullback(grads)[0])
-      return (loss, metrics), grads
+      def value_and_grad(params, rows, key):
+        (loss, metrics), grads = micro_strategy.value_and_grad(params, rows, key)
+        if layout.sharded:
+          grads = layout.constrain(pullback(grads)[0])
+        return (loss, metrics), grads
 
-    (_, metrics), grads = accumulate(
-      value_and_grad, compute, batch, dropout_key, steps, grads_like=state['params']
-    )
+      (_, metrics), grads = accumulate(
+        value_and_grad, compute, batch, dropout_key, steps, grads_like=state['params']
+      )
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics['grad_norm'] = global_norm(grads)

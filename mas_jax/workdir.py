@@ -42,6 +42,7 @@ SAFE_TO_CHANGE = (
   'parallel.hardware',
   # Where the optimizer state lives, not what it holds: the checkpoint is converted on restore.
   'parallel.shard_optimizer',
+  'parallel.shard_gradients',
 )
 
 

@@ -17,7 +17,13 @@ With `parallel.shard_optimizer=True`, for every strategy (ZeRO-1/2):
     through the transpose of the same function, and constrained to the master's sharding, which
     makes XLA reduce-scatter them into one float32 accumulator of 1/n per device.
 Dummy slots (ma_sep's expert slots on attention devices) then exist only in the compute copy, in
-the compute dtype, for the step's duration. Gradients of replicated weights are reduced in the
+the compute dtype, for the step's duration.
+
+That is ZeRO-2: with accumulation, every chunk's gradients move to the master's layout. With
+`parallel.shard_gradients=False` (ZeRO-1) the chunks' gradients are summed in float32 in the
+compute layout instead and mapped to the master once per step: fewer bytes moved (once instead
+of once per chunk), one float32 gradient buffer of the strategy's layout more (dummy slots
+included). Gradients of replicated weights are reduced in the
 compute dtype (in float32 without sharding): equal in float32, half the bytes in bfloat16.
 """
 
@@ -131,6 +137,12 @@ class ParamLayout:
     )
     compute = self.strategy.from_reference(cast)
     return jax.lax.with_sharding_constraint(compute, self.strategy.param_shardings(compute))
+
+  def to_strategy_layout(self, params: dict) -> dict:
+    """The master weights in the strategy's layout and shardings, in their own dtype
+    (traceable; its transpose maps float32 gradients of the compute copy to the master)."""
+    out = self.strategy.from_reference(params)
+    return jax.lax.with_sharding_constraint(out, self.strategy.param_shardings(out))
 
   def constrain(self, grads: dict) -> dict:
     """Gradients in this layout's shardings (with sharding: the reduce-scatter)."""

@@ -78,3 +78,24 @@ def test_decode_bench_smoke(tmp_path, monkeypatch):
     e['dropless'] for e in calibration['kernels']['expert_ffn']
   )
   assert (tmp_path / 'cpu_smoke_decode.md').read_text().startswith('# Decode')
+
+
+@pytest.mark.timeout(240)
+def test_memory_bench_smoke(tmp_path, monkeypatch):
+  """bench/memory.py at the tiny config: ma_sep 12:4 with and without optimizer sharding."""
+  import memory
+
+  out = tmp_path / 'memory.json'
+  argv = ['memory.py', '--smoke', '--only', 'ma_sep 12:4', '--out', str(out)]
+  monkeypatch.setattr(sys, 'argv', argv)
+  memory.main()
+  rows = {(r['shard_optimizer'], r['role']): r for r in json.loads(out.read_text())['rows']}
+  assert set(rows) == {(s, role) for s in (False, True) for role in ('attention', 'expert')}
+  # Dummy expert slots: attention devices use a third of the unsharded state; sharded, all of
+  # a sixteenth (three fp32 copies of the reference parameters over 16 devices).
+  assert rows[(False, 'attention')]['state_efficiency_min'] < 0.5
+  sharded = rows[(True, 'attention')]
+  assert sharded['state_efficiency_min'] == 1.0
+  assert sharded['params'] < rows[(False, 'attention')]['params'] / 4
+  assert sharded['optimizer'] == pytest.approx(2 * sharded['params'], abs=64)  # + step counts
+  assert sharded['compute_copy_used'] < sharded['compute_copy_held']

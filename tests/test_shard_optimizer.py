@@ -53,10 +53,14 @@ def _train(config: config_lib.Config, steps: int):
   return np.array(losses), jax.device_get(jax.jit(layout.to_reference)(state['params']))
 
 
-@pytest.mark.parametrize('strategy', ['dp', 'ep', 'tp_pp'])
-def test_sharded_step_equals_unsharded(strategy):
+@pytest.mark.parametrize(
+  'strategy,shard_gradients', [('dp', True), ('ep', True), ('tp_pp', True), ('ma_sep', False)]
+)
+def test_sharded_step_equals_unsharded(strategy, shard_gradients):
+  """(ma_sep with shard_gradients=True: the 20-step runs below.)"""
   losses, params = _train(_config(strategy, False), steps=2)
-  sharded_losses, sharded_params = _train(_config(strategy, True), steps=2)
+  config = _config(strategy, True, **{'parallel.shard_gradients': shard_gradients})
+  sharded_losses, sharded_params = _train(config, steps=2)
   np.testing.assert_allclose(sharded_losses, losses, rtol=1e-6)
   assert_trees_close(sharded_params, params, rtol=1e-5, atol=1e-7)
 

@@ -102,6 +102,7 @@ def predict_config(
     config.train.grad_accum_steps,
     fit_memory=False,
     shard_optimizer=p.shard_optimizer,
+    shard_gradients=p.shard_gradients,
   )
   if p.strategy == 'ma_sep':
     s = ma_sep_model.Split(

@@ -143,6 +143,7 @@ class Workload:
   fit_memory: bool = True
   # parallel.shard_optimizer (mas_jax/zero.py): master weights and moments split over all devices.
   shard_optimizer: bool = False
+  shard_gradients: bool = True  # parallel.shard_gradients (with shard_optimizer)
 
   @property
   def train(self) -> bool:
@@ -218,7 +219,8 @@ def shard_optimizer_memory(
   """`memory` (a role's buffers as held without optimizer sharding, `held` parameters per
   device in the strategy's layout) with parallel.shard_optimizer: each device holds 1/n of the
   fp32 master weights and both moments (all of it updated: efficiency 1), a float32 gradient
-  accumulator of the same 1/n (with accumulation), one chunk's gradients with respect to the
+  accumulator of the same 1/n (with accumulation; of `held` with shard_gradients=False), one
+  chunk's gradients with respect to the
   compute copy, and the compute copy itself (`held` parameters in the compute dtype, dummy
   slots included). The saved activations are unchanged. Checked against the GPU compile by
   bench/memory.py (docs/benchmarks/memory.json)."""
@@ -226,7 +228,9 @@ def shard_optimizer_memory(
     return memory
   shard = total_params(m) / n
   copy = held * m.act_bytes
-  accum_grads = shard * GRAD_BYTES if accum > 1 else 0.0
+  # The float32 accumulator: the master's 1/n (shard_gradients, ZeRO-2), else the compute
+  # layout's (ZeRO-1).
+  accum_grads = (shard if w.shard_gradients else held) * GRAD_BYTES if accum > 1 else 0.0
   out = {}
   for role, mem in memory.items():
     out[role] = Memory(

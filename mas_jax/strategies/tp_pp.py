@@ -518,7 +518,7 @@ class TensorPipeline(base.Strategy):
         stats_sum = jax.tree.map(lambda a, b: a + jnp.where(is_fwd, b, 0.0), stats_sum, stats)
         # Stage 0's input cotangent goes into the embedding (the transpose of the lookup).
         rows = jnp.where(is_first & (op == BACKWARD), inputs[m], mcfg.vocab_size)  # [G, S]
-        grads['embed'] = grads['embed'].at[rows].add(dx.astype(jnp.float32), mode='drop')
+        grads['embed'] = grads['embed'].at[rows].add(dx.astype(grads['embed'].dtype), mode='drop')
         with jax.named_scope('send'):
           if pp > 1:
             # y[G,S,D] of stage s -> stage s+1 and dx[G,S,D] of stage s -> stage s-1; what a
