@@ -105,3 +105,11 @@ def test_model_loss_and_grads_equal_the_dense_path(monkeypatch):
   expected = loss_and_grad()
   np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
   assert_trees_close(actual[1], expected[1], rtol=1e-5, atol=1e-7)
+
+
+def test_planner_tile_equals_the_kernels_block():
+  """mas_jax.perf (no JAX import) repeats the block rule; the two must agree."""
+  from mas_jax.perf.model import attention_block
+
+  for t in (1, 64, 128, 511, 512, 513, 1000, 2048, 2049, 8192):
+    assert attention_block(t) == attn_lib.attention_block_size(t), t

@@ -32,7 +32,12 @@ from mas_jax.perf.kernels import (
   elementwise_passes,
   optimizer_update,
 )
-from mas_jax.perf.model import ModelSpec, attn_act_bytes_per_token, moe_act_bytes_per_token
+from mas_jax.perf.model import (
+  ModelSpec,
+  attention_block,
+  attn_act_bytes_per_token,
+  moe_act_bytes_per_token,
+)
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
   OPTIMIZER_STATE_BYTES,
@@ -273,7 +278,7 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
   chunk_tokens = w.batch // accum * w.context
   mb_tokens = chunk_tokens / s.microbatches
   items = m.num_layers * s.microbatches
-  scores = slots * m.seq_len * 4 if m.attention_scores else 0.0
+  scores = slots * attention_block(m.seq_len) * 4 if m.attention_scores else 0.0
   per_token = attn_act_bytes_per_token(m, slots / m.num_heads) + scores
   per_token += moe_act_bytes_per_token(m) * local / m.num_experts
   row = m.d_model * m.act_bytes

@@ -39,8 +39,9 @@ class ModelSpec:
   batch_size: int = 1024
   remat: str = 'none'  # model.remat: 'full' recomputes each block's forward in the backward
   expert_dropout: float = 0.0  # model.expert_dropout (training only)
-  # False: flash attention (cuDNN), no [T, T] scores in memory. True: XLA attention, which holds
-  # the float32 probabilities of each (head, query, key); model.attention_impl='xla' (the CPU).
+  # False: cuDNN flash attention, no scores in memory. True: the blockwise XLA attention
+  # (model.attention_impl='xla'), whose float32 tile of `attention_block` keys per (head, query)
+  # is live while a block runs.
   attention_scores: bool = False
   # Measured share of the routed token-expert pairs per expert (sums to 1; None: uniform), e.g.
   # a run's expert_load_<e> metrics (`loads_from_metrics`). Only dropless routing (and decode,
@@ -170,10 +171,21 @@ def attn_act_bytes_per_token(m: ModelSpec, head_share: float = 1.0) -> float:
   return m.act_bytes * m.d_model * (3 + 4 * head_share)
 
 
+# The blockwise XLA attention's tiles: the fewest equal blocks of at most this many rows
+# (mas_jax.layers.attention.attention_block_size, which a test keeps equal to `attention_block`).
+ATTENTION_MAX_BLOCK = 512
+
+
+def attention_block(seq_len: int) -> int:
+  """Keys per tile of the blockwise XLA attention for a sequence of seq_len tokens."""
+  blocks = -(-seq_len // ATTENTION_MAX_BLOCK)
+  return -(-seq_len // blocks)
+
+
 def layer_act_bytes_per_token(m: ModelSpec, head_share: float = 1.0, hidden_share: float = 1.0):
   """Everything one layer's forward keeps for its backward, per token: the attention's (with the
-  float32 scores of XLA attention) and the MoE's, whose hidden width is split `hidden_share`."""
-  scores = m.num_heads * head_share * m.seq_len * 4 if m.attention_scores else 0.0
+  float32 score tile of XLA attention) and the MoE's, whose hidden width is split `hidden_share`."""
+  scores = m.num_heads * head_share * attention_block(m.seq_len) * 4 if m.attention_scores else 0
   pairs = m.top_k * m.capacity
   hidden = m.act_bytes * pairs * 2 * m.expert_hidden * (m.n_mat - 1) * (1 - hidden_share)
   return attn_act_bytes_per_token(m, head_share) + scores + moe_act_bytes_per_token(m) - hidden
