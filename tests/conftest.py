@@ -42,6 +42,24 @@ def sample_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _background_runs(request, tmp_path_factory):
+  """Starts the 2-process runs of tests/test_multiprocess.py when the session starts, if tests
+  using them are selected: on 2 cores they then go on beside the test files before it (which
+  keep about one core busy) instead of after them; its tests check them when their turn comes."""
+  modules = {
+    item.module
+    for item in request.session.items
+    if hasattr(getattr(item, 'module', None), 'start_background_runs')
+    and 'runs' in getattr(item, 'fixturenames', ())
+  }
+  for module in modules:
+    module.start_background_runs(tmp_path_factory)
+  yield
+  for module in modules:
+    module.stop_background_runs()
+
+
 def tiny_config(**overrides):
   """configs/tiny.py with dotted overrides, e.g. tiny_config(**{'train.steps': 3})."""
   cd = tiny.get_config()

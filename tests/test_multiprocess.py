@@ -62,14 +62,14 @@ STRATEGIES = {
 # Data shards of the batch with 2 processes: rows split over all devices, or replicated.
 DATA_SHARDS = {'dp': 2, 'ma_sep': 1, 'ep': 2}
 RTOL = 1e-6
-# The 2-process runs (name, strategy, the run it resumes), made one after another in this order:
-# dp's first (the in-process resume needs it), then the one resuming dp's 1-process run, which
-# loads dp's programs from the compilation cache.
+# The 2-process runs (name, strategy, the run it resumes), made one after another in this order
+# (each loads the programs it shares with the ones before it from the compilation cache); the
+# last waits for the 1-process dp run, made in this process when the module's turn comes.
 LAUNCHES = [
   ('dp_2p', 'dp', None),
-  ('dp_1p_to_2p', 'dp', 'dp_1p'),
   ('ma_sep_2p', 'ma_sep', None),
   ('ep_2p', 'ep', None),
+  ('dp_1p_to_2p', 'dp', 'dp_1p'),
 ]
 # The hard timeout of one 2-process run (alone about 20-35 s on 2 cores), and of a test, which
 # may wait for all of them.
@@ -206,25 +206,28 @@ class Runs:
 
   def _make(self, name: str, make) -> None:
     try:
-      self._results[name] = make()
+      result = make()
     except Exception as e:  # noqa: BLE001  (raised again for each test that needs it)
-      self._results[name] = e
-    self._event(name).set()
+      result = e
+    with self._lock:
+      self._results.setdefault(name, result)
+      self._ready[name].set()
 
-  def result(self, name: str) -> dict[int, dict]:
-    """Metrics of run `name` (waits for a launch to finish), or the run's error."""
-    if not self._event(name).wait(timeout=TEST_TIMEOUT_S):
-      raise RunFailed(f'{name}: not finished after {TEST_TIMEOUT_S} s')
+  def result(self, name: str, timeout: float | None = TEST_TIMEOUT_S) -> dict[int, dict]:
+    """Metrics of run `name` (waits for it to be made), or the run's error."""
+    if not self._event(name).wait(timeout=timeout):
+      raise RunFailed(f'{name}: not finished after {timeout} s')
     if isinstance(self._results[name], Exception):
       raise self._results[name]
     return self._results[name]
 
-  def _prepare(self, name: str, resume_from: str | None) -> str:
-    """The workdir of run `name`: none yet, or run `resume_from`'s as if stopped at step HALF."""
+  def _prepare(self, name: str, resume_from: str | None, timeout: float | None) -> str:
+    """The workdir of run `name`: none yet, or run `resume_from`'s as if stopped at step HALF
+    (waits for that run; its error if it failed)."""
     workdir = self.workdir(name)
     shutil.rmtree(workdir, ignore_errors=True)
     if resume_from is not None:
-      self.result(resume_from)  # waits for it; its error if it failed
+      self.result(resume_from, timeout)
       shutil.copytree(self.workdir(resume_from), workdir)
       shutil.rmtree(os.path.join(workdir, 'checkpoints', str(STEPS)))
     return workdir
@@ -233,7 +236,7 @@ class Runs:
     """Makes the 1-process run `name`: train_and_evaluate here, on the 16 CPU devices."""
 
     def make():
-      workdir = self._prepare(name, resume_from)
+      workdir = self._prepare(name, resume_from, TEST_TIMEOUT_S)
       train_lib.train_and_evaluate(tiny_config(**_overrides(strategy)), workdir)
       return read_metrics(workdir)
 
@@ -242,7 +245,8 @@ class Runs:
   def _two(self, name: str, strategy: str, resume_from: str | None) -> dict[int, dict]:
     """The 2-process run `name`; a coordinator port taken meanwhile gets one retry."""
     for attempt in range(2):
-      workdir = self._prepare(name, resume_from)
+      # The run it resumes may be made much later, in this process: no timeout (stop ends it).
+      workdir = self._prepare(name, resume_from, None)
       with self._lock:
         if self._stopped:
           raise RunFailed(f'{name}: not started, the module is done')
@@ -266,27 +270,52 @@ class Runs:
     self._thread.start()
 
   def stop(self) -> None:
+    """Kills the running launch, starts no other, and ends every wait for a run not made."""
     with self._lock:
       self._stopped = True
       if self._launch is not None:
         self._launch.kill()
+      for name, ready in self._ready.items():
+        if not ready.is_set():
+          self._results[name] = RunFailed(f'{name}: not made, the runs were stopped')
+          ready.set()
     if self._thread is not None:
       self._thread.join(timeout=60)
 
 
+# The runs of the session: made by start_background_runs, which conftest calls at the start of a
+# session that selected tests using the `runs` fixture.
+_SESSION_RUNS: list[Runs] = []
+
+
+def start_background_runs(tmp_path_factory) -> None:
+  """Starts the 2-process runs in a background thread (once per session). Called at the start of
+  the session, they go on beside the test files before this one, which keep about one of two
+  cores busy, instead of after them."""
+  if not _SESSION_RUNS:
+    root = str(tmp_path_factory.mktemp('multiprocess'))
+    _SESSION_RUNS.append(Runs(root, jax_cache=os.path.join(root, 'jax_cache')))
+    _SESSION_RUNS[0].start(LAUNCHES)
+
+
+def stop_background_runs() -> None:
+  for runs in _SESSION_RUNS:
+    runs.stop()
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """Starts the 2-process runs in the background, then makes the 1-process runs here."""
-  root = str(tmp_path_factory.mktemp('multiprocess'))
-  runs = Runs(root, jax_cache=os.path.join(root, 'jax_cache'))
+  """The 2-process runs, started at the start of the session (or now), and the 1-process runs,
+  made here while the last 2-process run (which resumes one of them) goes on."""
+  start_background_runs(tmp_path_factory)
+  runs = _SESSION_RUNS[0]
   try:
-    runs.start(LAUNCHES)
     for strategy in STRATEGIES:
       runs.one(f'{strategy}_1p', strategy)
     runs.one('dp_2p_to_1p', 'dp', resume_from='dp_2p')
     yield runs
   finally:
-    runs.stop()
+    stop_background_runs()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,19 +1,19 @@
 """parallel.shard_optimizer (mas_jax/zero.py): the same training, the state split over devices.
 
-Every strategy's sharded step equals its unsharded one (losses and parameters); a 20-step
-ma_sep run logs the same losses; checkpoints move between the two layouts both ways; each
-device holds 1/16 of the state; a mesh that no axis of some array divides is a one-line error.
+Every strategy's sharded step equals its unsharded one (losses and parameters); 20 ma_sep steps
+log the same losses with either shard_gradients; checkpoints restore across the two layouts both
+ways, and generation reads a sharded run's; each device holds 1/16 of the state; a mesh that no
+axis of some array divides is a one-line error.
 """
 
 import os
-import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, read_metrics, tiny_config
+from conftest import assert_trees_close, tiny_config
 
+from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
 from mas_jax import generate_lib, strategies, train_lib, zero
 from mas_jax.config import ConfigError
@@ -30,10 +30,15 @@ PLACEMENTS = {
 SMALL = {'data.seq_len': 16, 'data.batch_size': 32, 'train.grad_accum_steps': 2}
 
 
-def _config(strategy: str, shard: bool, **overrides) -> config_lib.Config:
+def _config_dict(strategy: str, **overrides):
   fields = {**SMALL, **PLACEMENTS[strategy], **overrides}
-  cd = tiny_config(**fields, **{'parallel.strategy': strategy, 'parallel.shard_optimizer': shard})
-  return config_lib.from_config_dict(cd)
+  return tiny_config(**fields, **{'parallel.strategy': strategy})
+
+
+def _config(strategy: str, shard: bool | None = None, **overrides) -> config_lib.Config:
+  if shard is not None:
+    overrides['parallel.shard_optimizer'] = shard
+  return config_lib.from_config_dict(_config_dict(strategy, **overrides))
 
 
 def _train(config: config_lib.Config, steps: int):
@@ -50,17 +55,16 @@ def _train(config: config_lib.Config, steps: int):
     batch = rng.integers(0, config.model.vocab_size, shape, np.int32)
     state, metrics = step(state, jax.device_put(batch, strategy.batch_sharding()))
     losses.append(float(metrics['loss']))
-  return np.array(losses), jax.device_get(jax.jit(layout.to_reference)(state['params']))
+  params = jax.device_get(jax.jit(layout.to_reference)(state['params']))
+  return np.array(losses), params, state, layout
 
 
-@pytest.mark.parametrize(
-  'strategy,shard_gradients', [('dp', True), ('ep', True), ('tp_pp', True), ('ma_sep', False)]
-)
+@pytest.mark.parametrize('strategy,shard_gradients', [('dp', True), ('ep', True), ('tp_pp', True)])
 def test_sharded_step_equals_unsharded(strategy, shard_gradients):
-  """(ma_sep with shard_gradients=True: the 20-step runs below.)"""
-  losses, params = _train(_config(strategy, False), steps=2)
+  """(ma_sep: the 20-step runs below, with either shard_gradients.)"""
+  losses, params, _, _ = _train(_config(strategy, False), steps=2)
   config = _config(strategy, True, **{'parallel.shard_gradients': shard_gradients})
-  sharded_losses, sharded_params = _train(config, steps=2)
+  sharded_losses, sharded_params, _, _ = _train(config, steps=2)
   np.testing.assert_allclose(sharded_losses, losses, rtol=1e-6)
   assert_trees_close(sharded_params, params, rtol=1e-5, atol=1e-7)
 
@@ -103,68 +107,70 @@ def test_zero_spec_prefers_the_axis_the_strategy_splits():
 
 
 # ---------------------------------------------------------------------------------------------
-# train_and_evaluate: 20 steps, and resuming across the two layouts (ma_sep, whose layouts differ).
+# ma_sep, whose two layouts differ: 20 steps, checkpoints across the layouts, generation.
 # ---------------------------------------------------------------------------------------------
 
-RUN = {
-  **SMALL,
-  **PLACEMENTS['ma_sep'],
-  'parallel.strategy': 'ma_sep',
-  'train.steps': 20,
-  'train.log_every': 1,
-  'train.eval_every': 10,
-  'train.eval_steps': 1,
-  'train.checkpoint_every': 10,
-  'train.keep_checkpoints': 2,
-  'train.tensorboard': False,
+STEPS = 20
+MA_SEP_RUNS = {
+  'unsharded': {'parallel.shard_optimizer': False},
+  'zero2': {'parallel.shard_optimizer': True},
+  'zero1': {'parallel.shard_optimizer': True, 'parallel.shard_gradients': False},
 }
 
 
-def _run(workdir: str, sample_dir: str, shard: bool, resume_from: str | None = None):
-  """The losses of a 20-step run, or of a copy of run `resume_from` resumed from step 10."""
-  if resume_from is not None:
-    shutil.copytree(resume_from, workdir)
-    shutil.rmtree(os.path.join(workdir, 'checkpoints', '20'))
-  cd = tiny_config(**RUN, **{'data.data_dir': sample_dir, 'parallel.shard_optimizer': shard})
-  train_lib.train_and_evaluate(cd, workdir)
-  return np.array([r['loss'] for r in read_metrics(workdir)])
-
-
 @pytest.fixture(scope='module')
-def runs(sample_dir, tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('shard_optimizer'))
-  path = lambda name: os.path.join(root, name)
-  return {
-    'unsharded': _run(path('unsharded'), sample_dir, False),
-    'sharded': _run(path('sharded'), sample_dir, True),
-    # A sharded run's step-10 checkpoint resumed without sharding, and the other way round.
-    'sharded_to_unsharded': _run(path('s2u'), sample_dir, False, resume_from=path('sharded')),
-    'unsharded_to_sharded': _run(path('u2s'), sample_dir, True, resume_from=path('unsharded')),
-    'workdirs': {name: path(name) for name in ('unsharded', 'sharded')},
-  }
+def ma_sep_runs():
+  """(losses, reference-layout params, final state, layout) of 20 steps of each variant."""
+  return {name: _train(_config('ma_sep', **flags), STEPS) for name, flags in MA_SEP_RUNS.items()}
 
 
-def test_sharded_run_logs_the_same_losses(runs):
-  assert len(runs['sharded']) == 20
-  np.testing.assert_allclose(runs['sharded'], runs['unsharded'], rtol=0, atol=1e-5)
+@pytest.mark.parametrize('name', ['zero2', 'zero1'])
+def test_sharded_ma_sep_logs_the_same_losses_for_20_steps(ma_sep_runs, name):
+  losses, params, _, _ = ma_sep_runs[name]
+  expected_losses, expected_params, _, _ = ma_sep_runs['unsharded']
+  assert len(losses) == STEPS
+  np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-5)
+  assert_trees_close(params, expected_params, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('name', ['sharded_to_unsharded', 'unsharded_to_sharded'])
-def test_checkpoints_resume_across_layouts(runs, name):
-  losses = runs[name]
-  assert len(losses) == 20
-  np.testing.assert_allclose(losses, runs['unsharded'], rtol=0, atol=1e-5)
+def _save(directory: str, state: dict) -> None:
+  mgr = checkpoint_lib.manager(directory, keep=1)
+  checkpoint_lib.save(mgr, state, {})
+  checkpoint_lib.wait(mgr)
+  mgr.close()
 
 
-def test_generation_restores_a_sharded_run(runs):
-  """generate_lib reads a sharded run's checkpoint (reference layout) like an unsharded one's."""
-  sharded, step = generate_lib.restore_params(runs['workdirs']['sharded'])
-  unsharded, _ = generate_lib.restore_params(runs['workdirs']['unsharded'])
-  assert step == 20
-  assert_trees_close(sharded, unsharded, rtol=1e-4, atol=1e-6)
-  assert jax.tree.leaves(jax.tree.map(jnp.shape, sharded)) == jax.tree.leaves(
-    jax.tree.map(jnp.shape, unsharded)
-  )
+@pytest.mark.parametrize('source,target', [('zero2', 'unsharded'), ('unsharded', 'zero2')])
+def test_checkpoints_restore_across_the_layouts(ma_sep_runs, tmp_path, source, target):
+  """A checkpoint of either layout restores into the other exactly (train_lib.restore, as a
+  resume with the flag changed does): parameters and both moments, dummy slots dropped or
+  re-added as zeros."""
+  _, _, state, source_layout = ma_sep_runs[source]
+  target_layout = ma_sep_runs[target][3]
+  _save(str(tmp_path), state)
+  tx = train_lib.make_optimizer(target_layout.config.train)
+  mgr = checkpoint_lib.manager(str(tmp_path), keep=1)
+  restored, _, step = train_lib.restore(mgr, target_layout, tx, str(tmp_path))
+  mgr.close()
+  assert step == STEPS
+  expected = jax.jit(lambda s: target_layout.convert_state(s, source_layout))(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  back = jax.jit(lambda s: source_layout.convert_state(s, target_layout))(restored)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_generation_restores_a_sharded_run(ma_sep_runs, tmp_path):
+  """generate_lib reads a sharded run's checkpoint (reference layout) as the run's parameters."""
+  _, params, state, layout = ma_sep_runs['zero2']
+  workdir = str(tmp_path)
+  _save(os.path.join(workdir, 'checkpoints'), state)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(_config_dict('ma_sep', **MA_SEP_RUNS['zero2']).to_json_best_effort())
+  restored, step = generate_lib.restore_params(workdir)
+  assert step == STEPS
+  assert_trees_close(restored, params, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('strategy', list(PLACEMENTS))

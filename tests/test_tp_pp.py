@@ -94,7 +94,9 @@ def test_one_f_one_b_table(pp, microbatches):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize('tp, pp, microbatches', [(8, 2, 2), (8, 2, 8), (4, 4, 4), (4, 4, 8)])
+# M = pp at pp = 2 and M > pp at pp = 4 (warm-up, steady 1F1B and cool-down ticks all occur;
+# test_one_f_one_b_table checks the table of more shapes).
+@pytest.mark.parametrize('tp, pp, microbatches', [(8, 2, 2), (4, 4, 8)])
 def test_tp_pp_1f1b_matches_reference(tp, pp, microbatches):
   """Loss, metrics and gradients of the hand-written 1F1B backward equal the reference's, with
   expert dropout (the keys per layer and micro-batch are the GPipe path's) and dropped tokens."""
