@@ -7,6 +7,10 @@ memory analysis on fake CPU devices (compiled, not run: nothing is allocated, so
 compiles on a CPU). Writes docs/benchmarks/ma_sep_memory.json and prints a markdown table.
 
   python bench/ma_sep_memory.py [--skip_paper_compile]
+  python bench/ma_sep_memory.py --smoke     # the tiny config only -> ma_sep_memory_smoke.json
+
+bench/memory.py compiles every strategy's placement of the paper config, with and without
+optimizer sharding, on the GPU topology too; this one gives the per-device rows of ma_sep.
 """
 
 import json
@@ -34,7 +38,8 @@ def main():
     ('paper', paper, {}),
     ('paper_accum16_remat', paper, {'train': {'grad_accum_steps': 16}, 'model': {'remat': 'full'}}),
   )
-  for name, module, overrides in variants:
+  smoke = '--smoke' in sys.argv
+  for name, module, overrides in variants[:1] if smoke else variants:
     cd = module.get_config()
     cd.parallel.strategy = 'ma_sep'
     for section, fields in overrides.items():
@@ -55,7 +60,8 @@ def main():
       ],
     }
   os.makedirs('docs/benchmarks', exist_ok=True)
-  with open('docs/benchmarks/ma_sep_memory.json', 'w') as f:
+  out = 'docs/benchmarks/ma_sep_memory' + ('_smoke' if smoke else '') + '.json'
+  with open(out, 'w') as f:
     json.dump(results, f, indent=1)
   print(
     '| config | device | role | params + AdamW held (MB) | used by role (MB) | efficiency | '

@@ -99,3 +99,17 @@ def test_memory_bench_smoke(tmp_path, monkeypatch):
   assert sharded['params'] < rows[(False, 'attention')]['params'] / 4
   assert sharded['optimizer'] == pytest.approx(2 * sharded['params'], abs=64)  # + step counts
   assert sharded['compute_copy_used'] < sharded['compute_copy_held']
+
+
+@pytest.mark.timeout(240)
+def test_ma_sep_memory_bench_smoke(tmp_path, monkeypatch):
+  """bench/ma_sep_memory.py --smoke: the tiny config's rows only (written under the cwd)."""
+  import ma_sep_memory
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, 'argv', ['ma_sep_memory.py', '--smoke'])
+  ma_sep_memory.main()
+  result = json.loads((tmp_path / 'docs/benchmarks/ma_sep_memory_smoke.json').read_text())
+  assert list(result) == ['tiny']
+  rows = result['tiny']['rows']
+  assert len(rows) == 16 and all(r['activations'] > 0 for r in rows)
