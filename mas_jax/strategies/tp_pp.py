@@ -373,16 +373,20 @@ class TensorPipeline(base.Strategy):
       ]
     )
 
-  def loss(self, params, batch, dropout_key):
+  def _step_shapes(self):
+    """(config, model config, pp, M, sequences per micro-batch, layers per stage, compute
+    dtype, expert capacity) of a train step: what loss and the 1F1B value_and_grad share."""
     cfg = self.config
     mcfg = cfg.model
     pp, mb = cfg.parallel.pp, cfg.parallel.num_microbatches
-    group = cfg.data.batch_size // mb  # sequences per micro-batch
-    layers_local = mcfg.num_layers // pp
-    dtype = jnp.dtype(mcfg.compute_dtype)
     cap = moe_lib.capacity(
       cfg.data.seq_len, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, mcfg.dropless
     )
+    group = cfg.data.batch_size // mb  # sequences per micro-batch
+    return cfg, mcfg, pp, mb, group, mcfg.num_layers // pp, jnp.dtype(mcfg.compute_dtype), cap
+
+  def loss(self, params, batch, dropout_key):
+    cfg, mcfg, pp, mb, group, layers_local, dtype, cap = self._step_shapes()
 
     def stage_forward(blocks_local, keys_local, x, group_offset):
       return _stage_forward(mcfg, cap, blocks_local, keys_local, x, group_offset)
@@ -444,15 +448,7 @@ class TensorPipeline(base.Strategy):
     Parameter gradients accumulate in the scan's carry; those of the replicated embedding and
     head are psum-ed over 'pipe' at the end, as autodiff's transpose of their broadcast does.
     """
-    cfg = self.config
-    mcfg = cfg.model
-    pp, mb = cfg.parallel.pp, cfg.parallel.num_microbatches
-    group = cfg.data.batch_size // mb  # sequences per micro-batch
-    layers_local = mcfg.num_layers // pp
-    dtype = jnp.dtype(mcfg.compute_dtype)
-    cap = moe_lib.capacity(
-      cfg.data.seq_len, mcfg.top_k, mcfg.num_experts, mcfg.capacity_factor, mcfg.dropless
-    )
+    cfg, mcfg, pp, mb, group, layers_local, dtype, cap = self._step_shapes()
     table = jnp.asarray(one_f_one_b(pp, mb))  # [ticks, pp, 4]
     head_names = ('final_norm', 'unembed')
 
