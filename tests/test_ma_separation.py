@@ -239,17 +239,12 @@ def test_memory_accounting_per_role():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-  strict=True,
-  reason='issue 13 item 1, open: the weight gradients of a layer are not summed into one buffer '
-  'as its (layer, micro-batch) items finish; at M=4 the compiled step holds one per item',
-)
 def test_temporaries_do_not_grow_with_microbatches():
   """At M micro-batches the step holds the same tokens' activations as at M=1 (split in M), so
-  its temporaries may grow by little more than the extra residual streams; a weight-sized
-  buffer per (layer, micro-batch) item grows them by (M - 1) x L layers' weights. Measured when
-  this test was written (4 layers, d_model 128): 18.96 MB at M=1, 44.22 MB at M=4, 25.3 MB more,
-  about 12 x the 2.1 MB of one layer's fp32 weights a device holds."""
+  its temporaries may grow by little more than the extra residual streams. A weight-sized
+  buffer per (layer, micro-batch) item grows them by about (M - 1) x L layers' weights: before
+  `_switch_into_sinks` (4 layers, d_model 128) 18.96 MB at M=1 and 44.22 MB at M=4, where one
+  layer's fp32 weights on a device are 2.1 MB; after it 18.21 and 18.84 MB."""
   from mas_jax import train_lib
 
   def temporaries(microbatches):
@@ -260,7 +255,6 @@ def test_temporaries_do_not_grow_with_microbatches():
         'model.d_model': 128,
         'model.expert_hidden': 512,
         'model.num_layers': 4,
-        'model.remat': 'full',
         'model.expert_dropout': 0.0,
         'data.seq_len': 32,
       }
@@ -270,4 +264,8 @@ def test_temporaries_do_not_grow_with_microbatches():
     return compiled.memory_analysis().temp_size_in_bytes
 
   at_4, at_1 = temporaries(4), temporaries(1)
-  assert at_4 <= 1.25 * at_1, f'temporaries {at_1 / 1e6:.2f} MB at M=1, {at_4 / 1e6:.2f} MB at M=4'
+  layer = 4 * 2 * 128 * 512 * 4  # one layer's fp32 w_in and w_out on an expert device
+  assert at_4 - at_1 < layer, (
+    f'temporaries {at_1 / 1e6:.2f} MB at M=1, {at_4 / 1e6:.2f} MB at M=4: more than one '
+    f"layer's weights ({layer / 1e6:.2f} MB) more"
+  )

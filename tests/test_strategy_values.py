@@ -147,10 +147,10 @@ def _affine_roles(strategy):
   def jax_roles(device):
     j = device - lay.n_attn
 
-    def attention(layer, micro, x, operands):
+    def attention(layer, micro, x, operands, weights):
       return x + ((device + 1) * (layer + 1)).astype(x.dtype), None
 
-    def experts(layer, micro, h, operands):
+    def experts(layer, micro, h, operands, weights):
       a = jnp.where(j == 0, 2.0, 0.0) if replicated else 2.0
       c = jnp.asarray(const(j, layer, micro), h.dtype)
       return a * h + c, _to_varying({'items': jnp.ones(())})
@@ -175,14 +175,13 @@ def test_ma_sep_ticks_apply_every_layer_once_per_microbatch(attn, moe, dispatch,
   def body(x0):
     device = mesh_lib.device_index()
     attention, experts = jax_roles(device)
-    zeros = _to_varying(jnp.zeros((2, *SHAPE), jnp.float32))
     xs, stats, _ = strategy._run_ticks(
       [_to_varying(x0[m]) for m in range(n_mb)],
       attention,
       experts,
-      (zeros, None),
-      _to_varying({'items': jnp.zeros(())}),
-      lambda layer, micro: None,
+      None,
+      None,
+      lambda: _to_varying({'items': jnp.zeros(())}),
     )
     return jnp.stack(xs)[None], stats['items'][None]
 

@@ -10,9 +10,10 @@ the MoE of another; then the tick's exchange runs, after both: a psum of the att
 sums over the whole mesh, and the MoE output's way back (with 'replicated' dispatch in the same
 psum; with 'all_to_all' dispatch ppermutes from the expert row to each attention row, after the
 expert row's own all_to_all and all_gather inside the MoE). A tick costs the slower role plus its
-exchange. The backward runs the ticks again in reverse with twice the compute (three times under
-model.remat='full') and the transposed collectives; its psums also carry the gradient of every
-implicit broadcast the forward made (see `collectives`). After the ticks, every device computes
+exchange. The backward runs the ticks again in reverse with three times the compute (each tick
+recomputes its forward, whatever model.remat says: `ticks_spec`) and the transposed
+collectives; its psums also carry the gradient of every implicit broadcast the forward made (see
+`collectives`). After the ticks, every device computes
 the head and loss of 1/n of the tokens, and the replicated parameters' gradients are all-reduced
 over the mesh, once per accumulation chunk.
 """
@@ -113,6 +114,14 @@ class Split:
     return self.n_attn // self.cols
 
 
+def ticks_spec(m: ModelSpec, w: Workload) -> ModelSpec:
+  """The spec a training tick runs under: its backward recomputes the role's forward whatever
+  model.remat says (MASeparation keeps each tick's inputs, not its branch residuals, which a
+  conditional would save as the union of all branches', weights included: see
+  `_switch_into_sinks`)."""
+  return dataclasses.replace(m, remat='full') if w.train else m
+
+
 def invalid(m: ModelSpec, s: Split, batch: int, seq_len: int) -> str | None:
   """Why the strategy would refuse this split (its ConfigError), or None."""
   if s.n_attn < 1 or s.n_moe < 1:
@@ -182,9 +191,9 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
       out.append(coll.collective(name, 'all-reduce', everyone, nbytes, count, hw))
 
   passes = 2 if w.train else 1
-  # Under remat='full' the MoE branch's forward runs again in the backward: its two all_to_alls
-  # (not the final all_gather, whose output the backward does not need).
-  a2a_passes = passes + (1 if w.train and m.remat == 'full' else 0)
+  # A training tick's backward runs the MoE branch's forward again (`ticks_spec`): its two
+  # all_to_alls (not the final all_gather, whose output the backward does not need).
+  a2a_passes = passes + (1 if w.train else 0)
   if dispatch == 'replicated':
     # Every tick psums [2, b, T, D]: attention partials and the experts' partial outputs.
     psum('tick exchange psum (forward)', len(ticks) * 2 * x, len(ticks))
@@ -272,9 +281,8 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
     mem = Memory(params=static, activations=arena)
     return {'attention': mem, 'experts': mem}
   # Every device holds each micro-batch's two residual streams, and per (layer, micro-batch)
-  # item what the tick's switch keeps for the backward: its inputs under remat='full', else
-  # the union of both branches' residuals (the attention's on its head slots, the MoE's on its
-  # local experts). Each layer's weights are sliced once (an fp32 copy of the block parameters).
+  # item what the tick keeps for the backward: its two inputs (`ticks_spec`). Each layer's
+  # weights are sliced once (an fp32 copy of the block parameters).
   chunk_tokens = w.batch // accum * w.context
   mb_tokens = chunk_tokens / s.microbatches
   items = m.num_layers * s.microbatches
@@ -282,11 +290,13 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
   per_token = attn_act_bytes_per_token(m, slots / m.num_heads) + scores
   per_token += moe_act_bytes_per_token(m) * local / m.num_experts
   row = m.d_model * m.act_bytes
-  item = 2 * row if m.remat == 'full' else per_token
+  item = 2 * row
   shared = 2 * m.vocab_size * m.d_model + m.d_model
   saved = mb_tokens * (2 * s.microbatches * row + items * item)
   saved += (p['held'] - shared) * PARAM_BYTES
-  mem = temporaries(m, p['held'], accum, saved, mb_tokens * per_token, chunk_tokens / s.n)
+  mem = temporaries(
+    ticks_spec(m, w), p['held'], accum, saved, mb_tokens * per_token, chunk_tokens / s.n
+  )
   memory = {
     role: Memory(**{**mem, 'used': p[role] * (PARAM_BYTES + OPTIMIZER_STATE_BYTES)})
     for role in ('attention', 'experts')
@@ -323,11 +333,11 @@ def predict(
   )
   items = m.num_layers * s.microbatches * accum
   # Per item: the expert row's collectives inside the MoE branch (forward, backward).
-  a2a_passes = (3 if m.remat == 'full' else 2) if w.train else 1  # see `collectives`
+  a2a_passes = 3 if w.train else 1  # see `collectives`
   a2a = times.get('dispatch+combine all_to_all', Cost(0.0, 'none')).time_s / items / a2a_passes
   gather = times.get('MoE output all_gather', Cost(0.0, 'none')).time_s / items
   scatter = times.get('MoE output reduce_scatter (backward)', Cost(0.0, 'none')).time_s / items
-  bwd = backward_passes(m)
+  bwd = backward_passes(ticks_spec(m, w))  # of a tick
   # Elementwise traffic and weight casts per item (kernels.py), inside each role's branch: the
   # attention side's norm and residual adds; the expert side's dispatch, combine and dropout of
   # the tokens it routes (its 1/F of the micro-batch with all_to_all, all of it replicated). Each
@@ -345,8 +355,8 @@ def predict(
   e_cast = k.weight_casts(local * m.n_mat * m.d_model * m.expert_hidden + m.d_model * m.num_experts)
   e_cast = e_cast.time_s if w.train else 0.0
   a_cast = a_cast if w.train else 0.0
-  back_elem = elementwise_passes(m, w) - 1.0  # the backward and any recomputed forward
-  back_cast = cast_passes(m, w) - 1.0 if w.train else 0.0
+  back_elem = elementwise_passes(ticks_spec(m, w), w) - 1.0  # backward, recomputed forward
+  back_cast = cast_passes(ticks_spec(m, w), w) - 1.0 if w.train else 0.0
   ticks = schedule(m.num_layers, s.microbatches)
   fwd_s = sum(
     max(
@@ -373,7 +383,7 @@ def predict(
   # The head: training splits the tokens over all devices; generation runs every token's head
   # on every device.
   head = k.head(w, chunk / s.n if w.train else w.batch, 1.0)
-  head_s = head.time_s * (1 + bwd if w.train else 1)
+  head_s = head.time_s * (1 + backward_passes(m) if w.train else 1)
   head_s += k.head_elementwise(w, chunk / s.n if w.train else w.batch).time_s
   if w.train:
     head_s += k.weight_casts(m.d_model * m.vocab_size).time_s

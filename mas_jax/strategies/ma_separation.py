@@ -136,6 +136,66 @@ def _to_varying(tree):
   return jax.tree.map(cast, tree)
 
 
+@jax.custom_vjp
+def _sink(w):
+  """Zeros shaped like w whose cotangent becomes w's: the start of a layer's gradient chain."""
+  return jnp.zeros_like(w)
+
+
+_sink.defvjp(lambda w: (jnp.zeros_like(w), None), lambda _, ct: (ct,))
+
+
+def _sink_weights(per_layer):
+  """(per-layer weights, per-layer sinks) for `MASeparation._run_ticks(grads=...)`."""
+  return per_layer, [_to_varying(jax.tree.map(_sink, w)) for w in per_layer]
+
+
+def _switch_into_sinks(index, branches, operands, weights, sinks):
+  """`lax.switch(index, branches, *operands, weights)` whose weight gradients go into `sinks`.
+
+  Returns (the switch's outputs, sinks). A layer's weights are read by 2M ticks (attention and
+  MoE of each micro-batch); differentiated as a plain switch, each tick would cost two
+  weight-sized buffers that live until the end of the backward pass:
+    - JAX saves a conditional's residuals as the union of its branches' residuals, zero-filled
+      where a branch has none, so a tick whose experts branch reads the weights outputs a copy
+      of them for the backward (the attention and idle branches output zeros);
+    - the tick's backward conditional returns its own weight cotangent, and XLA fuses the sum
+      of a layer's 2M cotangents into one loop after the last of them.
+  Here the residuals are the operands and weights themselves (no copies; the backward
+  recomputes the branch, as `model.remat='full'` would), and the backward conditional adds the
+  branch's weight cotangents into the sinks' cotangents inside the branch: one running buffer
+  per layer, passed from tick to tick. `weights` get no cotangent of their own; `_sink` hands
+  the accumulated one to them.
+  """
+
+  @jax.custom_vjp
+  def run(index, operands, weights, sinks):
+    return lax.switch(index, branches, *operands, weights), sinks
+
+  def fwd(index, operands, weights, sinks):
+    return run(index, operands, weights, sinks), (index, operands, weights)
+
+  def bwd(res, cts):
+    index, operands, weights = res
+    ct_out, ct_sinks = cts
+
+    def transposed(branch):
+      def run_backward(operands, weights, ct_out, ct_sinks):
+        _, vjp = jax.vjp(lambda o, w: branch(*o, w), operands, weights)
+        ct_operands, ct_weights = vjp(ct_out)
+        return ct_operands, jax.tree.map(jnp.add, ct_sinks, ct_weights)
+
+      return run_backward
+
+    ct_operands, ct_sinks = lax.switch(
+      index, [transposed(b) for b in branches], operands, weights, ct_out, ct_sinks
+    )
+    return None, ct_operands, None, ct_sinks
+
+  run.defvjp(fwd, bwd)
+  return run(index, operands, weights, sinks)
+
+
 def _get(tree, path):
   for k in path:
     tree = tree[k.key]
@@ -494,19 +554,29 @@ class MASeparation(base.Strategy):
       y = lax.all_gather(y, EXPERT_AXIS, axis=0, tiled=True)  # y[b/n..] -> y[b, T, D]
     return y, stats
 
-  def _run_ticks(self, xs, attention, experts, zero_out, zero_stats, attn_operands):
+  def _run_ticks(self, xs, attention, experts, extra_shape, operands, zero_stats, grads=None):
     """The static co-execution schedule, shared by training and generation.
 
     Args:
       xs: per micro-batch residual streams [b, T, D], device-varying (they enter the switch).
-      attention: (layer, micro, x, operands) -> (out[b,T,D]{U_heads}, extra); the attention
-        devices' work of a tick. `extra` is whatever the caller keeps per item (the new keys and
-        values in generation, None in training).
-      experts: (layer, micro, h, operands) -> (y[b,T,D], stats); the expert devices' work.
-      zero_out: (zeros [2, b, T, D], zeros like `extra`), what a role without work returns.
-      zero_stats: zero routing statistics, device-varying.
-      attn_operands: (layer, micro) -> extra operands the roles read (in generation the arena
-        holding the KV cache and the expert weights), device-varying; passed to every branch.
+      attention: (layer, micro, x, operands, weights) -> (out[b,T,D]{U_heads}, extra); the
+        attention devices' work of a tick. `extra` is whatever the caller keeps per item (the
+        new keys and values in generation, None in training). `weights` is the layer's weights
+        in training (see `grads`) and None in generation.
+      experts: (layer, micro, h, operands, weights) -> (y[b,T,D], stats); the expert devices'
+        work.
+      extra_shape: the shapes and dtypes (`jax.ShapeDtypeStruct`) of `extra`, or None.
+      operands: what the roles read besides their input and weights (in training the dropout
+        keys, in generation the arena holding the KV cache and the expert weights),
+        device-varying; passed to every branch.
+      zero_stats: () -> zero statistics shaped like `experts`' (device-varying), what a role
+        without expert work returns.
+      grads: training only, (per-layer weights, per-layer sinks) from `_sink_weights`. Each
+        tick then runs through `_switch_into_sinks`: its backward recomputes the role's work
+        and adds the weight gradients into the layer's sink inside the conditional.
+
+    The branches close over no traced value (a custom VJP's backward may not): `attention`,
+    `experts` and the zeros a role without work returns read only their arguments.
 
     Returns:
       (xs, stats, extras): the final residual streams, the statistics summed over the expert
@@ -514,22 +584,30 @@ class MASeparation(base.Strategy):
     """
     device = mesh_lib.device_index()
     is_attn = device < self.layout.n_attn
-    zeros, zero_extra = zero_out
+    contrib_shape = (2, *xs[0].shape)
 
-    def idle_branch(x_in, h_in, operands):
-      return zeros, zero_stats, zero_extra
+    def zero_outputs():
+      """(contrib [2, b, T, D], stats, extra) of a role without work: zeros, device-varying."""
+      zeros = lambda a: _to_varying(jnp.zeros(a.shape, a.dtype))
+      extra = jax.tree.map(zeros, extra_shape)
+      return zeros(jax.ShapeDtypeStruct(contrib_shape, xs[0].dtype)), zero_stats(), extra
+
+    def idle_branch(x_in, h_in, operands, weights):
+      return zero_outputs()
 
     def attn_branch(layer, micro):
-      def run(x_in, h_in, operands):
-        part, extra = attention(layer, micro, x_in, operands)
-        return zeros.at[0].set(part.astype(zeros.dtype)), zero_stats, extra
+      def run(x_in, h_in, operands, weights):
+        part, extra = attention(layer, micro, x_in, operands, weights and weights[layer])
+        zeros, stats, _ = zero_outputs()
+        return zeros.at[0].set(part.astype(zeros.dtype)), stats, extra
 
       return run
 
     def moe_branch(layer, micro):
-      def run(x_in, h_in, operands):
-        y, st = experts(layer, micro, h_in, operands)
-        return zeros.at[1].set(y.astype(zeros.dtype)), st, zero_extra
+      def run(x_in, h_in, operands, weights):
+        y, st = experts(layer, micro, h_in, operands, weights and weights[layer])
+        zeros, _, extra = zero_outputs()
+        return zeros.at[1].set(y.astype(zeros.dtype)), st, extra
 
       return run
 
@@ -538,11 +616,12 @@ class MASeparation(base.Strategy):
     # micro-batches' [b, T, D] slices. Values are typed device-varying: ppermute results are
     # not known to be replicated.
     xs, hs = list(xs), list(xs)
-    stats, extras = zero_stats, {}
+    sinks = list(grads[1]) if grads else None
+    zeros, stats, _ = zero_outputs()
+    extras = {}
     for t in self.ticks:
       x_in = xs[t.attn[1]] if t.attn else zeros[0]
       h_in = hs[t.moe[1]] if t.moe else zeros[0]
-      operands = attn_operands(*(t.attn or (0, 0)))
       # Branch order is fixed (attention, experts, idle); a role with no item this tick idles.
       branches = (
         attn_branch(*t.attn) if t.attn else idle_branch,
@@ -550,7 +629,19 @@ class MASeparation(base.Strategy):
         idle_branch,
       )
       role = jnp.where(is_attn, 0 if t.attn else 2, 1 if t.moe else 2)
-      contrib, st, extra = lax.switch(role, branches, x_in, h_in, operands)
+      if grads is None:  # generation
+        contrib, st, extra = lax.switch(role, branches, x_in, h_in, operands, None)
+      else:
+        used = sorted({item[0] for item in (t.attn, t.moe) if item})
+        (contrib, st, extra), tick_sinks = _switch_into_sinks(
+          role,
+          branches,
+          (x_in, h_in, operands),
+          {i: grads[0][i] for i in used},
+          {i: sinks[i] for i in used},
+        )
+        for i in used:
+          sinks[i] = tick_sinks[i]
       out = self._exchange(contrib)
       stats = jax.tree.map(jnp.add, stats, st)
       if t.attn:
@@ -593,9 +684,8 @@ class MASeparation(base.Strategy):
       # One slice per layer, taken once outside the ticks: a tick's switch then closes over its
       # layer's weights only, so its backward returns that layer's gradient (not a zero-padded
       # gradient of every layer's stacked weights per tick, which held ~150 GB on the paper
-      # config), and the ticks of a layer add into one buffer.
+      # config). The gradient itself flows through the layer's sink (see `_sink_weights`).
       per_layer = [jax.tree.map(lambda p, i=i: p[i], blocks) for i in range(mcfg.num_layers)]
-      layer = lambda i: per_layer[i]
 
       # Each role's work of a tick is rematerialised in the backward pass as model.remat says.
       attention_part = model_lib.remat(self._attention_part, mcfg)
@@ -603,17 +693,22 @@ class MASeparation(base.Strategy):
         self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all, mcfg
       )
 
-      def attention(i, micro, x_in, operands):
-        return attention_part(layer(i), x_in, device), None
+      def attention(i, micro, x_in, keys, weights):
+        return attention_part(weights, x_in, mesh_lib.device_index()), None
 
-      def experts(i, micro, h_in, operands):
-        k = None if keys is None else _to_varying(keys[i])
-        return moe_part(layer(i), h_in, k, device, micro * b)
+      def experts(i, micro, h_in, keys, weights):
+        k = None if keys is None else keys[i]
+        return moe_part(weights, h_in, k, mesh_lib.device_index(), micro * b)
 
       xs = [_to_varying(x0[m * b : (m + 1) * b]) for m in range(n_mb)]
-      zeros = _to_varying(jnp.zeros((2, b, *x0.shape[1:]), dtype))
       xs, stats, _ = self._run_ticks(
-        xs, attention, experts, (zeros, None), self._zero_stats(), lambda i, m: None
+        xs,
+        attention,
+        experts,
+        None,
+        None if keys is None else _to_varying(keys),
+        self._zero_stats,
+        _sink_weights(per_layer),
       )
       xs = jnp.concatenate(xs, axis=0)  # [B, T, D]
       # With replicated dispatch every expert device routed every token: divide by n_moe.
@@ -727,7 +822,7 @@ class MASeparation(base.Strategy):
         cache_shape
       )
 
-      def attention(i, micro, x_in, arena):
+      def attention(i, micro, x_in, arena, weights):
         # This device's head slots of the cache: k, v [b, S, slots, H] from the arena.
         p = layer(i)
         h = attn_lib.rms_norm(x_in, p['attn_norm']['scale'])
@@ -743,7 +838,7 @@ class MASeparation(base.Strategy):
           )
         return out, (k.astype(arena.dtype), v.astype(arena.dtype))
 
-      def experts(i, micro, h_in, arena):
+      def experts(i, micro, h_in, arena, weights):
         # This device's experts of layer i, w_in [E_loc, D, F] and w_out [E_loc, F, D], from
         # the arena.
         p = layer(i)
@@ -753,16 +848,10 @@ class MASeparation(base.Strategy):
         p['moe'] = {**p['moe'], 'w_in': w_in.reshape(e, d, f), 'w_out': w_out.reshape(e, f, d)}
         return moe_part(p, h_in, None, device, micro * b)
 
-      zeros = _to_varying(jnp.zeros((2, b, t, mcfg.d_model), dtype))
-      kv_zeros = jnp.zeros((b, t, lay.head_slots, mcfg.head_dim), arena.dtype)
+      kv_new = jax.ShapeDtypeStruct((b, t, lay.head_slots, mcfg.head_dim), arena.dtype)
       xs = [_to_varying(x0[rows(m)]) for m in range(n_mb)]
       xs, _, extras = self._run_ticks(
-        xs,
-        attention,
-        experts,
-        (zeros, _to_varying((kv_zeros, kv_zeros))),
-        self._zero_stats(),
-        lambda i, m: arena,
+        xs, attention, experts, (kv_new, kv_new), arena, self._zero_stats
       )
       # Write the new keys and values: attention devices into their cache rows, expert devices
       # (whose rows hold weights) into the scratch tail.
