@@ -113,3 +113,31 @@ def test_ma_sep_memory_bench_smoke(tmp_path, monkeypatch):
   assert list(result) == ['tiny']
   rows = result['tiny']['rows']
   assert len(rows) == 16 and all(r['activations'] > 0 for r in rows)
+
+
+@pytest.mark.timeout(240)
+def test_overlap_bench_smoke(tmp_path):
+  """bench/overlap.py --smoke: the tiny ma_sep step compiled in a child process on 16 CPU
+  devices, its scheduled HLO's collectives found where ma_sep puts them."""
+  import overlap
+
+  out = tmp_path / 'overlap.json'
+  overlap.main(['--smoke', '--out', str(out), '--hlo_dir', str(tmp_path)])
+  result = json.loads(out.read_text())
+  assert result['command'].startswith('python bench/overlap.py --smoke')
+  assert list(result['variants']) == ['default']  # the XLA flag variants are GPU-only
+  variant = result['variants']['default']
+  assert 'error' not in variant, variant
+  assert variant['dispatch'] == 'all_to_all' and variant['ticks'] == 9
+  assert (tmp_path / 'default.hlo.txt.gz').exists()
+  records = variant['collectives']
+  where = {(r['location'], r['kind']) for r in records}
+  # The expert row's all_to_all (and the all_gather, reduce-scatter in the backward) only in
+  # the switch's expert branch; the tick exchange's psum and ppermutes outside the branches.
+  assert ('branch 1 (experts)', 'all-to-all') in where
+  assert ('outside conditionals', 'all-reduce') in where
+  assert {loc for loc, kind in where if kind == 'all-to-all'} == {'branch 1 (experts)'}
+  assert {loc for loc, kind in where if kind == 'collective-permute'} == {'outside conditionals'}
+  total = variant['summary']['all']
+  assert total['sync'] + total['async'] + total['unpaired'] == len(records)
+  assert total['bytes_sync_per_step'] > total['bytes_sync'] > 0  # 2 accumulation chunks
