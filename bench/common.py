@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import statistics
+import sys
 import time
 
 import jax
@@ -23,6 +25,36 @@ def device_stem(smoke: bool) -> str:
   if smoke:
     return 'cpu_smoke'
   return re.sub(r'[^a-z0-9]+', '_', jax.devices()[0].device_kind.lower()).strip('_')
+
+
+def command_line(script: str) -> str:
+  """The running command as one shell line, for a result to record: the environment variables
+  that change what XLA does (XLA_*, JAX_PLATFORMS), then `python`, the script's path from the
+  repository root (`script` is the caller's __file__) and the arguments, quoted."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = [
+    f'{k}={shlex.quote(v)}'
+    for k, v in sorted(os.environ.items())
+    if k.startswith('XLA_') or k == 'JAX_PLATFORMS'
+  ]
+  path = os.path.relpath(os.path.abspath(script), root)
+  return ' '.join([*env, 'python', path, *map(shlex.quote, sys.argv[1:])])
+
+
+def shell_command(recorded: str) -> str:
+  """A result's recorded command as a shell line. Results written before `command_line` record
+  ' '.join(sys.argv), i.e. the script and its arguments without the `python` that ran them."""
+  return f'python {recorded}' if recorded.split(' ', 1)[0].endswith('.py') else recorded
+
+
+def render(result_json: str, markdown) -> None:
+  """Rewrites the markdown next to a saved result from the result alone (markdown: its renderer)."""
+  with open(result_json) as f:
+    result = json.load(f)
+  path = result_json.removesuffix('.json') + '.md'
+  with open(path, 'w') as f:
+    f.write(markdown(result))
+  print(f'wrote {path}')
 
 
 def write_result(out_dir: str, stem: str, result: dict, table: str) -> None:

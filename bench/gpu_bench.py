@@ -16,6 +16,13 @@ calibration file docs/benchmarks/<device>_calibration.json.
   python bench/gpu_bench.py                 # on a GPU
   python bench/gpu_bench.py --smoke         # tiny shapes on CPU (run by the test suite)
   python bench/gpu_bench.py --recalibrate=docs/benchmarks/<device>.json   # calibration only
+  python bench/gpu_bench.py --render=docs/benchmarks/<device>.json        # markdown only
+  python bench/gpu_bench.py --breakdown=docs/benchmarks/<device>.json     # derived figures
+The last three measure nothing and need no GPU. The result records the command that wrote it
+(`common.command_line`); --breakdown prints the figures docs/benchmarks/README.md derives from a
+result: ranges of the expert-FFN rates, where the best train step's time goes (the planner's
+terms), its compute rate without the optimizer and the accumulator, and what expert dropout and
+dropless routing cost.
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import bench  # noqa: E402
 
+from configs import paper  # noqa: E402
+from mas_jax import metrics as metrics_lib  # noqa: E402
+from mas_jax import perf as pm  # noqa: E402
 from mas_jax.layers import attention as attn_lib  # noqa: E402
 from mas_jax.layers import grouped_matmul as gmm_lib  # noqa: E402
+from mas_jax.perf import validate  # noqa: E402
 
 
 def ceilings(s: dict) -> dict:
@@ -230,7 +241,24 @@ def main():
     metavar='RESULT_JSON',
     help='measure nothing: rewrite the calibration file next to a saved result JSON',
   )
+  parser.add_argument(
+    '--render',
+    metavar='RESULT_JSON',
+    help='measure nothing: rewrite the markdown of a saved result',
+  )
+  parser.add_argument(
+    '--breakdown',
+    metavar='RESULT_JSON',
+    help="measure nothing: print the figures derived from a saved result (the planner's terms "
+    'from the calibration file next to it)',
+  )
   args = parser.parse_args()
+  if args.render:
+    common.render(args.render, markdown)
+    return
+  if args.breakdown:
+    print('\n'.join(breakdown(args.breakdown)))
+    return
   if args.recalibrate:
     with open(args.recalibrate) as f:
       saved = json.load(f)
@@ -245,7 +273,7 @@ def main():
   result = {
     'device': device,
     'jax': jax.__version__,
-    'command': ' '.join(sys.argv),
+    'command': common.command_line(__file__),
     'ceilings': ceilings(s),
   }
   print('ceilings', result['ceilings'], flush=True)
@@ -278,7 +306,7 @@ def markdown(r: dict) -> str:
   out = [
     f'# {r["device"]}, JAX {r["jax"]}',
     '',
-    f'Command: `python {r["command"]}`',
+    f'Command: `{common.shell_command(r["command"])}`',
     '',
     f'Ceilings: bf16 matmul {c["matmul_n"]}^3 {c["matmul_bf16_tflops"]:.1f} TFLOP/s; '
     f'HBM copy {c["hbm_copy_gbps"]:.0f} GB/s (read + write).',
@@ -316,6 +344,142 @@ def markdown(r: dict) -> str:
         f'{t["tokens_per_s"]:.0f} | {t["model_tflops"]:.0f} | {mfu} |'
       )
   return '\n'.join(out) + '\n'
+
+
+# Bytes per parameter that AdamW moves (fp32 parameter, gradient and two moments read; parameter
+# and moments written: 7 x 4) and that the fp32 gradient accumulator moves per micro-batch (the
+# accumulator read and written, the micro-batch's gradient read: 3 x 4).
+ADAMW_BYTES_PER_PARAM = 28
+ACCUMULATOR_BYTES_PER_PARAM = 12
+
+
+def _span(values: list[float]) -> str:
+  """'a-b%' of fractions (one value when they round alike)."""
+  lo, hi = f'{min(values):.0%}', f'{max(values):.0%}'
+  return lo if lo == hi else f'{lo[:-1]}-{hi}'
+
+
+def _expert_lines(rows: list[dict], mm: float) -> list[str]:
+  """Ranges of the expert-FFN table (share of the ceiling mm) and of its routed groups."""
+  sizes = [g for r in rows for g in r['group_sizes']]
+  if not sizes:
+    return []
+  out = [
+    f'expert FFN: {min(sizes)}-{max(sizes)} routed rows per expert, local experts '
+    f'{", ".join(str(r["local_experts"]) for r in rows)}; shares of the {mm:.0f} TFLOP/s ceiling:'
+  ]
+  for impl in grouped_matmul.IMPL_NAMES:
+    timed = [r for r in rows if f'{impl}_fwd_s' in r]
+    fwd = [r[f'{impl}_fwd_useful_tflops'] / mm for r in timed]
+    bwd = [r[f'{impl}_fwd_bwd_useful_tflops'] / mm for r in timed]
+    out.append(
+      f'  {impl}: forward {_span(fwd)}, forward + backward {_span(bwd)}, both {_span(fwd + bwd)}'
+    )
+  for r in rows:  # the einsum computes capacity slots, not routed rows
+    if 'einsum_fwd_s' in r:
+      padded = r['local_experts'] * r['capacity'] / r['rows']
+      fwd, bwd = r['einsum_fwd_useful_tflops'] / mm, r['einsum_fwd_bwd_useful_tflops'] / mm
+      out.append(
+        f'  einsum at {r["local_experts"]} local experts: {padded:.3f} slots per routed row; '
+        f'forward {fwd:.0%} useful, {padded * fwd:.0%} with the padding; '
+        f'forward + backward {bwd:.0%}, {padded * bwd:.0%}'
+      )
+  return out
+
+
+def _pairs(steps: list[dict], key: str, value) -> list[str]:
+  """Steps with overrides[key] == value against the step whose overrides differ only there."""
+  out = []
+  for t in steps:
+    if t['overrides'].get(key) != value:
+      continue
+    rest = {k: v for k, v in t['overrides'].items() if k != key}
+    for u in steps:
+      other = {k: v for k, v in u['overrides'].items() if k != key}
+      if u is not t and other == rest and u['overrides'].get(key) != value:
+        o = t['overrides']
+        out.append(
+          f'  batch {o.get("data.batch_size")}, accumulation {o.get("train.grad_accum_steps", 1)}: '
+          f'{t["step_s"] * 1e3:.1f} ms against {u["step_s"] * 1e3:.1f} ms '
+          f'({key}={u["overrides"].get(key, "default")}): {t["step_s"] / u["step_s"] - 1:+.1%}'
+        )
+  return out
+
+
+def _planner_terms(path: str, device: str, best: dict) -> tuple[list[str], dict]:
+  """The planner's terms of the best step, with the calibration file next to the result."""
+  cal_path = path.removesuffix('.json') + '_calibration.json'
+  if not os.path.exists(cal_path):
+    return [f'(no {cal_path}: no planner terms)'], {}
+  cal = pm.Calibration.load(cal_path)
+  preset = next((n for n in pm.HARDWARE if n.split('_')[0] in device.lower()), 'h100')
+  hw, _ = cal.apply(pm.load_hardware(preset), paper.get_config().model.compute_dtype)
+  rows = validate.predict_rows(paper.get_config(), hw, cal, [path])
+  row = next(r for r in rows if r.overrides == best['overrides'])
+  terms = {t.name: t.time_s for t in row.terms}
+  return [
+    f'planner terms (mas_jax.perf, hardware {preset}, {cal_path}), ms: '
+    + ', '.join(f'{k} {v * 1e3:.1f}' for k, v in sorted(terms.items(), key=lambda kv: -kv[1])),
+    f'  kernels-only {row.kernels_s * 1e3:.1f} ms: measured minus kernels-only '
+    f'{(row.measured_s - row.kernels_s) * 1e3:.1f} ms; predicted {row.predicted_s * 1e3:.1f} ms',
+  ], terms
+
+
+def breakdown(path: str) -> list[str]:
+  """The figures docs/benchmarks/README.md derives from the result at `path`, as lines."""
+  with open(path) as f:
+    r = json.load(f)
+  c = r['ceilings']
+  mm, hbm = c['matmul_bf16_tflops'], c['hbm_copy_gbps']
+  peak = metrics_lib.peak_flops(r['device'])
+  out = [f'{path}: {r["device"]}, command `{common.shell_command(r["command"])}`']
+  out.append(
+    f'ceilings: matmul {mm:.1f} TFLOP/s, HBM copy {hbm:.0f} GB/s; datasheet peak '
+    + ('unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s')
+  )
+  out += _expert_lines(r['expert_ffn'], mm)
+  steps = [t for t in r['train_step'] if 'step_s' in t]
+  if not steps:
+    return out
+  best = max(steps, key=lambda t: t['model_tflops'])
+  accum = best['overrides'].get('train.grad_accum_steps', 1)
+  flop = best['model_tflops'] * best['step_s']  # TFLOP per step
+  out.append(
+    f'best train step: {best["step_s"] * 1e3:.1f} ms, {best["model_tflops"]:.1f} TFLOP/s, '
+    f'{flop:.2f} TFLOP, {accum} micro-batches of '
+    f'{best["overrides"]["data.batch_size"] // accum} sequences: {flop / accum:.2f} TFLOP each'
+  )
+  params = best['params']
+  adamw_s = params * ADAMW_BYTES_PER_PARAM / (hbm * 1e9)
+  accum_s = params * ACCUMULATOR_BYTES_PER_PARAM / (hbm * 1e9)
+  out.append(
+    f'HBM-bound estimates at {hbm:.0f} GB/s, {params:.4g} parameters: AdamW '
+    f'{params * ADAMW_BYTES_PER_PARAM / 1e9:.1f} GB, {adamw_s * 1e3:.1f} ms per step; '
+    f'accumulator {params * ACCUMULATOR_BYTES_PER_PARAM / 1e9:.1f} GB, {accum_s * 1e3:.1f} ms per '
+    f'micro-batch'
+  )
+  lines, terms = _planner_terms(path, r['device'], best)
+  out += lines
+  # Without accumulation the step adds no separate accumulator.
+  removed = {'HBM-bound estimates': adamw_s + (accum * accum_s if accum > 1 else 0.0)}
+  if terms:
+    removed["planner's optimizer + grad_accumulation"] = terms.get('optimizer', 0.0) + terms.get(
+      'grad_accumulation', 0.0
+    )
+  for name, seconds in removed.items():
+    t = (best['step_s'] - seconds) / accum
+    rate = flop / accum / t
+    out.append(
+      f'without the optimizer and the accumulator ({name}, {seconds * 1e3:.1f} ms): '
+      f'{t * 1e3:.1f} ms per micro-batch, {rate:.1f} TFLOP/s, '
+      + ('' if peak is None else f'{rate * 1e12 / peak:.1%} of the datasheet peak, ')
+      + f'{rate / mm:.1%} of the matmul ceiling'
+    )
+  out += ['expert dropout 0.1 (the default) against none:'] + _pairs(
+    [t for t in steps if 'model.dropless' not in t['overrides']], 'model.expert_dropout', None
+  )
+  out += ['dropless against capacity routing:'] + _pairs(steps, 'model.dropless', True)
+  return out
 
 
 if __name__ == '__main__':

@@ -14,6 +14,11 @@ Writes docs/benchmarks/<device>_grouped_matmul.{json,md}.
 
   python bench/grouped_matmul.py              # on an sm_90 GPU
   python bench/grouped_matmul.py --smoke      # tiny shapes on CPU through lax.ragged_dot kernels
+  python bench/grouped_matmul.py --render=docs/benchmarks/<device>_grouped_matmul.json
+  python bench/grouped_matmul.py --breakdown=docs/benchmarks/<device>_grouped_matmul.json
+--render rewrites the markdown of a saved result; --breakdown prints the figures
+docs/benchmarks/README.md derives from it (rates per tile shape, the best calls' range, the
+library's tilings against the best, the routed group sizes). Neither measures anything.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import sys
 
@@ -229,8 +235,8 @@ def markdown(r: dict) -> str:
   out = [
     f'# Grouped matmul on {r["device"]}, JAX {r["jax"]}',
     '',
-    f'Command: `python {r["command"]}`. bf16 matmul ceiling ({r["matmul_n"]}^3, same run): '
-    f'{mm:.0f} TFLOP/s.',
+    f'Command: `{common.shell_command(r["command"])}`. '
+    f'bf16 matmul ceiling ({r["matmul_n"]}^3, same run): {mm:.0f} TFLOP/s.',
     '',
     f'## Fastest tiling per kernel call ({r["tune_local"]} local experts, routed rows)',
     '',
@@ -284,7 +290,15 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--smoke', action='store_true', help='tiny shapes on CPU')
   parser.add_argument('--out', default='docs/benchmarks')
+  parser.add_argument('--render', metavar='RESULT_JSON', help='rewrite the markdown of a result')
+  parser.add_argument('--breakdown', metavar='RESULT_JSON', help="print a result's figures")
   args = parser.parse_args()
+  if args.render:
+    common.render(args.render, markdown)
+    return
+  if args.breakdown:
+    print('\n'.join(breakdown(args.breakdown)))
+    return
   s = SMOKE if args.smoke else GPU
   kernels = reference_kernels() if args.smoke else gmm_lib.mosaic_gpu_kernels()
   device = jax.devices()[0].device_kind
@@ -304,7 +318,7 @@ def main():
   result = {
     'device': device,
     'jax': jax.__version__,
-    'command': ' '.join(sys.argv),
+    'command': common.command_line(__file__),
     'matmul_n': n,
     'matmul_bf16_tflops': mm,
     'tune_local': s['tune_local'],
@@ -315,6 +329,44 @@ def main():
   table = markdown(result)
   common.write_result(args.out, f'{common.device_stem(args.smoke)}_grouped_matmul', result, table)
   print(table)
+
+
+def breakdown(path: str) -> list[str]:
+  """The figures docs/benchmarks/README.md derives from the result at `path`, as lines."""
+  with open(path) as f:
+    r = json.load(f)
+  mm = r['matmul_bf16_tflops']
+  timed = [t for t in r['tilings'] if 'time_s' in t]
+  out = [
+    f'{path}: {r["device"]}, command `{common.shell_command(r["command"])}`',
+    f'matmul ceiling {mm:.1f} TFLOP/s; sweep: {len(timed)} kernel calls timed, '
+    f'{len(r["tilings"]) - len(timed)} tilings rejected; max relative error '
+    f'{max(t["max_rel_error"] for t in timed):.1e}',
+    'TFLOP/s per tile (block_m x block_n) over every call and the other tiling fields:',
+  ]
+  shapes = sorted({(t['tiling']['block_m'], t['tiling']['block_n']) for t in timed})
+  for bm, bn in shapes:
+    rates = [
+      t['tflops'] for t in timed if (t['tiling']['block_m'], t['tiling']['block_n']) == (bm, bn)
+    ]
+    out.append(f'  {bm} x {bn}: {min(rates):.1f}-{max(rates):.1f} ({len(rates)} timings)')
+  shares = [b['of_matmul'] for b in r['best']]
+  out.append(f'best tiling of each call: {min(shares):.1%}-{max(shares):.1%} of the ceiling')
+  d, f = GPU['d_model'], GPU['expert_hidden']
+  library = {'w_in': gmm_lib.tilings_for(d, f), 'w_out': gmm_lib.tilings_for(f, d)}
+  out.append("the library's tilings (mas_jax/layers/grouped_matmul.py) against each call's best:")
+  for b in r['best']:
+    role = ('forward', 'backward_data', 'backward_weight').index(b['role'])
+    tiling = dataclasses.asdict(library[b['matrix']][role])
+    same = [
+      t for t in timed if (t['matrix'], t['role'], t['tiling']) == (b['matrix'], b['role'], tiling)
+    ]
+    slower = f'{same[0]["time_s"] / b["time_s"] - 1:+.1%} time' if same else 'not in the sweep'
+    out.append(f'  {b["matrix"]} {b["role"]}: {tuple(tiling.values())}, {slower}')
+  sizes = [g for e in r['expert_ffn'] for g in e['group_sizes']]
+  if sizes:
+    out.append(f'expert FFN: {min(sizes)}-{max(sizes)} routed rows per expert')
+  return out
 
 
 if __name__ == '__main__':

@@ -111,7 +111,7 @@ def main():
   result = {
     'device': device,
     'jax': jax.__version__,
-    'command': ' '.join(sys.argv),
+    'command': common.command_line(__file__),
     'model_fixed_at': args.model_fixed_at,
   }
   name = f'{common.device_stem(args.smoke)}_{args.name}'

@@ -24,7 +24,34 @@ def test_gpu_bench_smoke(tmp_path, monkeypatch):
   assert result['train_step'][0]['step_s'] > 0
   calibration = json.loads((tmp_path / 'cpu_smoke_calibration.json').read_text())
   assert calibration['kernels']['expert_ffn']
-  assert (tmp_path / 'cpu_smoke.md').read_text().startswith('# ')
+  md = (tmp_path / 'cpu_smoke.md').read_text()
+  assert md.startswith('# ')
+  # The command it ran with is recorded and shown; --render and --breakdown need only the JSON.
+  assert result['command'].endswith(f'python bench/gpu_bench.py --smoke --out {tmp_path}')
+  assert f'{result["command"]}`' in md
+  saved = str(tmp_path / 'cpu_smoke.json')
+  monkeypatch.setattr(sys, 'argv', ['gpu_bench.py', '--render', saved])
+  gpu_bench.main()
+  assert (tmp_path / 'cpu_smoke.md').read_text() == md
+  assert any(line.startswith('best train step: ') for line in gpu_bench.breakdown(saved))
+
+
+def test_breakdowns_of_the_committed_results():
+  """Figures docs/benchmarks/README.md quotes, as --breakdown prints them from the committed JSONs
+  (and, for the step's time without optimizer and accumulator, the planner's terms): when one
+  changes, the README has to follow."""
+  import grouped_matmul
+
+  lines = '\n'.join(gpu_bench.breakdown('docs/benchmarks/nvidia_h100_80gb_hbm3.json'))
+  assert 'command `python bench/gpu_bench.py --out /root/out`' in lines
+  assert 'mosaic_gpu: forward 59-71%, forward + backward 67-76%' in lines
+  assert '4 micro-batches of 16 sequences: 93.40 TFLOP each' in lines
+  assert '193.8 ms per micro-batch, 482.0 TFLOP/s, 48.7% of the datasheet peak' in lines
+  lines = '\n'.join(
+    grouped_matmul.breakdown('docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.json')
+  )
+  assert '128 x 256: 93.9-113.1' in lines
+  assert '988-1062 routed rows per expert' in lines
 
 
 @pytest.mark.timeout(300)
