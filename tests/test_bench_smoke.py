@@ -54,6 +54,32 @@ def test_breakdowns_of_the_committed_results():
   assert '988-1062 routed rows per expert' in lines
 
 
+@pytest.mark.timeout(120)
+def test_yardstick_smoke(tmp_path, monkeypatch):
+  """bench/yardstick.py (plain JAX) trains at tiny shapes, and counts FLOPs as metrics.py does."""
+  import yardstick
+
+  from configs import paper
+  from mas_jax import config as config_lib
+  from mas_jax import metrics
+
+  out = tmp_path / 'yardstick.json'
+  monkeypatch.setattr(sys, 'argv', ['yardstick.py', '--smoke', '--out', str(out)])
+  yardstick.main()
+  result = json.loads(out.read_text())
+  assert result['command'].endswith(f'python bench/yardstick.py --smoke --out {out}')
+  assert result['step_s'] > 0 and result['tokens_per_s'] > 0 and result['mfu'] > 0
+  assert result['losses'][-1] < result['losses'][0]
+  # At the seed's shapes (one layer): mas-jax's parameter count and model FLOPs per token.
+  cd = paper.get_config()
+  cd.model.num_layers = 1
+  model = config_lib.from_config_dict(cd).model
+  assert yardstick.param_count(yardstick.Shape()) == metrics.param_count(model)['total']
+  assert yardstick.train_flops_per_token(yardstick.Shape()) == pytest.approx(
+    metrics.train_flops_per_token(model, cd.data.seq_len)
+  )
+
+
 @pytest.mark.timeout(300)
 def test_multi_gpu_bench_smoke(tmp_path):
   """bench/multi_gpu.py on 8 fake CPU devices (its own process: it sets the device count)."""
