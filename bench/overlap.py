@@ -11,8 +11,10 @@ conditionals, or inside branch i of a conditional: in ma_sep's ticks branch 0 is
 experts, 2 idle) and what the schedule puts between its start and its done: the instructions,
 how many of them are compute (fusions, custom-calls such as cuBLAS GEMMs and cuDNN attention,
 dots, convolutions, nested conditionals and loops) and which of those hold a matmul. A pair with
-compute between start and done is "overlapped"; a synchronous collective (no start/done) and a
-pair that XLA marked `is_sync` overlap nothing.
+compute between start and done is "overlapped" ("heavy" where a matmul or a nested conditional
+or loop lies between); a synchronous collective (no start/done; the GPU compiler prints a pair it
+scheduled with nothing between as one op marked is_sync) and a pair marked `is_sync` overlap
+nothing.
 
 The compile runs once per variant of XLA_FLAGS (the latency-hiding scheduler, pipelined
 collectives, ...), each in its own process (XLA reads its flags once per process; an unknown
@@ -22,9 +24,18 @@ on CPU only the default variant runs.
   python bench/overlap.py --gpu_topology=1x1x16    # on a machine with one GPU: every variant
   python bench/overlap.py                          # the CPU compile (minutes), default only
   python bench/overlap.py --smoke                  # the tiny config on 16 fake CPU devices
+  python bench/overlap.py --gpu_topology=1x1x16 --variants=none --roles    # the roles only
+
+`--roles` also times each role's work of one tick on this process's first device (the local GPU,
+or a CPU device): the attention devices' part (their head slots) and the expert devices' part
+(their local experts; its all_to_all and all_gather replaced by reshapes of the same bytes), each
+forward and backward (the forward recomputed, then its VJP, as ma_sep's backward tick runs), at
+the step's micro-batch shape; then each role's busy and idle time per step over the tick
+schedule (`ma_separation.schedule`), compute only.
 
 Writes docs/benchmarks/overlap[_cpu|_smoke].json (the command line, the target, and per variant
-its flags, summary and every collective) and prints markdown tables.
+its flags, summary and every collective; with --roles the role timings) and prints markdown
+tables. `--hlo_dir DIR` keeps each variant's HLO text (gzip).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 if '--gpu_topology' not in ' '.join(sys.argv):
   os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=16')
@@ -339,7 +351,11 @@ def collectives(text: str) -> list[dict]:
         'executions': scope.executions,
       }
       if kind[1] == 'sync':
-        records.append({**record, 'async': False, 'group': _group(ins), 'bytes': _bytes(ins)})
+        # The GPU compiler prints a pair it scheduled with nothing between as one op, with
+        # is_sync and the start's scheduling name: an async collective that hid nothing.
+        was_async = re.search(r'scheduling_name="[\w.\-]*-start[\d.]*"', ins.attrs) is not None
+        group = {'group': _group(ins), 'bytes': _bytes(ins), 'was_async': was_async}
+        records.append({**record, 'async': False, **group})
         continue
       start = _start_of(ins, comps, by_name)
       between, wraps = None, False
@@ -402,7 +418,8 @@ def _between(instrs: list[Instruction], comps) -> dict:
 def summarise(records: list[dict]) -> dict:
   """Counts and bytes per collective kind and per location, and in all.
 
-  Per group: `sync` ops; `async` pairs, of which `overlapped` have compute between start and
+  Per group: `sync` ops (`sync_was_async`: scheduled as a pair, converted to one op since
+  nothing was put between); `async` pairs, of which `overlapped` have compute between start and
   done, `overlapped_heavy` a matmul or a nested conditional/loop, `marked_sync` carry XLA's
   is_sync; `unpaired` halves (start and done in different computations). Bytes count each op of
   the text once (`bytes_*`) and, where every loop's trip count is known, per step
@@ -413,6 +430,7 @@ def summarise(records: list[dict]) -> dict:
     out = {}
     classes = {
       'sync': [r for r in rs if not r['async']],
+      'sync_was_async': [r for r in rs if not r['async'] and r['was_async']],
       'async': [r for r in rs if r['async'] and r['paired']],
       'overlapped': [r for r in rs if r['async'] and r['paired'] and r['compute'] > 0],
       'overlapped_heavy': [
@@ -536,6 +554,155 @@ def _forwarded(args) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# --roles: each role's work of one tick, timed on one device, over the tick schedule.
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_layer(strategy, config, key) -> dict:
+  """One layer's weights as one device holds them (slot axes split over every device), random
+  (matmul weights in the compute dtype, norm scales float32 ones), on the default device."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+
+  from mas_jax import model as model_lib
+
+  reference = jax.eval_shape(lambda: model_lib.init_params(config))
+  abstract = jax.eval_shape(strategy.from_reference, reference)
+  specs = strategy.param_specs(abstract)['blocks']
+  dtype = jnp.dtype(config.model.compute_dtype)
+
+  def make(path, a, spec):
+    shape = NamedSharding(strategy.mesh, spec).shard_shape(a.shape)[1:]  # [L, ...] -> one layer
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      return jnp.ones(shape, jnp.float32)
+    k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
+    return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(make, abstract['blocks'], specs)
+
+
+def _expert_tick(strategy, p, h, key):
+  """The expert devices' work of a tick on h[b, T, D], as `_moe_part_all_to_all` does it, with
+  its all_to_all and all_gather replaced by reshapes of the same bytes (no peer to talk to):
+  route this device's b/n sequences, run its E/n experts on every sequence's slots, combine."""
+  import jax.numpy as jnp
+
+  from mas_jax.layers import moe as moe_lib
+
+  cfg, lay = strategy.config.model, strategy.layout
+  if strategy.dispatch == 'replicated':  # no collective inside: the strategy's own code
+    return strategy._moe_part(p, h, key, lay.n_attn, 0)[0]
+  share = h.shape[0] // lay.n_moe
+  x, route, _, pos, cap = strategy._route(p, h[:share])
+  xe = moe_lib.dispatch(x, route['experts'], pos, cfg.num_experts, cap)  # [b/n, E, C, D]
+  xe = xe.reshape(h.shape[0], lay.local_experts, *xe.shape[2:])  # all_to_all: [b, E/n, C, D]
+  ye = strategy._experts(p, xe, key, jnp.arange(h.shape[0]), 0)
+  ye = ye.reshape(share, cfg.num_experts, *ye.shape[2:])  # all_to_all back: [b/n, E, C, D]
+  y = moe_lib.combine(ye, route['experts'], pos, route['gates'])  # [b/n, T, D]
+  return jnp.tile(y, (lay.n_moe, 1, 1))  # all_gather: [b, T, D]
+
+
+def time_roles(args, repeats: int) -> dict:
+  """Seconds of each role's forward tick and backward tick (the forward recomputed, then its
+  VJP, as `_switch_into_sinks` runs it) at the step's micro-batch shape on this process's
+  first device, and each role's busy and idle time per step over the tick schedule (a tick
+  lasts as long as its slower role; collectives not counted)."""
+  import jax
+  import jax.numpy as jnp
+  from common import bench
+  from planner_memory import _config, _devices
+
+  from mas_jax import strategies, train_lib
+  from mas_jax.strategies import ma_separation
+
+  module, overrides = _overrides(args)
+  config = _config(module, overrides)
+  # The strategy the step runs on each accumulation chunk (its dispatch mode follows the chunk).
+  config = train_lib.micro_config(config) if config.train.grad_accum_steps > 1 else config
+  strategy = strategies.get(config, _devices(args.gpu_topology))
+  m = config.parallel.num_microbatches
+  b, t, d = config.data.batch_size // m, config.data.seq_len, config.model.d_model
+  dtype = jnp.dtype(config.model.compute_dtype)
+  key = jax.random.key(0)
+  p = _local_layer(strategy, config, key)
+  x = (jax.random.normal(key, (b, t, d), jnp.float32)).astype(dtype)
+  device = int(max(range(strategy.layout.n_attn), key=lambda i: len(strategy.layout.heads_of(i))))
+  works = {
+    'attention': lambda p, x: strategy._attention_part(p, x, device),
+    'experts': lambda p, x: _expert_tick(strategy, p, x, key),
+  }
+
+  def backward_of(work):
+    def backward(p, x):
+      y, vjp = jax.vjp(work, p, x)
+      return vjp(y)  # the output as its own cotangent: any array of its shape and dtype does
+
+    return jax.jit(backward)
+
+  seconds = {
+    role: {
+      'forward_s': bench(jax.jit(work), p, x, repeats=repeats),
+      'backward_s': bench(backward_of(work), p, x, repeats=repeats),
+    }
+    for role, work in works.items()
+  }
+  ticks = ma_separation.schedule(config.model.num_layers, m)
+  busy = {role: 0.0 for role in works}
+  step = 0.0
+  for phase in ('forward_s', 'backward_s'):
+    for tick in ticks:
+      times = {
+        'attention': seconds['attention'][phase] if tick.attn else 0.0,
+        'experts': seconds['experts'][phase] if tick.moe else 0.0,
+      }
+      step += max(times.values())
+      for role, s in times.items():
+        busy[role] += s
+  chunks = config.train.grad_accum_steps
+  return {
+    'device_kind': jax.devices()[0].device_kind,
+    'micro_batch': [b, t, d],
+    'dispatch': strategy.dispatch,
+    'head_slots': strategy.layout.head_slots,
+    'local_experts': strategy.layout.local_experts,
+    'chunks': chunks,
+    'schedule': ma_separation.schedule_picture(ticks),
+    'ticks': seconds,
+    'step_compute_s': step * chunks,
+    'per_step': {
+      role: {'busy_s': busy[role] * chunks, 'idle_s': (step - busy[role]) * chunks}
+      for role in works
+    },
+  }
+
+
+def roles_table(roles: dict) -> str:
+  ms = lambda s: f'{s * 1e3:.4g}'
+  lines = [
+    f'Roles on one {roles["device_kind"]}: micro-batch {roles["micro_batch"]}, '
+    f'{roles["head_slots"]} head slots, {roles["local_experts"]} local experts, '
+    f'{roles["dispatch"]} dispatch (its collectives replaced by reshapes); per step '
+    f'{roles["chunks"]} chunks of the schedule below, forward then backward; a tick lasts as '
+    'long as its slower role, collectives not counted.',
+    '',
+    roles['schedule'],
+    '',
+    '| role | forward tick (ms) | backward tick (ms) | busy per step (ms) | idle per step (ms) '
+    '| idle share |',
+    '|---|---|---|---|---|---|',
+  ]
+  for role, t in roles['ticks'].items():
+    per = roles['per_step'][role]
+    share = per['idle_s'] / roles['step_compute_s'] if roles['step_compute_s'] else 0.0
+    lines.append(
+      f'| {role} | {ms(t["forward_s"])} | {ms(t["backward_s"])} | {ms(per["busy_s"])} '
+      f'| {ms(per["idle_s"])} | {share:.1%} |'
+    )
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Tables and the command line.
 # ---------------------------------------------------------------------------------------------
 
@@ -552,14 +719,14 @@ def table(result: dict) -> str:
     'start and done (heavy: a matmul or a nested conditional/loop between). MB per step '
     '(each op of the HLO text once where a loop trip count is unknown).',
     '',
-    '| variant | compile (s) | sync | async | overlapped (heavy) | marked is_sync | unpaired '
-    '| MB sync | MB async | MB overlapped |',
+    '| variant | compile (s) | sync (was async) | async | overlapped (heavy) | marked is_sync '
+    '| unpaired | MB sync | MB async | MB overlapped (heavy) |',
     '|---|---|---|---|---|---|---|---|---|---|',
   ]
   detail = [
     '',
     '| variant | location | kind | sync | async | overlapped (heavy) | MB sync | MB async '
-    '| MB overlapped |',
+    '| MB overlapped (heavy) |',
     '|---|---|---|---|---|---|---|---|---|',
   ]
   for name, v in result['variants'].items():
@@ -568,9 +735,10 @@ def table(result: dict) -> str:
       continue
     a = v['summary']['all']
     lines.append(
-      f'| {name} | {v["compile_s"]} | {a["sync"]} | {a["async"]} | {a["overlapped"]} '
-      f'({a["overlapped_heavy"]}) | {a["marked_sync"]} | {a["unpaired"]} | {_mb(a, "sync")} '
-      f'| {_mb(a, "async")} | {_mb(a, "overlapped")} |'
+      f'| {name} | {v["compile_s"]} | {a["sync"]} ({a["sync_was_async"]}) | {a["async"]} '
+      f'| {a["overlapped"]} ({a["overlapped_heavy"]}) | {a["marked_sync"]} | {a["unpaired"]} '
+      f'| {_mb(a, "sync")} | {_mb(a, "async")} | {_mb(a, "overlapped")} '
+      f'({_mb(a, "overlapped_heavy")}) |'
     )
     for location in sorted({r['location'] for r in v['collectives']}):
       for kind in sorted({r['kind'] for r in v['collectives'] if r['location'] == location}):
@@ -579,7 +747,7 @@ def table(result: dict) -> str:
         detail.append(
           f'| {name} | {location} | {kind} | {g["sync"]} | {g["async"]} | {g["overlapped"]} '
           f'({g["overlapped_heavy"]}) | {_mb(g, "sync")} | {_mb(g, "async")} '
-          f'| {_mb(g, "overlapped")} |'
+          f'| {_mb(g, "overlapped")} ({_mb(g, "overlapped_heavy")}) |'
         )
   return '\n'.join(lines + detail)
 
@@ -593,6 +761,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--out', default=None, help='JSON path (default under docs/benchmarks)')
   parser.add_argument('--hlo_dir', default=None, help="also write each variant's HLO (gzip)")
   parser.add_argument('--timeout', type=int, default=3600, help='seconds per variant')
+  parser.add_argument('--roles', action='store_true', help='also time each role of one tick')
+  parser.add_argument('--repeats', type=int, default=10, help='timed calls per role (--roles)')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--worker_out', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -602,7 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
     return {}
   # The flags steer the GPU compiler; on CPU only the default compile means anything.
   names = list(VARIANTS) if args.gpu_topology else ['default']
-  if args.variants:
+  if args.variants:  # 'none': only --roles
     names = [n for n in args.variants.split(',') if n in VARIANTS]
   suffix = '_smoke' if args.smoke else ('' if args.gpu_topology else '_cpu')
   out = args.out or f'docs/benchmarks/overlap{suffix}.json'
@@ -630,7 +800,14 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     with open(out, 'w') as f:  # after every variant, so a long run keeps what it has
       json.dump(result, f, indent=1)
-  print(table(result))
+  if result['variants']:
+    print(table(result))
+  if args.roles:
+    # In this process, after the variants' children have given the device back.
+    result['roles'] = time_roles(args, args.repeats)
+    with open(out, 'w') as f:
+      json.dump(result, f, indent=1)
+    print('\n' + roles_table(result['roles']))
   return result
 
 

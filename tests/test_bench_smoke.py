@@ -175,7 +175,7 @@ def test_overlap_bench_smoke(tmp_path):
   import overlap
 
   out = tmp_path / 'overlap.json'
-  overlap.main(['--smoke', '--out', str(out), '--hlo_dir', str(tmp_path)])
+  overlap.main(['--smoke', '--roles', '--repeats=2', '--out', str(out), '--hlo_dir', str(tmp_path)])
   result = json.loads(out.read_text())
   assert result['command'].startswith('python bench/overlap.py --smoke')
   assert list(result['variants']) == ['default']  # the XLA flag variants are GPU-only
@@ -194,3 +194,11 @@ def test_overlap_bench_smoke(tmp_path):
   total = variant['summary']['all']
   assert total['sync'] + total['async'] + total['unpaired'] == len(records)
   assert total['bytes_sync_per_step'] > total['bytes_sync'] > 0  # 2 accumulation chunks
+  # --roles: each role's tick timed on one device; over the 9 ticks of L=2, M=4 each role idles
+  # in one, so its idle time is at least that tick's (the other role's) time.
+  roles = result['roles']
+  assert roles['micro_batch'] == [4, 64, 64] and roles['local_experts'] == 4
+  for role, other in (('attention', 'experts'), ('experts', 'attention')):
+    per = roles['per_step'][role]
+    assert per['busy_s'] + per['idle_s'] == pytest.approx(roles['step_compute_s'])
+    assert per['idle_s'] >= 2 * sum(roles['ticks'][other].values()) * (1 - 1e-9)

@@ -10,8 +10,9 @@ sys.path.insert(0, 'bench')
 import overlap  # noqa: E402
 
 # A scheduled module as the GPU compiler prints it (trimmed): an all-reduce-start/-done pair
-# with a fusion between, a synchronous all-reduce, and a 3-branch conditional (ma_sep's tick:
-# attention, experts, idle) whose expert branch holds an all-to-all pair with nothing between.
+# with a fusion between, a synchronous all-reduce, a collective-permute scheduled as a pair with
+# nothing between (printed as one op), and a 3-branch conditional (ma_sep's tick: attention,
+# experts, idle) whose expert branch holds an all-to-all pair with nothing between.
 TICK = """HloModule jit_step, is_scheduled=true
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -48,7 +49,8 @@ ENTRY %main (p: f32[8,4], i: s32[]) -> f32[8,4] {
   %loop_multiply_fusion = f32[8,4]{1,0} fusion(%p), kind=kLoop, calls=%fused_mul
   %all-reduce-done = f32[8,4]{1,0} all-reduce-done(%all-reduce-start)
   %all-reduce.2 = f32[8,4]{1,0} all-reduce(%all-reduce-done), channel_id=2, replica_groups={{0,1,2,3},{4,5,6,7},{8,9,10,11},{12,13,14,15}}, to_apply=%add
-  ROOT %conditional = f32[8,4]{1,0} conditional(%i, %all-reduce.2, %all-reduce.2, %loop_multiply_fusion), branch_computations={%attention_branch, %experts_branch, %idle_branch}
+  %ppermute.1 = f32[8,4]{1,0} collective-permute(%all-reduce.2), channel_id=4, source_target_pairs={{12,0},{13,1},{14,2},{15,3}}, metadata={op_name="jit(step)/shard_map/ppermute" scheduling_name="collective-permute-start.3"}, backend_config={"collective_backend_config":{"is_sync":true}}
+  ROOT %conditional = f32[8,4]{1,0} conditional(%i, %ppermute.1, %all-reduce.2, %loop_multiply_fusion), branch_computations={%attention_branch, %experts_branch, %idle_branch}
 }
 """
 
@@ -93,11 +95,13 @@ def _by_kind(records):
 def test_async_pair_with_fusion_between_and_a_sync_all_reduce():
   records = overlap.collectives(TICK)
   kinds = _by_kind(records)
-  assert sorted(kinds) == ['all-reduce', 'all-to-all']
+  assert sorted(kinds) == ['all-reduce', 'all-to-all', 'collective-permute']
   sync = [r for r in kinds['all-reduce'] if not r['async']]
   pair = [r for r in kinds['all-reduce'] if r['async']]
   assert len(sync) == 1 and len(pair) == 1
-  assert sync[0]['group'] == 4 and sync[0]['bytes'] == 8 * 4 * 4
+  assert sync[0]['group'] == 4 and sync[0]['bytes'] == 8 * 4 * 4 and not sync[0]['was_async']
+  (permute,) = kinds['collective-permute']
+  assert not permute['async'] and permute['was_async'] and permute['group'] == 4
   pair = pair[0]
   assert pair['paired'] and pair['start'] == 'all-reduce-start' and not pair['is_sync']
   assert pair['group'] == 16 and pair['bytes'] == 128
@@ -112,8 +116,9 @@ def test_async_pair_with_fusion_between_and_a_sync_all_reduce():
 
   summary = overlap.summarise(records)
   total = summary['all']
-  assert (total['sync'], total['async'], total['overlapped'], total['marked_sync']) == (1, 2, 1, 1)
-  assert total['bytes_overlapped'] == 128 and total['bytes_sync'] == 128
+  assert (total['sync'], total['async'], total['overlapped'], total['marked_sync']) == (2, 2, 1, 1)
+  assert total['sync_was_async'] == 1 and total['overlapped_heavy'] == 0
+  assert total['bytes_overlapped'] == 128 and total['bytes_sync'] == 256
   assert summary['by_location']['branch 1 (experts)']['async'] == 1
   assert summary['by_kind']['all-reduce']['overlapped'] == 1
   assert summary['by_kind']['all-to-all']['overlapped'] == 0
