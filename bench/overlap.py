@@ -198,9 +198,9 @@ class Scope:
 
 
 def scopes(comps: dict[str, list[Instruction]], entry: str) -> dict[str, Scope]:
-  """Every computation reached from ENTRY through while, conditional, call and async-start
-  (fusions and reductions hold no schedule of their own), with its Scope (first path found;
-  executions summed over every path)."""
+  """Every computation reached from ENTRY through while, conditional and call (fusions,
+  reductions and async wrappers hold no schedule of their own), with its Scope (first path
+  found; executions summed over every path)."""
   out: dict[str, Scope] = {}
 
   def visit(name, path, branch, branches, times):
@@ -225,8 +225,8 @@ def scopes(comps: dict[str, list[Instruction]], entry: str) -> dict[str, Scope]:
         for i, b in enumerate(names):
           outer = (branch, branches) if branch is not None else (i, len(names))
           visit(b, f'{path} > {ins.name} branch {i}', *outer, times)
-      elif ins.opcode in ('call', 'async-start'):
-        for c in _called(ins, 'to_apply') + _called(ins, 'calls'):
+      elif ins.opcode == 'call':  # not async-start: its computation wraps the one op it runs
+        for c in _called(ins, 'to_apply'):
           visit(c, f'{path} > {ins.name}', branch, branches, times)
 
   visit(entry, 'ENTRY', None, None, 1)
@@ -390,7 +390,9 @@ def collectives(text: str) -> list[dict]:
       kind = _kind(ins, comps, by_name)
       if kind and kind[1] == 'start' and ins.name not in paired:
         unpaired = {'kind': kind[0], 'name': ins.name, 'op_name': _op_name(ins)}
-        records.append({**base, **unpaired, 'async': True, 'paired': False, 'bytes': 0})
+        # Its done's result is elsewhere: the bytes of the start's (operands and result).
+        unpaired.update(bytes=_bytes(ins), executions=scope.executions)
+        records.append({**base, **unpaired, 'async': True, 'paired': False})
   return records
 
 

@@ -135,3 +135,18 @@ def test_pipelined_pair_across_loop_iterations():
   assert record['executions'] == 4 and record['bytes'] == 8 * 4 * 2
   assert record['location'] == 'outside conditionals' and 'while body' in record['path']
   assert overlap.summarise([record])['all']['bytes_overlapped_heavy_per_step'] == 4 * 64
+
+
+def test_start_without_its_done_is_unpaired():
+  text = """HloModule jit_half, is_scheduled=true
+
+ENTRY %main (p: f32[8,4]) -> (f32[8,4], f32[32,4]) {
+  %p = f32[8,4]{1,0} parameter(0)
+  ROOT %all-gather-start = (f32[8,4]{1,0}, f32[32,4]{1,0}) all-gather-start(%p), channel_id=1, replica_groups=[4,4]<=[16], dimensions={0}
+}
+"""
+  (record,) = overlap.collectives(text)
+  assert record['kind'] == 'all-gather' and record['async'] and not record['paired']
+  total = overlap.summarise([record])['all']
+  assert (total['async'], total['unpaired'], total['overlapped']) == (0, 1, 0)
+  assert total['bytes_unpaired_per_step'] == (8 + 32) * 4 * 4
