@@ -35,7 +35,9 @@ schedule (`ma_separation.schedule`), compute only.
 
 Writes docs/benchmarks/overlap[_cpu|_smoke].json (the command line, the target, and per variant
 its flags, summary and every collective; with --roles the role timings) and prints markdown
-tables. `--hlo_dir DIR` keeps each variant's HLO text (gzip).
+tables. A run into an existing file of the same compile keeps the variants it does not redo, so
+a long GPU run can be split over calls (`--variants=default,lhs,no_lhs`, then the others).
+`--hlo_dir DIR` keeps each variant's HLO text (gzip).
 """
 
 from __future__ import annotations
@@ -780,11 +782,14 @@ def main(argv: list[str] | None = None) -> dict:
   out = args.out or f'docs/benchmarks/overlap{suffix}.json'
   command = ' '.join(['python bench/overlap.py', *(sys.argv[1:] if argv is None else argv)])
   result = {
-    'command': command,
+    'commands': [command],
     'target': f'{args.gpu_topology} GPU topology' if args.gpu_topology else '16 CPU devices',
+    'topology': args.gpu_topology,
     'config': 'tiny (smoke)' if args.smoke else 'paper, ma_sep 12:4 (bench/memory.py row)',
+    'set': args.set,
     'variants': {},
   }
+  result = _merge(result, out, names, args.roles)
   for name in names:
     v = run_variant(args, name, VARIANTS[name])
     result['variants'][name] = v
@@ -799,18 +804,40 @@ def main(argv: list[str] | None = None) -> dict:
         f'({a["overlapped"]} overlapped)',
         flush=True,
       )
-    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    with open(out, 'w') as f:  # after every variant, so a long run keeps what it has
-      json.dump(result, f, indent=1)
+    _write(out, result)  # after every variant, so a long run keeps what it has
   if result['variants']:
     print(table(result))
   if args.roles:
     # In this process, after the variants' children have given the device back.
     result['roles'] = time_roles(args, args.repeats)
-    with open(out, 'w') as f:
-      json.dump(result, f, indent=1)
+    _write(out, result)
     print('\n' + roles_table(result['roles']))
   return result
+
+
+def _merge(result: dict, out: str, names: list[str], roles: bool) -> dict:
+  """`result` with what an earlier run of the same compile left in `out`: its variants that
+  this run does not redo, its roles unless this run times them (so a long GPU run can be split
+  over several calls, e.g. --variants=default,lhs then --variants=no_lhs,...)."""
+  if not os.path.exists(out):
+    return result
+  with open(out) as f:
+    old = json.load(f)
+  if any(old.get(k) != result[k] for k in ('topology', 'config', 'set')):
+    return result
+  merged = {**result, 'target': old['target'], 'commands': old['commands'] + result['commands']}
+  merged['variants'] = {k: v for k, v in old['variants'].items() if k not in names}
+  if not roles and 'roles' in old:
+    merged['roles'] = old['roles']
+  return merged
+
+
+def _write(out: str, result: dict) -> None:
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  order = list(VARIANTS)
+  variants = dict(sorted(result['variants'].items(), key=lambda kv: order.index(kv[0])))
+  with open(out, 'w') as f:
+    json.dump({**result, 'variants': variants}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -177,7 +177,7 @@ def test_overlap_bench_smoke(tmp_path):
   out = tmp_path / 'overlap.json'
   overlap.main(['--smoke', '--roles', '--repeats=2', '--out', str(out), '--hlo_dir', str(tmp_path)])
   result = json.loads(out.read_text())
-  assert result['command'].startswith('python bench/overlap.py --smoke')
+  assert result['commands'][0].startswith('python bench/overlap.py --smoke')
   assert list(result['variants']) == ['default']  # the XLA flag variants are GPU-only
   variant = result['variants']['default']
   assert 'error' not in variant, variant
