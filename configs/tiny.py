@@ -158,4 +158,10 @@ def get_config() -> ml_collections.ConfigDict:
   # float32 accumulator (ZeRO-2, least memory); False sums them in the compute layout and moves
   # them once per step (ZeRO-1: fewer bytes, one float32 gradient buffer of the strategy layout).
   config.parallel.shard_gradients = True
+  # Gradient all-reduce of the parameters every device holds whole (all of them under dp; the
+  # embedding, head, norms, router and, under ep, attention elsewhere): 'none' (psum) or 'topk'
+  # (each device sends the topk_fraction of entries of largest magnitude of its gradient plus
+  # the residual it kept from before, as (index, value) pairs: error feedback).
+  config.parallel.grad_compression = 'none'
+  config.parallel.topk_fraction = 0.01
   return config

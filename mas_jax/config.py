@@ -23,6 +23,7 @@ _REMAT = ('none', 'full', 'save_dots')
 _DISPATCH = ('auto', 'all_to_all', 'replicated')
 # tp_pp's pipeline schedule: GPipe (all M micro-batches live per stage) or 1F1B (at most pp).
 PP_SCHEDULES = ('gpipe', '1f1b')
+COMPRESSIONS = ('none', 'topk')  # mas_jax/compression.py
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,8 @@ class ParallelConfig:
   shard_optimizer: bool = False  # ZeRO: master weights and AdamW moments over all devices
   shard_gradients: bool = True  # with shard_optimizer: gradients per chunk (ZeRO-2) or per step
   pp_schedule: str = 'gpipe'  # tp_pp's pipeline schedule: PP_SCHEDULES
+  grad_compression: str = 'none'  # replicated parameters' gradient all-reduce: COMPRESSIONS
+  topk_fraction: float = 0.01  # with grad_compression='topk': share of entries each device sends
 
   @property
   def auto_fields(self) -> list[str]:
@@ -255,6 +258,18 @@ def validate(config: Config) -> None:
     p.pp_schedule in PP_SCHEDULES,
     f'parallel.pp_schedule={p.pp_schedule!r} is not one of {PP_SCHEDULES}',
   )
+  _check(
+    p.grad_compression in COMPRESSIONS,
+    f'parallel.grad_compression={p.grad_compression!r} is not one of {COMPRESSIONS}',
+  )
+  _check(0 < p.topk_fraction <= 1, f'parallel.topk_fraction={p.topk_fraction} must be in (0, 1]')
+  if p.grad_compression == 'topk':
+    _check(
+      p.strategy in ('dp', 'ep', 'ma_sep'),
+      "parallel.grad_compression='topk' compresses the data-parallel all-reduce of the "
+      f'parameters every device holds whole: parallel.strategy={p.strategy!r} has none '
+      '(dp, ep and ma_sep have one)',
+    )
   _check_auto_fields(p)
   if p.num_microbatches == AUTO:
     return  # the divisibility checks below run again once the planner has chosen M

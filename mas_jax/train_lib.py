@@ -179,7 +179,10 @@ def state_shardings(layout: zero.ParamLayout, tx: optax.GradientTransformation) 
   opt_sh = optax.tree_map_params(
     tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
   )
-  return {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+  shardings = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+  if layout.residual_abstract() is not None:
+    shardings['residual'] = layout.residual_shardings()
+  return shardings
 
 
 def create_train_state(layout: zero.ParamLayout, tx) -> tuple[dict, dict]:
@@ -188,7 +191,12 @@ def create_train_state(layout: zero.ParamLayout, tx) -> tuple[dict, dict]:
 
   def init():
     params = layout.init()
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    if layout.residual_abstract() is not None:
+      state['residual'] = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype), layout.residual_abstract()
+      )
+    return state
 
   return jax.jit(init, out_shardings=shardings)(), shardings
 
@@ -199,6 +207,8 @@ def abstract_state(layout: zero.ParamLayout, tx) -> dict:
     lambda: {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(layout.abstract())}
   )
   abstract['params'] = layout.abstract()
+  if layout.residual_abstract() is not None:
+    abstract['residual'] = layout.residual_abstract()
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
     abstract,
@@ -217,30 +227,48 @@ def micro_config(config: Config) -> Config:
   return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=micro))
 
 
-def accumulate(value_and_grad, params, batch: jax.Array, key, steps: int, grads_like=None):
+def accumulate(
+  value_and_grad, params, batch: jax.Array, key, steps: int, grads_like=None, residual=None
+):
   """Mean loss, metrics and gradients of `value_and_grad` over `steps` equal micro-batches.
 
   Micro-batch j holds rows j, j + steps, j + 2 * steps, ... of batch[B, T + 1], so each device
   keeps its own rows of a sequence-sharded batch (nothing moves between devices). Gradients are
   summed in float32 in a `lax.scan`, in an accumulator shaped like `grads_like` (default:
   `params`); micro-batch j draws dropout from fold_in(key, j).
+
+  With a `residual` (parallel.grad_compression='topk'), value_and_grad(params, rows, key,
+  residual) returns ((loss, metrics), grads, residual), the residual is carried from
+  micro-batch to micro-batch, and so is the result: ((loss, metrics), grads, residual).
   """
+  compressed = residual is not None
+
+  def call(rows, key, residual):
+    if compressed:
+      return value_and_grad(params, rows, key, residual)
+    return (*value_and_grad(params, rows, key), None)
+
   if steps == 1:
-    return value_and_grad(params, batch, key)
+    out = call(batch, key, residual)
+    return out if compressed else out[:2]
   micro = jnp.swapaxes(batch.reshape(-1, steps, batch.shape[-1]), 0, 1)  # [steps, B/steps, T+1]
 
-  def body(acc, xs):
+  def body(carry, xs):
+    acc, residual = carry
     rows, j = xs
-    (loss, metrics), grads = value_and_grad(
-      params, rows, None if key is None else jax.random.fold_in(key, j)
+    (loss, metrics), grads, residual = call(
+      rows, None if key is None else jax.random.fold_in(key, j), residual
     )
-    return jax.tree.map(lambda a, g: a + g / steps, acc, grads), (loss, metrics)
+    return (jax.tree.map(lambda a, g: a + g / steps, acc, grads), residual), (loss, metrics)
 
   zeros = jax.tree.map(
     lambda x: jnp.zeros(x.shape, jnp.float32), params if grads_like is None else grads_like
   )
-  grads, (losses, metrics) = jax.lax.scan(body, zeros, (micro, jnp.arange(steps)))
-  return (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
+  (grads, residual), (losses, metrics) = jax.lax.scan(
+    body, (zeros, residual), (micro, jnp.arange(steps))
+  )
+  out = (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)), grads
+  return (*out, residual) if compressed else out
 
 
 def global_norm(tree) -> jax.Array:
@@ -274,27 +302,42 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   # parallel.shard_gradients=False (ZeRO-1): accumulate in the compute layout, map once per step.
   per_step = layout.sharded and not config.parallel.shard_gradients and steps > 1
 
+  # parallel.grad_compression='topk': the error-feedback residual travels through the chunks.
+  residual_in = layout.residual_abstract() is not None
+
+  def strategy_value_and_grad(params, rows, key, *residual):
+    if residual_in:
+      return micro_strategy.value_and_grad_compressed(params, rows, key, *residual)
+    return micro_strategy.value_and_grad(params, rows, key)
+
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
     compute, pullback = jax.vjp(layout.to_compute, state['params'])
+    residual = state.get('residual')
     if per_step:
       # The float32 map from the master to the strategy layout: its transpose takes the
       # float32 sum of every chunk's gradients (the cast's transpose is the identity on values).
       _, to_master = jax.vjp(layout.to_strategy_layout, state['params'])
-      (_, metrics), grads = accumulate(
-        micro_strategy.value_and_grad, compute, batch, dropout_key, steps
+      (_, metrics), grads, *residual = accumulate(
+        strategy_value_and_grad, compute, batch, dropout_key, steps, residual=residual
       )
       grads = layout.constrain(to_master(grads)[0])
     else:
 
-      def value_and_grad(params, rows, key):
-        (loss, metrics), grads = micro_strategy.value_and_grad(params, rows, key)
+      def value_and_grad(params, rows, key, *residual):
+        (loss, metrics), grads, *residual = strategy_value_and_grad(params, rows, key, *residual)
         if layout.sharded:
           grads = layout.constrain(pullback(grads)[0])
-        return (loss, metrics), grads
+        return ((loss, metrics), grads, *residual)
 
-      (_, metrics), grads = accumulate(
-        value_and_grad, compute, batch, dropout_key, steps, grads_like=state['params']
+      (_, metrics), grads, *residual = accumulate(
+        value_and_grad,
+        compute,
+        batch,
+        dropout_key,
+        steps,
+        grads_like=state['params'],
+        residual=residual,
       )
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -303,6 +346,8 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
     if config.train.skip_nonfinite_steps:
       metrics['skipped_steps'] = opt_state.total_notfinite
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    if residual_in:
+      new_state['residual'] = residual[0]
     return new_state, metrics
 
   return jax.jit(

@@ -110,6 +110,26 @@ class ParamLayout:
   def shardings(self) -> dict:
     return jax.tree.map(lambda s: NamedSharding(self.strategy.mesh, s), self.specs())
 
+  def residual_abstract(self) -> dict | None:
+    """Shapes of parallel.grad_compression='topk''s error-feedback residuals ([n, *shape]
+    float32 for every parameter the strategy holds whole on each device, None for the rest;
+    mas_jax/compression.py), or None without compression."""
+    if self.config.parallel.grad_compression != 'topk':
+      return None
+    n = self.strategy.mesh.size
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct((n, *x.shape), jnp.float32) if s == P() else None,
+      self._strategy_abstract,
+      self._strategy_specs,
+    )
+
+  def residual_shardings(self) -> dict:
+    """Each device its own residual: the leading axis over every mesh axis."""
+    mesh = self.strategy.mesh
+    return jax.tree.map(
+      lambda _: NamedSharding(mesh, P(tuple(mesh.axis_names))), self.residual_abstract()
+    )
+
   def describe(self) -> str:
     """One start-up line: where the optimizer state lives."""
     if not self.sharded:

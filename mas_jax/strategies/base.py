@@ -1,10 +1,12 @@
 """The interface every parallel strategy implements, and what they share.
 
 A strategy owns placement: the mesh, how parameters and the batch are sharded, and a
-`loss(params, batch, dropout_key)` that returns `(loss, metrics)` equal to the single-device
-reference model's, gradients included (`value_and_grad` differentiates it). `train_lib` is
-strategy-agnostic: it jits one train step around `value_and_grad` with the strategy's
-shardings, and the optimizer state is sharded like the parameters it belongs to.
+`loss(params, batch, dropout_key, residual=None)` that returns `(loss, metrics)` equal to the
+single-device reference model's, gradients included (`value_and_grad` differentiates it). A
+strategy built on `jax.shard_map` runs its per-device program through `shard_loss`, which also
+applies parallel.grad_compression to the replicated parameters (mas_jax/compression.py).
+`train_lib` is strategy-agnostic: it jits one train step around `value_and_grad` with the
+strategy's shardings, and the optimizer state is sharded like the parameters it belongs to.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mas_jax import compression
 from mas_jax import model as model_lib
 from mas_jax.config import Config, ConfigError
 
@@ -45,15 +48,48 @@ class Strategy(abc.ABC):
 
   @abc.abstractmethod
   def loss(
-    self, params: dict, batch: jax.Array, dropout_key: jax.Array | None
+    self, params: dict, batch: jax.Array, dropout_key: jax.Array | None, residual=None
   ) -> tuple[jax.Array, dict]:
-    """(loss, metrics) of the batch, equal to `model.loss_fn`; traced inside jit."""
+    """(loss, metrics) of the batch, equal to `model.loss_fn`; traced inside jit. `residual`
+    (parallel.grad_compression='topk' only) is the error-feedback state of `shard_loss`."""
 
-  def value_and_grad(
-    self, params: dict, batch: jax.Array, dropout_key: jax.Array | None
-  ) -> tuple[tuple[jax.Array, dict], dict]:
+  def value_and_grad(self, params: dict, batch: jax.Array, dropout_key: jax.Array | None):
     """((loss, metrics), grads) of the batch."""
     return jax.value_and_grad(self.loss, has_aux=True)(params, batch, dropout_key)
+
+  def value_and_grad_compressed(self, params, batch, dropout_key, residual):
+    """((loss, metrics), grads, new residual) with parallel.grad_compression='topk': the
+    replicated parameters' gradients are all-reduced compressed (mas_jax/compression.py) and
+    the new residual comes back as the residual's "gradient"."""
+    out, (grads, new_residual) = jax.value_and_grad(self.loss, argnums=(0, 3), has_aux=True)(
+      params, batch, dropout_key, residual
+    )
+    return out, grads, new_residual
+
+  def shard_loss(self, local_loss, params, batch, dropout_key, residual=None):
+    """`jax.shard_map` of local_loss(params, batch, key) -> (loss, metrics) over this
+    strategy's mesh, with its parameter and batch specs (key replicated, None passed through).
+
+    With a `residual` the parameters every device holds whole enter through
+    `compression.sync`: their gradients are all-reduced top-k compressed with error feedback."""
+    specs = self.param_specs(params)
+    axes = tuple(self.mesh.axis_names)
+    fraction = self.config.parallel.topk_fraction
+    has_key, has_residual = dropout_key is not None, residual is not None
+
+    def program(params, batch, *rest):
+      key = rest[0] if has_key else None
+      if has_residual:
+        params = compression.sync(params, specs, rest[-1], fraction, axes)
+      return local_loss(params, batch, key)
+
+    in_specs, args = (specs, self.batch_spec()), (params, batch)
+    if has_key:
+      in_specs, args = (*in_specs, P()), (*args, dropout_key)
+    if has_residual:
+      in_specs = (*in_specs, compression.residual_specs(residual, axes))
+      args = (*args, residual)
+    return jax.shard_map(program, mesh=self.mesh, in_specs=in_specs, out_specs=(P(), P()))(*args)
 
   def from_reference(self, params: dict) -> dict:
     """Reference parameter layout -> this strategy's (e.g. padded head slots); traceable."""

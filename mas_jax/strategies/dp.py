@@ -39,7 +39,7 @@ class DataParallel(base.Strategy):
   def batch_spec(self):
     return P(DATA_AXIS)
 
-  def loss(self, params, batch, dropout_key):
+  def loss(self, params, batch, dropout_key, residual=None):
     cfg = self.config
     local_b = cfg.data.batch_size // self.mesh.shape[DATA_AXIS]
 
@@ -51,9 +51,7 @@ class DataParallel(base.Strategy):
       ce_sum, stats = lax.psum((ce_sum, stats), DATA_AXIS)
       return base.finalize(cfg, ce_sum, stats)
 
-    return jax.shard_map(
-      local_loss, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P())
-    )(params, batch, dropout_key)
+    return self.shard_loss(local_loss, params, batch, dropout_key, residual)
 
   def decode_batch_multiple(self):
     return self.mesh.shape[DATA_AXIS]

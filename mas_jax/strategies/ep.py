@@ -195,7 +195,7 @@ class ExpertParallel(base.Strategy):
       ]
     )
 
-  def loss(self, params, batch, dropout_key):
+  def loss(self, params, batch, dropout_key, residual=None):
     cfg = self.config
     mcfg = cfg.model
     local_b = cfg.data.batch_size // len(self.devices)
@@ -229,12 +229,7 @@ class ExpertParallel(base.Strategy):
       ce_sum, stats = lax.psum((ce_sum, stats), (DATA_AXIS, EXPERT_AXIS))
       return base.finalize(cfg, ce_sum, stats)
 
-    return jax.shard_map(
-      local_loss,
-      mesh=self.mesh,
-      in_specs=(self.param_specs(params), self.batch_spec(), P()),
-      out_specs=(P(), P()),
-    )(params, batch, dropout_key)
+    return self.shard_loss(local_loss, params, batch, dropout_key, residual)
 
   # -------------------------------------------------------------------------------------------
   # Generation: each device its own sequences and their KV cache, the experts through all_to_all.

@@ -668,7 +668,7 @@ class MASeparation(base.Strategy):
     counts = jnp.asarray(self.layout.head_counts())
     return (jnp.arange(self.layout.head_slots) < counts[device]).astype(jnp.float32)
 
-  def loss(self, params, batch, dropout_key):
+  def loss(self, params, batch, dropout_key, residual=None):
     cfg, lay = self.config, self.layout
     mcfg = cfg.model
     n_mb = cfg.parallel.num_microbatches
@@ -718,16 +718,7 @@ class MASeparation(base.Strategy):
       ce_sum = lax.psum(ce_sum, ALL_AXES)  # ce{U_all} -> ce: tokens were split over devices
       return base.finalize(cfg, ce_sum, stats)
 
-    if dropout_key is None:  # shard_map takes arrays, not None
-      return jax.shard_map(
-        lambda p, b: program(p, b, None),
-        mesh=self.mesh,
-        in_specs=(self.param_specs(params), P()),
-        out_specs=(P(), P()),
-      )(params, batch)
-    return jax.shard_map(
-      program, mesh=self.mesh, in_specs=(self.param_specs(params), P(), P()), out_specs=(P(), P())
-    )(params, batch, dropout_key)
+    return self.shard_loss(program, params, batch, dropout_key, residual)
 
   # -------------------------------------------------------------------------------------------
   # Generation: the same ticks; the KV cache lives in the attention devices' head slots.

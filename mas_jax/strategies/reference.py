@@ -30,7 +30,7 @@ class Reference(base.Strategy):
   def batch_spec(self):
     return P()
 
-  def loss(self, params, batch, dropout_key):
+  def loss(self, params, batch, dropout_key, residual=None):
     return model_lib.loss_fn(self.config.model, params, batch, dropout_key)
 
   def forward_cached(self, params, cache, tokens, start):

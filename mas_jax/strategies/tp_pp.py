@@ -385,7 +385,7 @@ class TensorPipeline(base.Strategy):
     group = cfg.data.batch_size // mb  # sequences per micro-batch
     return cfg, mcfg, pp, mb, group, mcfg.num_layers // pp, jnp.dtype(mcfg.compute_dtype), cap
 
-  def loss(self, params, batch, dropout_key):
+  def loss(self, params, batch, dropout_key, residual=None):
     cfg, mcfg, pp, mb, group, layers_local, dtype, cap = self._step_shapes()
 
     def stage_forward(blocks_local, keys_local, x, group_offset):
@@ -419,12 +419,7 @@ class TensorPipeline(base.Strategy):
       ce_sum, stats = lax.psum((ce_sum, stats), PIPE_AXIS)
       return base.finalize(cfg, ce_sum, stats)
 
-    return jax.shard_map(
-      local_loss,
-      mesh=self.mesh,
-      in_specs=(self.param_specs(params), self.batch_spec(), P()),
-      out_specs=(P(), P()),
-    )(params, batch, dropout_key)
+    return self.shard_loss(local_loss, params, batch, dropout_key, residual)
 
   # -------------------------------------------------------------------------------------------
   # Training with the 1F1B schedule: gradients computed tick by tick inside the shard_map.
