@@ -101,3 +101,25 @@ def restore_state(workdir: str, step: int) -> dict:
 
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mgr:
     return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+
+
+# The longest test files (minutes of CPU each) first: the two xdist workers take whole files in
+# collection order, and a long file collected last would leave one worker running it alone.
+LONGEST_FIRST = (
+  'test_perf_fidelity.py',
+  'test_shard_optimizer.py',
+  'test_ma_separation.py',
+  'test_decode.py',
+  'test_bench_smoke.py',
+  'test_compression_learning.py',
+  'test_compression.py',
+  'test_multiprocess.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+  items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
