@@ -687,7 +687,9 @@ class MASeparation(base.Strategy):
       # config). The gradient itself flows through the layer's sink (see `_sink_weights`).
       per_layer = [jax.tree.map(lambda p, i=i: p[i], blocks) for i in range(mcfg.num_layers)]
 
-      # Each role's work of a tick is rematerialised in the backward pass as model.remat says.
+      # A tick's backward recomputes its role's forward (`_switch_into_sinks`) whatever
+      # model.remat says; model.remat decides what that recomputed forward keeps for its own
+      # backward.
       attention_part = model_lib.remat(self._attention_part, mcfg)
       moe_part = model_lib.remat(
         self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all, mcfg
