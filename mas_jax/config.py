@@ -21,6 +21,8 @@ _SOURCES = ('c4', 'synthetic')
 _ATTENTION_IMPLS = ('auto', 'cudnn', 'xla')
 _REMAT = ('none', 'full', 'save_dots')
 _DISPATCH = ('auto', 'all_to_all', 'replicated')
+# AdamW's first moment (train.mu_dtype); optax keeps the second in the parameters' float32.
+MU_DTYPES = {'float32': 4, 'bfloat16': 2}
 # tp_pp's pipeline schedule: GPipe (all M micro-batches live per stage) or 1F1B (at most pp).
 PP_SCHEDULES = ('gpipe', '1f1b')
 COMPRESSIONS = ('none', 'topk')  # mas_jax/compression.py
@@ -97,6 +99,13 @@ class TrainConfig:
   grad_accum_steps: int = 1
   skip_nonfinite_steps: int = 0
   tensorboard: bool = True
+  mu_dtype: str = 'float32'  # AdamW's first moment: MU_DTYPES (the second stays float32)
+
+  @property
+  def state_bytes_per_param(self) -> int:
+    """Train-state bytes held per parameter: the float32 master weight, AdamW's first moment
+    in mu_dtype and its float32 second moment (12, or 10 with bfloat16 moments)."""
+    return 4 + MU_DTYPES.get(self.mu_dtype, 4) + 4
 
 
 # parallel fields that may be 'auto' (ma_sep only): train.py asks the planner for them
@@ -242,6 +251,10 @@ def validate(config: Config) -> None:
   _check(0 <= t.end_lr_ratio <= 1, f'train.end_lr_ratio={t.end_lr_ratio} must be in [0, 1]')
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f'train.b1={t.b1}, train.b2={t.b2} must be in [0, 1)')
   _check(t.grad_clip > 0, f'train.grad_clip={t.grad_clip} must be positive')
+  _check(
+    t.mu_dtype in MU_DTYPES,
+    f'train.mu_dtype={t.mu_dtype!r} is not one of {tuple(MU_DTYPES)}',
+  )
   for name in ('log_every', 'eval_every', 'eval_steps', 'checkpoint_every', 'keep_checkpoints'):
     _check(getattr(t, name) > 0, f'train.{name}={getattr(t, name)} must be positive')
 

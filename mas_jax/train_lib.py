@@ -151,6 +151,8 @@ def decay_mask(params: dict) -> dict:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with the warmup-cosine schedule.
 
+  AdamW's first moment is held in train.mu_dtype (float32 or bfloat16; optax casts it after each
+  update, and offers no such option for the second moment, which stays float32).
   With train.skip_nonfinite_steps = N > 0 the chain is wrapped in `optax.apply_if_finite`: a step
   whose gradients hold a NaN or inf leaves parameters and moments unchanged (the training loop
   stops the run once more than N steps were skipped).
@@ -162,6 +164,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
       b1=cfg.b1,
       b2=cfg.b2,
       eps=cfg.eps,
+      mu_dtype=jnp.dtype(cfg.mu_dtype),
       weight_decay=cfg.weight_decay,
       mask=decay_mask,
     ),

@@ -142,7 +142,8 @@ class ParamLayout:
     n = self.strategy.mesh.size
     return (
       f'Optimizer state: sharded over {n} devices (parallel.shard_optimizer=True); each holds '
-      f'{3 * per_device / 1e6:.4g} MB of float32 master weights and AdamW moments, and the step '
+      f'{per_device // 4 * self.config.train.state_bytes_per_param / 1e6:.4g} MB of float32 '
+      f'master weights and AdamW moments (first moment {self.config.train.mu_dtype}), and the step '
       f'gathers a {self.config.model.compute_dtype} compute copy in the strategy layout.'
     )
 

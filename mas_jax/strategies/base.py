@@ -112,12 +112,13 @@ class Strategy(abc.ABC):
     """A few lines for the start-up log: mesh and placement."""
     return f'strategy={self.name} mesh={dict(self.mesh.shape)}'
 
-  @staticmethod
-  def uniform_memory_line(param_bytes: int) -> str:
-    """Start-up memory line of a strategy whose devices hold only what they use."""
+  def uniform_memory_line(self, param_bytes: int) -> str:
+    """Start-up memory line of a strategy whose devices hold only what they use (param_bytes:
+    the float32 parameters; the moments as train.mu_dtype says)."""
+    state = param_bytes // 4 * self.config.train.state_bytes_per_param
     return (
       'Memory per device (parameters + AdamW moments): '
-      f'{3 * param_bytes / 1e6:.4g} MB held, all of it used (parameters '
+      f'{state / 1e6:.4g} MB held, all of it used (parameters '
       f'{param_bytes / 1e6:.4g} MB; no dummy slots, every device the same)'
     )
 
