@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialisation of each block in the backward pass: 'none', 'full' (recompute the block)
   # or 'save_dots' (keep matmul outputs, recompute the rest).
   config.model.remat = 'none'
+  # Output head + cross entropy over chunks of this many tokens (0: all at once): each chunk's
+  # float32 logits [chunk, vocab_size] are made, used for the loss and its gradients in the
+  # forward pass (a custom VJP), and dropped, so [tokens, vocab_size] never exists whole.
+  config.model.loss_chunk = 0
 
   config.data = ml_collections.ConfigDict()
   # 'c4': TFDS C4 (the embedded sample when data_dir holds no prepared C4); 'synthetic': random.

@@ -54,6 +54,7 @@ class ModelConfig:
   attention_impl: str = 'auto'
   expert_impl: str = 'auto'
   remat: str = 'none'
+  loss_chunk: int = 0  # tokens per chunk of the output head + cross entropy; 0: unchunked
 
   @property
   def attention_implementation(self) -> str | None:
@@ -190,6 +191,10 @@ def validate(config: Config) -> None:
     f'model.attention_impl={m.attention_impl!r} is not one of {_ATTENTION_IMPLS}',
   )
   _check(m.remat in _REMAT, f'model.remat={m.remat!r} is not one of {_REMAT}')
+  _check(
+    isinstance(m.loss_chunk, int) and m.loss_chunk >= 0,
+    f'model.loss_chunk={m.loss_chunk!r} must be an integer >= 0 (tokens per chunk; 0: off)',
+  )
   _check(
     m.expert_impl in moe_lib.EXPERT_IMPLS,
     f'model.expert_impl={m.expert_impl!r} is not one of {moe_lib.EXPERT_IMPLS}',

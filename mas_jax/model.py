@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -149,6 +151,19 @@ def forward(
   `group_offset` is the global index of tokens[0] in the batch (for the expert dropout mask), so
   a data shard of the batch draws the same dropout bits as the whole batch does.
   """
+  x, stats = forward_hidden(cfg, params, tokens, dropout_key, group_offset)
+  return head_logits(params, x), stats
+
+
+def forward_hidden(
+  cfg: ModelConfig,
+  params: dict,
+  tokens: jax.Array,
+  dropout_key: jax.Array | None = None,
+  group_offset: int | jax.Array = 0,
+) -> tuple[jax.Array, dict]:
+  """The blocks of `forward`: tokens[B, T] -> the last block's output x[B, T, D] (compute dtype,
+  before the final norm), stats summed over layers."""
   dtype = jnp.dtype(cfg.compute_dtype)
   x = params['embed'][tokens].astype(dtype)  # [B, T, D]
   keys = layer_keys(dropout_key, cfg.num_layers)
@@ -161,9 +176,7 @@ def forward(
 
   x, stats = jax.lax.scan(body, x, (params['blocks'], keys))
   stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
-  x = attn_lib.rms_norm(x, params['final_norm']['scale'])
-  logits = jnp.einsum('BTD,DV->BTV', x, params['unembed'].astype(dtype)).astype(jnp.float32)
-  return logits, stats
+  return x, stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +248,117 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
+def head_cross_entropy_sum(
+  cfg: ModelConfig, params: dict, x: jax.Array, targets: jax.Array
+) -> jax.Array:
+  """Final norm, output head and cross-entropy sum of x[..., D] (compute dtype) vs targets[...].
+
+  model.loss_chunk = 0: the float32 logits [..., V] are made whole (`head_logits`). C > 0: the
+  tokens go through the head C at a time (`chunked_cross_entropy_sum`), so no more than [C, V]
+  logits exist at once, in either pass. `params` needs 'final_norm' and 'unembed' only.
+  """
+  if cfg.loss_chunk == 0:
+    return cross_entropy_sum(head_logits(params, x), targets)
+  x = attn_lib.rms_norm(x, params['final_norm']['scale'])
+  w = _vary_like(params['unembed'].astype(x.dtype), x)
+  return chunked_cross_entropy_sum(
+    x.reshape(-1, x.shape[-1]), w, targets.reshape(-1), cfg.loss_chunk
+  )
+
+
+def _vary_like(w: jax.Array, x: jax.Array) -> jax.Array:
+  """w marked as varying over the manual mesh axes x varies over (inside a shard_map), so the
+  custom VJP below returns a gradient of the type w has; the transpose of the mark is the psum
+  over those axes that autodiff inserts for a replicated weight. Outside a shard_map: w."""
+  axes = tuple(sorted(_varying_axes(x) - _varying_axes(w)))
+  return jax.lax.pcast(w, axes, to='varying') if axes else w
+
+
+def _varying_axes(a: jax.Array) -> set[str]:
+  """The manual mesh axes `a` varies over (jax 0.10: manual_axis_type.varying; older: vma)."""
+  t = jax.typeof(a)
+  manual = getattr(t, 'manual_axis_type', None)
+  return set(manual.varying if manual is not None else getattr(t, 'vma', ()))
+
+
+def _chunks(x: jax.Array, targets: jax.Array, chunk: int):
+  """x[N, D], targets[N] -> [K, C, D], [K, C] and valid[K, C]: N padded to K chunks of
+  C = min(chunk, N) tokens; padded tokens are invalid and add nothing."""
+  n = x.shape[0]
+  c = min(chunk, n)
+  pad = -n % c
+  valid = jnp.arange(n + pad) < n
+  x = jnp.pad(x, ((0, pad), (0, 0)))
+  targets = jnp.pad(targets, (0, pad))
+  return x.reshape(-1, c, x.shape[1]), targets.reshape(-1, c), valid.reshape(-1, c)
+
+
+def _chunk_logits(x_c: jax.Array, w: jax.Array, t_c: jax.Array, valid_c: jax.Array):
+  """One chunk: logits[C, V] float32, their logsumexp[C] and the chunk's cross-entropy sum."""
+  # The einsum outputs the compute dtype, cast after, as in `head_logits`.
+  logits = jnp.einsum('CD,DV->CV', x_c, w).astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
+  picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]  # [C]
+  return logits, lse, jnp.sum(jnp.where(valid_c, lse - picked, 0.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_cross_entropy_sum(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int):
+  """sum_n -log softmax(x[n] @ w)[targets[n]] over x[N, D], w[D, V] (both the compute dtype),
+  computed `chunk` tokens at a time in a `lax.scan`.
+
+  Equal to `cross_entropy_sum` of the whole logits (float32 from the compute-dtype product). Its
+  custom VJP computes the gradients in the forward pass, chunk by chunk: d logits = softmax -
+  onehot (float32, cast to the compute dtype as autodiff's transpose of the cast does), dx of
+  the chunk and dw accumulated in float32 in the scan's carry. So neither pass keeps [N, V]
+  logits and the head's matmul is not recomputed; the backward only scales the saved dx[N, D]
+  and dw[D, V] by the loss's cotangent. The forward without differentiation (evaluation) runs
+  the scan without the gradient matmuls.
+  """
+  xs, ts, valid = _chunks(x, targets, chunk)
+
+  def body(total, inputs):
+    return total + _chunk_logits(inputs[0], w, inputs[1], inputs[2])[2], None
+
+  zero = jnp.zeros((), jnp.float32)
+  return jax.lax.scan(body, _vary_like(zero, x), (xs, ts, valid))[0]
+
+
+def _chunked_ce_fwd(x, w, targets, chunk):
+  n, d = x.shape
+  xs, ts, valid = _chunks(x, targets, chunk)
+
+  def body(carry, inputs):
+    total, dw = carry
+    x_c, t_c, valid_c = inputs
+    logits, lse, ce = _chunk_logits(x_c, w, t_c, valid_c)
+    onehot = jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)
+    d_logits = (jnp.exp(logits - lse[:, None]) - onehot) * valid_c[:, None]  # [C, V] float32
+    d_logits = d_logits.astype(x.dtype)
+    dx_c = jnp.einsum('CV,DV->CD', d_logits, w)  # [C, D]
+    dw = dw + jnp.einsum('CD,CV->DV', x_c, d_logits, preferred_element_type=jnp.float32)
+    return (total + ce, dw), dx_c
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
+  init = jax.tree.map(lambda a: _vary_like(a, x), init)
+  (total, dw), dxs = jax.lax.scan(body, init, (xs, ts, valid))
+  return total, (dxs.reshape(-1, d)[:n], dw, jnp.zeros((0,), w.dtype))
+
+
+def _chunked_ce_bwd(chunk, residuals, g):
+  del chunk
+  dx, dw, w_dtype = residuals
+  # g: the cotangent of the sum (1 / tokens for the mean loss).
+  return (
+    (g * dx.astype(jnp.float32)).astype(dx.dtype),
+    (g * dw).astype(w_dtype.dtype),
+    None,
+  )
+
+
+chunked_cross_entropy_sum.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
 def finalize_loss(
   cfg: ModelConfig, ce_sum: jax.Array, stats: dict, batch_size: int, seq_len: int
 ) -> tuple[jax.Array, dict]:
@@ -276,8 +400,8 @@ def loss_sums(
 ) -> tuple[jax.Array, dict]:
   """Cross-entropy sum and routing stats of a packed batch[B, T + 1] (or a shard of one)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  logits, stats = forward(cfg, params, inputs, dropout_key, group_offset)
-  return cross_entropy_sum(logits, targets), stats
+  x, stats = forward_hidden(cfg, params, inputs, dropout_key, group_offset)
+  return head_cross_entropy_sum(cfg, params, x, targets), stats
 
 
 def loss_fn(

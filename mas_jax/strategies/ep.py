@@ -222,9 +222,7 @@ class ExpertParallel(base.Strategy):
 
       x, stats = lax.scan(body, x, (params['blocks'], keys))
       stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
-      x = attn_lib.rms_norm(x, params['final_norm']['scale'])
-      logits = jnp.einsum('BTD,DV->BTV', x, params['unembed'].astype(dtype)).astype(jnp.float32)
-      ce_sum = model_lib.cross_entropy_sum(logits, targets)
+      ce_sum = model_lib.head_cross_entropy_sum(mcfg, params, x, targets)
       # sums[..]{U_data,U_expert} -> sums[..]: the global batch's loss and routing statistics.
       ce_sum, stats = lax.psum((ce_sum, stats), (DATA_AXIS, EXPERT_AXIS))
       return base.finalize(cfg, ce_sum, stats)

@@ -393,9 +393,7 @@ class TensorPipeline(base.Strategy):
 
     def head(x, head_params, targets):
       # x: f32[M, G, S, D], the last stage's outputs of every micro-batch.
-      x = attn_lib.rms_norm(x, head_params['final_norm']['scale'])
-      logits = jnp.einsum('MGSD,DV->MGSV', x, head_params['unembed'].astype(dtype))
-      return model_lib.cross_entropy_sum(logits.astype(jnp.float32), targets)
+      return model_lib.head_cross_entropy_sum(mcfg, head_params, x, targets)
 
     def local_loss(params, batch, key):
       # batch: i32[B, T+1] (replicated); blocks: this stage's L/pp layers, F and N split by tp.
@@ -449,7 +447,7 @@ class TensorPipeline(base.Strategy):
 
     def head_ce(head_params, y, targets):
       # y: [G, S, D] the last stage's output of one micro-batch -> its cross-entropy sum.
-      return model_lib.cross_entropy_sum(model_lib.head_logits(head_params, y), targets)
+      return model_lib.head_cross_entropy_sum(mcfg, head_params, y, targets)
 
     def local_value_and_grad(params, batch, key):
       stage = lax.axis_index(PIPE_AXIS)
