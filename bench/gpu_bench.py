@@ -15,6 +15,9 @@ calibration file docs/benchmarks/<device>_calibration.json.
 
   python bench/gpu_bench.py                 # on a GPU
   python bench/gpu_bench.py --smoke         # tiny shapes on CPU (run by the test suite)
+  python bench/gpu_bench.py --skip attention,experts --train_rows=levers
+      # ceilings, then the best train step alone and with issue 17's levers (bf16 AdamW first
+      # moments, model.loss_chunk, both); --train_rows also takes indices of the train table
   python bench/gpu_bench.py --recalibrate=docs/benchmarks/<device>.json   # calibration only
   python bench/gpu_bench.py --render=docs/benchmarks/<device>.json        # markdown only
   python bench/gpu_bench.py --breakdown=docs/benchmarks/<device>.json     # derived figures
@@ -131,6 +134,28 @@ def train_step(overrides: dict, repeats: int) -> dict:
 
 
 NO_DROPOUT = {'model.expert_dropout': 0.0}
+# The fastest train step of docs/benchmarks/README.md (batch 64 as 4 x 16, no expert dropout).
+BEST = {
+  'parallel.num_microbatches': 1,
+  'model.num_layers': 1,
+  'data.batch_size': 64,
+  'model.attention_impl': 'cudnn',
+  'model.remat': 'none',
+  'train.grad_accum_steps': 4,
+  **NO_DROPOUT,
+}
+# model.loss_chunk of the lever rows: 8 chunks of a 16 x 2048-token micro-batch, each chunk's
+# float32 logits [4096, 32000] 0.52 GB.
+LOSS_CHUNK = 4096
+
+
+def lever_rows(base: dict, loss_chunk: int) -> list[dict]:
+  """Issue 17's optimizer levers on `base`: bfloat16 AdamW first moments, the chunked output
+  head + cross entropy, and both."""
+  mu, chunk = {'train.mu_dtype': 'bfloat16'}, {'model.loss_chunk': loss_chunk}
+  return [{**base, **mu}, {**base, **chunk}, {**base, **mu, **chunk}]
+
+
 GPU = {
   'smoke': False,
   'matmul_n': 8192,
@@ -168,7 +193,21 @@ GPU = {
       (64, 'none', 8, NO_DROPOUT),
       (64, 'none', 4, {**NO_DROPOUT, 'model.dropless': True}),
     )
-  ],
+  ]
+  + lever_rows(BEST, LOSS_CHUNK),
+  # --train_rows=levers: the best row and its lever rows alone.
+  'lever_rows': [BEST, *lever_rows(BEST, LOSS_CHUNK)],
+}
+SMOKE_TRAIN = {
+  'parallel.num_microbatches': 1,
+  'model.num_layers': 1,
+  'model.d_model': 64,
+  'model.num_heads': 4,
+  'model.expert_hidden': 128,
+  'model.vocab_size': 256,
+  'data.batch_size': 2,
+  'data.seq_len': 16,
+  'model.compute_dtype': 'float32',
 }
 SMOKE = {
   'smoke': True,
@@ -183,20 +222,25 @@ SMOKE = {
   'tokens': 64,
   'local_experts': [2],
   'train_repeats': 1,
-  'train_overrides': [
-    {
-      'parallel.num_microbatches': 1,
-      'model.num_layers': 1,
-      'model.d_model': 64,
-      'model.num_heads': 4,
-      'model.expert_hidden': 128,
-      'model.vocab_size': 256,
-      'data.batch_size': 2,
-      'data.seq_len': 16,
-      'model.compute_dtype': 'float32',
-    }
-  ],
+  'train_overrides': [SMOKE_TRAIN],
+  'lever_rows': [SMOKE_TRAIN, *lever_rows(SMOKE_TRAIN, 8)],
 }
+
+
+def select_train_rows(s: dict, spec: str) -> list[dict]:
+  """The train rows --train_rows names: 'all', 'levers' (s['lever_rows']: the best row and its
+  lever rows), or comma-separated indices into s['train_overrides']."""
+  if spec == 'all':
+    return s['train_overrides']
+  if spec == 'levers':
+    return s['lever_rows']
+  rows = s['train_overrides']
+  try:
+    return [rows[int(i)] for i in spec.split(',')]
+  except (ValueError, IndexError):
+    raise SystemExit(
+      f"--train_rows={spec!r}: 'all', 'levers' or indices in 0..{len(rows) - 1}"
+    ) from None
 
 
 def calibration(device: str, result: dict) -> dict:
@@ -237,6 +281,12 @@ def main():
   parser.add_argument('--out', default='docs/benchmarks')
   parser.add_argument('--skip', default='', help='comma list of: attention,experts,train')
   parser.add_argument(
+    '--train_rows',
+    default='all',
+    help="train-step rows to time: 'all', 'levers' (the best row, then it with bf16 AdamW "
+    'moments, the chunked cross entropy, both) or comma-separated indices of the table',
+  )
+  parser.add_argument(
     '--recalibrate',
     metavar='RESULT_JSON',
     help='measure nothing: rewrite the calibration file next to a saved result JSON',
@@ -269,6 +319,7 @@ def main():
     return
   s = SMOKE if args.smoke else GPU
   skip = set(filter(None, args.skip.split(',')))
+  train_rows = select_train_rows(s, args.train_rows)
   device = jax.devices()[0].device_kind
   result = {
     'device': device,
@@ -291,7 +342,7 @@ def main():
   if 'experts' not in skip:
     result['expert_ffn'] = expert_sweep(s)
     save()
-  for overrides in [] if 'train' in skip else s['train_overrides']:
+  for overrides in [] if 'train' in skip else train_rows:
     try:
       result['train_step'].append(train_step(overrides, s['train_repeats']))
     except Exception as e:  # noqa: BLE001  (out of memory, say: recorded, the rest still runs)
@@ -450,11 +501,13 @@ def breakdown(path: str) -> list[str]:
     f'{best["overrides"]["data.batch_size"] // accum} sequences: {flop / accum:.2f} TFLOP each'
   )
   params = best['params']
-  adamw_s = params * ADAMW_BYTES_PER_PARAM / (hbm * 1e9)
+  # bfloat16 first moments: m read and written in 2 bytes each instead of 4.
+  adamw_bytes = ADAMW_BYTES_PER_PARAM - 4 * (best['overrides'].get('train.mu_dtype') == 'bfloat16')
+  adamw_s = params * adamw_bytes / (hbm * 1e9)
   accum_s = params * ACCUMULATOR_BYTES_PER_PARAM / (hbm * 1e9)
   out.append(
     f'HBM-bound estimates at {hbm:.0f} GB/s, {params:.4g} parameters: AdamW '
-    f'{params * ADAMW_BYTES_PER_PARAM / 1e9:.1f} GB, {adamw_s * 1e3:.1f} ms per step; '
+    f'{params * adamw_bytes / 1e9:.1f} GB, {adamw_s * 1e3:.1f} ms per step; '
     f'accumulator {params * ACCUMULATOR_BYTES_PER_PARAM / 1e9:.1f} GB, {accum_s * 1e3:.1f} ms per '
     f'micro-batch'
   )
@@ -479,6 +532,12 @@ def breakdown(path: str) -> list[str]:
     [t for t in steps if 'model.dropless' not in t['overrides']], 'model.expert_dropout', None
   )
   out += ['dropless against capacity routing:'] + _pairs(steps, 'model.dropless', True)
+  out += ['bfloat16 AdamW first moments against float32:'] + _pairs(
+    steps, 'train.mu_dtype', 'bfloat16'
+  )
+  out += [f'chunked cross entropy (model.loss_chunk={LOSS_CHUNK}) against unchunked:'] + _pairs(
+    steps, 'model.loss_chunk', LOSS_CHUNK
+  )
   return out
 
 
