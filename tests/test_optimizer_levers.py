@@ -132,6 +132,10 @@ def test_chunked_loss_under_parallel_strategies_matches_reference(overrides):
   [
     ({'model.loss_chunk': -1}, 'model.loss_chunk=-1 must be an integer >= 0'),
     ({'train.mu_dtype': 'float16'}, "train.mu_dtype='float16' is not one of"),
+    (
+      {'model.loss_chunk': 8, 'parallel.strategy': 'ma_sep'},
+      'model.loss_chunk=8: parallel.strategy=ma_sep computes its head in',
+    ),
   ],
 )
 def test_bad_lever_values(overrides, message):
