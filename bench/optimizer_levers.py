@@ -11,6 +11,7 @@ command) and <out>/optimizer_levers.md (the table docs/benchmarks/README.md quot
 
   python bench/optimizer_levers.py                    # 300 steps, -> docs/benchmarks/
   python bench/optimizer_levers.py --smoke            # 4 steps, -> a temporary folder
+  python bench/optimizer_levers.py --render=docs/benchmarks/optimizer_levers.json  # md only
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def markdown(result: dict) -> str:
     '',
     '| run | overrides | '
     + ' | '.join(f'eval loss @{s}' for s in steps)
-    + f' | train loss @{last} | mean abs train-loss difference to float32 | wall s |',
+    + f' | train loss @{last} | mean / max abs train-loss difference to float32 | wall s |',
     '|---|---|' + '---|' * len(steps) + '---|---|---|',
   ]
   for name, r in runs.items():
@@ -83,7 +84,8 @@ def markdown(result: dict) -> str:
     out.append(
       f'| {name} | `{r["overrides"] or "-"}` | '
       + ' | '.join(f'{r["eval_loss"][s]:.4f}' for s in steps)
-      + f' | {r["train_loss"][last]:.4f} | {sum(diffs) / len(diffs):.4f} | {r["wall_s"]:.0f} |'
+      + f' | {r["train_loss"][last]:.4f} | {sum(diffs) / len(diffs):.2g} / {max(diffs):.2g} | '
+      f'{r["wall_s"]:.0f} |'
     )
   return '\n'.join(out) + '\n'
 
@@ -93,7 +95,11 @@ def main():
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--smoke', action='store_true', help='4 steps into a temporary folder')
   parser.add_argument('--out', default=None, help='default: docs/benchmarks (a temp dir: smoke)')
+  parser.add_argument('--render', metavar='RESULT_JSON', help='rewrite the markdown of a result')
   args = parser.parse_args()
+  if args.render:
+    common.render(args.render, markdown)
+    return
   steps = 4 if args.smoke else args.steps
   out = args.out or (tempfile.mkdtemp() if args.smoke else 'docs/benchmarks')
   result = {
