@@ -43,6 +43,8 @@ SAFE_TO_CHANGE = (
   # Where the optimizer state lives, not what it holds: the checkpoint is converted on restore.
   'parallel.shard_optimizer',
   'parallel.shard_gradients',
+  # How the output head's cross entropy is computed, not what (the same loss and gradients).
+  'model.loss_chunk',
 )
 
 
