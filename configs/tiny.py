@@ -149,6 +149,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (each expert device routes every token, psum back), or 'auto' (all_to_all when the expert
   # devices form one mesh row and the micro-batch divides over them).
   config.parallel.moe_dispatch = 'auto'
+  # MA Separation's attention group: 'heads' (the seed's: attention device i holds heads
+  # [i*N/A, (i+1)*N/A) of every layer, its partial outputs are psum-ed) or 'batch' (data
+  # parallel, as in MegaScale-Infer: every attention device holds all heads and runs its
+  # floor/ceil share of each micro-batch's sequences; the outputs are all_gathered, and the
+  # attention weights' gradients all-reduced like any replicated parameter's).
+  config.parallel.attn_sharding = 'heads'
   # Hybrid tensor x pipeline parallelism: tp * pp == device count.
   config.parallel.tp = 8
   config.parallel.pp = 2

@@ -26,6 +26,7 @@ MU_DTYPES = {'float32': 4, 'bfloat16': 2}
 # tp_pp's pipeline schedule: GPipe (all M micro-batches live per stage) or 1F1B (at most pp).
 PP_SCHEDULES = ('gpipe', '1f1b')
 COMPRESSIONS = ('none', 'topk')  # mas_jax/compression.py
+ATTN_SHARDINGS = ('heads', 'batch')  # ma_sep: head slots per attention device, or sequences
 
 
 class ConfigError(ValueError):
@@ -132,6 +133,7 @@ class ParallelConfig:
   pp_schedule: str = 'gpipe'  # tp_pp's pipeline schedule: PP_SCHEDULES
   grad_compression: str = 'none'  # replicated parameters' gradient all-reduce: COMPRESSIONS
   topk_fraction: float = 0.01  # with grad_compression='topk': share of entries each device sends
+  attn_sharding: str = 'heads'  # ma_sep's attention group: ATTN_SHARDINGS (see configs/tiny.py)
 
   @property
   def auto_fields(self) -> list[str]:
@@ -284,6 +286,15 @@ def validate(config: Config) -> None:
   _check(
     p.grad_compression in COMPRESSIONS,
     f'parallel.grad_compression={p.grad_compression!r} is not one of {COMPRESSIONS}',
+  )
+  _check(
+    p.attn_sharding in ATTN_SHARDINGS,
+    f'parallel.attn_sharding={p.attn_sharding!r} is not one of {ATTN_SHARDINGS}',
+  )
+  _check(
+    not (p.attn_sharding == 'batch' and p.hierarchical_allreduce),
+    'parallel.hierarchical_allreduce reduces head partial sums: with parallel.attn_sharding='
+    "'batch' the attention output is gathered, not summed (set one of them back)",
   )
   _check(0 < p.topk_fraction <= 1, f'parallel.topk_fraction={p.topk_fraction} must be in (0, 1]')
   if p.grad_compression == 'topk':

@@ -10,7 +10,9 @@ that knows the mapping.
 Heads follow the seed's formula: attention device i owns heads [floor(i * N / A),
 floor((i + 1) * N / A)), which gives every device floor(N / A) or ceil(N / A) heads. Parameters
 hold `ceil(N / A)` head slots per device (`head_slots`); slots past a device's own count are
-padding, masked in the graph. Experts: expert device j owns experts [j * E / n_moe,
+padding, masked in the graph. Under attn_sharding='batch' every attention device holds all heads
+and the same formula splits each micro-batch's sequences instead (`sequences_of`), padded to
+`seq_slots` per device. Experts: expert device j owns experts [j * E / n_moe,
 (j + 1) * E / n_moe).
 """
 
@@ -83,17 +85,39 @@ class RoleLayout:
       table[d, : len(heads)] = heads
     return table.reshape(-1)
 
+  def seq_slots(self, batch: int) -> int:
+    """Sequence slots per device of a micro-batch of `batch` under attn_sharding='batch'."""
+    return -(-batch // self.n_attn)
+
+  def sequences_of(self, device: int, batch: int) -> range:
+    """Sequences of a micro-batch that attention device `device` runs under
+    attn_sharding='batch' (the head formula applied to sequences); empty for expert devices."""
+    if device >= self.n_attn:
+      return range(0)
+    return range(device * batch // self.n_attn, (device + 1) * batch // self.n_attn)
+
+  def slot_sequences(self, batch: int) -> np.ndarray:
+    """[n_devices, seq_slots] sequence of each slot, -1 for padding slots."""
+    table = np.full((self.n_devices, self.seq_slots(batch)), -1, np.int32)
+    for d in range(self.n_attn):
+      seqs = list(self.sequences_of(d, batch))
+      table[d, : len(seqs)] = seqs
+    return table
+
   def head_counts(self) -> np.ndarray:
     """[n_devices] real heads per device (0 on expert devices)."""
     return np.array([len(self.heads_of(d)) for d in range(self.n_devices)], np.int32)
 
-  def placement_table(self) -> str:
-    """One line per device: id, mesh position, role, heads, experts."""
-    lines = [f'{"device":>6}  {"mesh":>7}  {"role":<9} {"heads":<14} experts']
+  def placement_table(self, micro_batch: int | None = None) -> str:
+    """One line per device: id, mesh position, role, heads, experts. With `micro_batch`
+    (attn_sharding='batch') the sequences of each micro-batch in place of the heads."""
+    what = 'heads' if micro_batch is None else 'sequences'
+    lines = [f'{"device":>6}  {"mesh":>7}  {"role":<9} {what:<14} experts']
     for d in range(self.n_devices):
       row, col = divmod(d, self.cols)
       role = 'attention' if d < self.n_attn else 'expert'
-      heads, experts = self.heads_of(d), self.experts_of(d)
+      heads = self.heads_of(d) if micro_batch is None else self.sequences_of(d, micro_batch)
+      experts = self.experts_of(d)
       h = f'{heads.start}-{heads.stop - 1} ({len(heads)})' if len(heads) else '-'
       e = f'{experts.start}-{experts.stop - 1}' if len(experts) else '-'
       lines.append(f'{d:>6}  ({row:>2},{col:>2})  {role:<9} {h:<14} {e}')

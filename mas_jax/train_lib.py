@@ -94,6 +94,7 @@ def resolve_auto_placement(
       microbatches=fixed['num_microbatches'],
       dispatch=p.moe_dispatch,
       hierarchical=p.hierarchical_allreduce,
+      attn_sharding=p.attn_sharding,
     )
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None

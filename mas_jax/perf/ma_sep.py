@@ -4,6 +4,11 @@ Placement: a (rows, cols) mesh with cols = gcd(A, F); attention devices 0 .. A-1
 A .. A+F-1. Every device holds ceil(N / A) head slots and E / F expert slots of every layer
 (dummy on the other role), the router, norms, embedding and head; AdamW runs over all of it.
 
+With attn_sharding='batch' every device holds all heads (replicated, gradients in the replicated
+parameters' psum); an attention device runs all heads of ceil(b / A) sequences of a micro-batch,
+and the attention psum becomes an all_gather of every device's [ceil(b / A), T, D] over the mesh
+(a reduce_scatter in the backward).
+
 Schedule: the static tick table of `schedule` (the same greedy ping-pong as the code). In a tick
 the attention devices run the attention of one (layer, micro-batch) while the expert devices run
 the MoE of another; then the tick's exchange runs, after both: a psum of the attention partial
@@ -100,6 +105,7 @@ class Split:
   microbatches: int = 1
   dispatch: str = 'auto'  # parallel.moe_dispatch
   hierarchical: bool = False  # parallel.hierarchical_allreduce
+  attn_sharding: str = 'heads'  # parallel.attn_sharding: 'heads' or 'batch'
 
   @property
   def n(self) -> int:
@@ -112,6 +118,14 @@ class Split:
   @property
   def attn_rows(self) -> int:
     return self.n_attn // self.cols
+
+  @property
+  def batch_attn(self) -> bool:
+    return self.attn_sharding == 'batch'
+
+  def seq_slots(self, micro_batch: int) -> int:
+    """Sequence slots per attention device of a micro-batch (attn_sharding='batch')."""
+    return math.ceil(micro_batch / self.n_attn)
 
 
 def ticks_spec(m: ModelSpec, w: Workload) -> ModelSpec:
@@ -134,6 +148,8 @@ def invalid(m: ModelSpec, s: Split, batch: int, seq_len: int) -> str | None:
     return f'{batch * seq_len} tokens do not divide over {s.n} devices'
   if s.dispatch == 'all_to_all' and resolve_dispatch(s, batch) != 'all_to_all':
     return 'all_to_all dispatch needs one expert row and micro-batches that divide over it'
+  if s.batch_attn and s.hierarchical:
+    return 'hierarchical_allreduce reduces head partial sums; attn_sharding=batch gathers'
   return None
 
 
@@ -145,27 +161,31 @@ def resolve_dispatch(s: Split, batch: int) -> str:
   return s.dispatch
 
 
+def head_slots(m: ModelSpec, s: Split) -> int:
+  """Heads one attention device holds (padding slots included; all of them with 'batch')."""
+  return m.num_heads if s.batch_attn else math.ceil(m.num_heads / s.n_attn)
+
+
 def slots_h(m: ModelSpec, s: Split) -> int:
-  """Head slots x head_dim of one attention device (padding slots included)."""
-  return math.ceil(m.num_heads / s.n_attn) * m.head_dim
+  """Head slots x head_dim of one attention device."""
+  return head_slots(m, s) * m.head_dim
 
 
 def held_params(m: ModelSpec, s: Split) -> dict[str, float]:
   """Parameters per device as held (every device the same) and as used by each role."""
-  slots = math.ceil(m.num_heads / s.n_attn)
   local = m.num_experts // s.n_moe
   d, hd, L = m.d_model, m.head_dim, m.num_layers
-  heads = L * 4 * d * slots * hd
+  heads = L * 4 * d * head_slots(m, s) * hd  # the busiest device's are all real
   experts = L * local * m.n_mat * d * m.expert_hidden
   router = L * d * m.num_experts
   norm = L * d  # one of the two norms of a block
   shared = 2 * m.vocab_size * d + d  # embedding, head, final norm
-  busiest_heads = L * 4 * d * hd * math.ceil(m.num_heads / s.n_attn)
   return {
     'held': heads + experts + router + 2 * norm + shared,
-    'attention': busiest_heads + norm + shared,
+    'attention': heads + norm + shared,
     'experts': experts + router + norm + shared,
-    'replicated': router + 2 * norm + shared,
+    # With attn_sharding='batch' every device holds the attention weights whole.
+    'replicated': router + 2 * norm + shared + (heads if s.batch_attn else 0),
   }
 
 
@@ -194,11 +214,29 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
   # A training tick's backward runs the MoE branch's forward again (`ticks_spec`): its two
   # all_to_alls (not the final all_gather, whose output the backward does not need).
   a2a_passes = passes + (1 if w.train else 0)
-  if dispatch == 'replicated':
+  if s.batch_attn:
+    # Each attention device's outputs of its sequence slots [s, T, D], gathered over the mesh
+    # (expert devices send zeros); the backward reduce-scatters their cotangents.
+    slots_x = s.seq_slots(b) * tokens * m.d_model * m.act_bytes
+    gathered = items * s.n * slots_x
+    out.append(
+      coll.collective('attention all_gather (forward)', 'all-gather', everyone, gathered, items, hw)
+    )
+    if w.train:
+      scattered = items * slots_x
+      out.append(
+        coll.collective(
+          'attention reduce_scatter (backward)', 'reduce-scatter', everyone, scattered, items, hw
+        )
+      )
+  if dispatch == 'replicated' and s.batch_attn:
+    psum('MoE output psum (forward)', items * x, items)
+  elif dispatch == 'replicated':
     # Every tick psums [2, b, T, D]: attention partials and the experts' partial outputs.
     psum('tick exchange psum (forward)', len(ticks) * 2 * x, len(ticks))
-  else:
+  elif not s.batch_attn:
     psum('attention psum (forward)', items * x, items)
+  if dispatch != 'replicated':
     expert_row = list(range(s.n_attn, s.n))
     cap = m.capacity_slots(tokens) if w.train else tokens  # generation is always dropless
     buf = (b // s.n_moe) * m.num_experts * cap * m.d_model * m.act_bytes
@@ -249,8 +287,10 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
     )
   if w.train:
     # Backward psums: the transposes of the forward's implicit broadcasts (the psum results
-    # added to the varying residual stream, and the embedding output entering each micro-batch).
-    back = items + s.microbatches + (items if dispatch == 'replicated' else 0)
+    # added to the varying residual stream, and the embedding output entering each micro-batch;
+    # an all_gather's output is varying already: its transpose is the reduce_scatter above).
+    attn_psums = 0 if s.batch_attn else items
+    back = attn_psums + s.microbatches + (items if dispatch == 'replicated' else 0)
     out.append(
       coll.collective(
         'residual-gradient psum (backward)', 'all-reduce', everyone, back * x, back, hw
@@ -268,15 +308,19 @@ def collectives(m: ModelSpec, hw: Hardware, w: Workload, s: Split, accum: int) -
 def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory]:
   """Per device (every device holds the same buffers; `used` differs by role)."""
   p = held_params(m, s)
-  slots = math.ceil(m.num_heads / s.n_attn)
+  slots = head_slots(m, s)
   local = m.num_experts // s.n_moe
+  micro = w.batch // accum // s.microbatches
+  # Sequences per attention device and their share of a micro-batch's (1 with heads).
+  share = s.seq_slots(micro) / micro if s.batch_attn else 1.0
   if not w.train:
     # Generation (MASeparation.arena_layout): the head slots, norms, router, embedding and head
     # outside the arena; one arena per device sized for the larger of the experts and the KV
-    # cache, plus one sequence's rows of one layer as scratch.
+    # cache (of the whole batch, or with 'batch' the device's sequence slots), plus one
+    # sequence's rows of one layer as scratch.
     experts = m.num_layers * local * m.n_mat * m.d_model * m.expert_hidden
     static = (p['held'] - experts) * m.act_bytes
-    kv = w.batch * w.context * 2 * m.head_dim * slots * m.num_layers
+    kv = w.batch * share * w.context * 2 * m.head_dim * slots * m.num_layers
     arena = (max(experts, kv) + w.context * slots * m.head_dim) * m.act_bytes
     mem = Memory(params=static, activations=arena)
     return {'attention': mem, 'experts': mem}
@@ -287,7 +331,7 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
   mb_tokens = chunk_tokens / s.microbatches
   items = m.num_layers * s.microbatches
   scores = slots * attention_block(m.seq_len) * 4 if m.attention_scores else 0.0
-  per_token = attn_act_bytes_per_token(m, slots / m.num_heads) + scores
+  per_token = (attn_act_bytes_per_token(m, slots / m.num_heads) + scores) * share
   per_token += moe_act_bytes_per_token(m) * local / m.num_experts
   row = m.d_model * m.act_bytes
   item = 2 * row
@@ -316,10 +360,11 @@ def predict(
   chunk = w.batch // accum
   b = chunk // s.microbatches
   tokens = w.context if w.train else 1
-  slots = math.ceil(m.num_heads / s.n_attn)
   local = m.num_experts // s.n_moe
   dispatch = resolve_dispatch(s, chunk)
-  attn = k.attention(w, slots, b)
+  # One attention device's work: its head slots of the micro-batch, or all heads of its
+  # sequence slots.
+  attn = k.attention(w, head_slots(m, s), s.seq_slots(b) if s.batch_attn else b)
   pairs = b * tokens * m.top_k * (m.capacity if w.train else 1.0) * local / m.num_experts
   if m.dropless or not w.train:  # computed rows follow the load: the busiest device's
     pairs *= m.imbalance(s.n_moe)
@@ -423,8 +468,10 @@ def predict(
     'experts': (items * passes * exp.time_s + accum * head_s) / step,
   }
   notes = []
-  if m.num_heads % s.n_attn:
-    notes.append(f'{slots * s.n_attn - m.num_heads} padded head slots')
+  if s.batch_attn and b % s.n_attn:
+    notes.append(f'{s.seq_slots(b) * s.n_attn - b} padded sequence slots per micro-batch')
+  elif not s.batch_attn and m.num_heads % s.n_attn:
+    notes.append(f'{head_slots(m, s) * s.n_attn - m.num_heads} padded head slots')
   return finish(
     m,
     hw,
@@ -438,6 +485,6 @@ def predict(
     memory_by_role=_memory(m, w, s, accum),
     terms=terms,
     accumulation=accum,
-    notes=notes + [f'moe_dispatch={dispatch}'],
+    notes=notes + [f'moe_dispatch={dispatch}', f'attn_sharding={s.attn_sharding}'],
     collectives=colls,
   )

@@ -106,7 +106,12 @@ def predict_config(
   )
   if p.strategy == 'ma_sep':
     s = ma_sep_model.Split(
-      p.attn_devices, p.moe_devices, p.num_microbatches, p.moe_dispatch, p.hierarchical_allreduce
+      p.attn_devices,
+      p.moe_devices,
+      p.num_microbatches,
+      p.moe_dispatch,
+      p.hierarchical_allreduce,
+      p.attn_sharding,
     )
     return ma_sep_model.predict(m, hw, w, s, cal)
   if p.strategy == 'tp_pp':
@@ -207,7 +212,7 @@ def choose_ma_sep_split(
   micro-batch count (`best_ma_sep`) and ranked like `plan` (placements that fit first, then step
   time). Arguments given (not None) are held fixed: `attn_devices` / `moe_devices` keep only the
   splits with that count, `microbatches` is the only M tried (None: MICROBATCH_CHOICES).
-  `split_options` go to `ma_sep.Split` (dispatch, hierarchical).
+  `split_options` go to `ma_sep.Split` (dispatch, hierarchical, attn_sharding).
 
   Returns:
     (best, ranked, reason): the best prediction, every valid split's best prediction best first,

@@ -23,6 +23,17 @@ Per layer and micro-batch (the seed's Stage 1-3, then the MoE):
            computes its own experts' part, and the mesh-wide psum that also carries the
            attention output adds the parts and returns them.
 
+Data-parallel attention (`parallel.attn_sharding='batch'`, MegaScale-Infer's placement): every
+attention device holds all heads of every layer (the attention weights are replicated on every
+device, like the router) and runs its floor/ceil share of each micro-batch's sequences,
+sequences [i*b/A, (i+1)*b/A) padded to ceil(b/A) slots (`RoleLayout.sequences_of`). Stage 3 is
+then a whole output, not a partial sum: the tick's exchange all_gathers every device's
+[slots, T, D] over the mesh (expert devices send zeros) and takes the real rows in sequence
+order, instead of the psum (the backward reduce-scatters). The attention weights' gradients are
+all-reduced with the other replicated parameters' (compressed under grad_compression='topk').
+No head is padding (the seed's 32 heads on 12 devices pad 4 slots); sequences are, where b does
+not divide over A. In generation each attention device caches all heads of its own sequences.
+
 Co-execution: with M >= 2 micro-batches the schedule is a software pipeline of "ticks"; in one
 tick the attention devices run layer l of micro-batch m while the expert devices run the MoE of
 the previous item, then both exchange in the tick's collectives (the seed's barrier: the
@@ -232,7 +243,17 @@ class MASeparation(base.Strategy):
         f'not divide over {n} devices (the output head splits tokens)'
       )
     self.layout = mesh_lib.RoleLayout(p.attn_devices, p.moe_devices, m.num_heads, m.num_experts)
-    if p.attn_devices > m.num_heads:
+    self.batch_attn = p.attn_sharding == 'batch'
+    micro = d.batch_size // p.num_microbatches
+    if self.batch_attn and micro < p.attn_devices:
+      logging.warning(
+        'parallel.attn_sharding=batch: %d sequences per micro-batch on %d attention devices: '
+        'devices %s hold no sequence and only run padding.',
+        micro,
+        p.attn_devices,
+        [i for i in range(p.attn_devices) if not self.layout.sequences_of(i, micro)],
+      )
+    if p.attn_devices > m.num_heads and not self.batch_attn:
       idle = [i for i in range(p.attn_devices) if not self.layout.heads_of(i)]
       logging.warning(
         'parallel.attn_devices=%d > model.num_heads=%d: attention devices %s hold '
@@ -269,6 +290,11 @@ class MASeparation(base.Strategy):
   def mesh(self):
     return self._mesh
 
+  @property
+  def _micro_batch(self) -> int:
+    """Sequences per micro-batch (training and generation alike)."""
+    return self.config.data.batch_size // self.config.parallel.num_microbatches
+
   # -------------------------------------------------------------------------------------------
   # Parameter layout.
   # -------------------------------------------------------------------------------------------
@@ -276,9 +302,10 @@ class MASeparation(base.Strategy):
   def param_specs(self, params):
     specs = jax.tree.map(lambda _: P(), params)
     attn, moe = specs['blocks']['attn'], specs['blocks']['moe']
-    for name in ('wq', 'wk', 'wv'):
-      attn[name] = P(None, None, ALL_AXES)  # [L, D, slots, H]
-    attn['wo'] = _SLOTTED  # [L, slots, H, D]
+    if not self.batch_attn:  # attn_sharding='batch': every device holds every head (P())
+      for name in ('wq', 'wk', 'wv'):
+        attn[name] = P(None, None, ALL_AXES)  # [L, D, slots, H]
+      attn['wo'] = _SLOTTED  # [L, slots, H, D]
     for name in ('w_in', 'w_out'):  # [L, expert slots, ...]; in the arena during generation
       if name in moe:
         moe[name] = _SLOTTED
@@ -292,9 +319,10 @@ class MASeparation(base.Strategy):
     idx = jnp.asarray(np.maximum(slots, 0))
     out = jax.tree.map(lambda x: x, params)
     attn = out['blocks']['attn']
-    for name in ('wq', 'wk', 'wv'):
-      attn[name] = jnp.take(attn[name], idx, axis=2) * real[None, None, :, None]
-    attn['wo'] = jnp.take(attn['wo'], idx, axis=1) * real[None, :, None, None]
+    if not self.batch_attn:
+      for name in ('wq', 'wk', 'wv'):
+        attn[name] = jnp.take(attn[name], idx, axis=2) * real[None, None, :, None]
+      attn['wo'] = jnp.take(attn['wo'], idx, axis=1) * real[None, :, None, None]
     moe = out['blocks']['moe']
     dummy = lay.n_attn * lay.local_experts
     for name in ('w_in', 'w_out'):
@@ -310,9 +338,10 @@ class MASeparation(base.Strategy):
     inv[slots[slots >= 0]] = np.nonzero(slots >= 0)[0]
     out = jax.tree.map(lambda x: x, params)
     attn = out['blocks']['attn']
-    for name in ('wq', 'wk', 'wv'):
-      attn[name] = jnp.take(attn[name], jnp.asarray(inv), axis=2)
-    attn['wo'] = jnp.take(attn['wo'], jnp.asarray(inv), axis=1)
+    if not self.batch_attn:
+      for name in ('wq', 'wk', 'wv'):
+        attn[name] = jnp.take(attn[name], jnp.asarray(inv), axis=2)
+      attn['wo'] = jnp.take(attn['wo'], jnp.asarray(inv), axis=1)
     moe = out['blocks']['moe']
     for name in ('w_in', 'w_out'):
       moe[name] = moe[name][:, lay.n_attn * lay.local_experts :]
@@ -326,17 +355,30 @@ class MASeparation(base.Strategy):
     busy_a = sum(t.attn is not None for t in self.ticks)
     busy_e = sum(t.moe is not None for t in self.ticks)
     n = len(self.ticks)
-    pad = lay.head_slots * lay.n_attn - lay.num_heads
+    if self.batch_attn:
+      micro = self.config.data.batch_size // p.num_microbatches
+      slots = lay.seq_slots(micro)
+      pad = slots * lay.n_attn - micro
+      attention = (
+        f'attn_sharding=batch: all {lay.num_heads} heads on {slots} sequence slots per '
+        f'attention device and micro-batch ({pad} padding slots, '
+        f'{pad / (slots * lay.n_attn):.0%} of attention compute wasted); '
+      )
+    else:
+      pad = lay.head_slots * lay.n_attn - lay.num_heads
+      attention = (
+        f'{lay.head_slots} head slots per attention device ({pad} padding slots, '
+        f'{pad / (lay.head_slots * lay.n_attn):.0%} of attention compute wasted); '
+      )
     return '\n'.join(
       [
         f'strategy=ma_sep {lay.n_attn}:{lay.n_moe} mesh={dict(self.mesh.shape)} '
         f'({lay.attn_rows} attention rows, {lay.shape[0] - lay.attn_rows} expert rows); '
-        f'{lay.head_slots} head slots per attention device ({pad} padding slots, '
-        f'{pad / (lay.head_slots * lay.n_attn):.0%} of attention compute wasted); '
-        f'{lay.local_experts} experts per expert device; moe_dispatch={self.dispatch}; '
+        + attention
+        + f'{lay.local_experts} experts per expert device; moe_dispatch={self.dispatch}; '
         f'hierarchical_allreduce='
         f'{p.hierarchical_allreduce}',
-        lay.placement_table(),
+        lay.placement_table(self._micro_batch if self.batch_attn else None),
         f'Schedule: M={p.num_microbatches} micro-batches, {n} ticks per step; attention busy '
         f'{busy_a}/{n} (idle {n - busy_a}), experts busy {busy_e}/{n} (idle {n - busy_e}); '
         'item = layer.micro-batch:',
@@ -380,7 +422,8 @@ class MASeparation(base.Strategy):
         local = leaf.size * size // (lay.n_devices if spec != P() else 1)
         held += local
         if "'attn'" in name:
-          used += local * int(counts[device]) // lay.head_slots if is_attn else 0
+          share = 1 if self.batch_attn else int(counts[device]) / lay.head_slots
+          used += int(local * share) if is_attn else 0
         elif 'w_in' in name or 'w_out' in name or 'router' in name or 'mlp_norm' in name:
           used += 0 if is_attn else local
         elif 'attn_norm' in name:
@@ -416,15 +459,20 @@ class MASeparation(base.Strategy):
 
     Expert weights and the KV cache share each device's arena (`arena_layout`), so neither
     role holds the other's buffer; outside it every device holds the head slots (dummy on
-    expert devices), norms, router, embedding and head.
+    expert devices; every head with attn_sharding='batch'), norms, router, embedding and head.
+    The KV cache used is that of the device's real heads, or its real sequences.
     """
     lay, m = self.layout, self.config.model
     itemsize = jnp.dtype(m.compute_dtype).itemsize
     at = self.arena_layout(context)
     arena = at['rows'] * m.head_dim * itemsize
     experts = 2 * at['expert_rows'] * m.head_dim * itemsize
-    per_head = 2 * m.num_layers * self.config.data.batch_size * context * m.head_dim * itemsize
-    counts = lay.head_counts()
+    per_entry = 2 * m.num_layers * context * m.head_dim * itemsize  # one sequence, one head
+    if self.batch_attn:
+      real = (lay.slot_sequences(self._micro_batch) >= 0).sum(axis=1)
+      counts = real * self.config.parallel.num_microbatches * m.num_heads
+    else:
+      counts = lay.head_counts() * self.config.data.batch_size
     rows = []
     for device, (held, used) in enumerate(self._param_bytes(itemsize, experts=False)):
       is_attn = device < lay.n_attn
@@ -433,7 +481,7 @@ class MASeparation(base.Strategy):
           device,
           'attention' if is_attn else 'expert',
           (held, used if is_attn else used + experts),
-          (0, per_head * int(counts[device])),
+          (0, per_entry * int(counts[device])),
           arena,
         )
       )
@@ -443,42 +491,70 @@ class MASeparation(base.Strategy):
   # The program.
   # -------------------------------------------------------------------------------------------
 
-  def _exchange(self, contrib):
-    """Delivers both roles' outputs of a tick to every device; contrib: [2, b, T, D].
+  def _exchange(self, attn, moe):
+    """Delivers both roles' outputs of a tick to every device: (attn[b,T,D], moe[b,T,D]).
 
-    Slot 0, attention partials over heads (expert devices add zeros): one psum over the mesh,
-    the seed's 12 -> 1 all-reduce and broadcast to the expert devices in one collective, or
-    hierarchical (inside each row, then across rows). Slot 1, the MoE output: with 'replicated'
-    dispatch a partial sum over experts, psum-ed likewise; with 'all_to_all' dispatch the full
-    output already sits on every expert device and `ppermute`s carry it to the attention rows.
+    attn: with attn_sharding='heads' partial sums over heads [b,T,D] (expert devices add zeros):
+    one psum over the mesh, the seed's 12 -> 1 all-reduce and broadcast to the expert devices in
+    one collective, or hierarchical (inside each row, then across rows). With 'batch' each
+    attention device's whole outputs of its sequence slots [s,T,D]: one all_gather over the
+    mesh (`_gather_attention`). moe: with 'replicated' dispatch a partial sum over experts,
+    psum-ed likewise (in the heads psum: one collective of [2,b,T,D]); with 'all_to_all'
+    dispatch the full output already sits on every expert device and `ppermute`s carry it to
+    the attention rows.
     """
     hier = self.config.parallel.hierarchical_allreduce
+
+    def psum(x):
+      return lax.psum(lax.psum(x, EXPERT_AXIS), ATTN_AXIS) if hier else lax.psum(x, ALL_AXES)
+
+    if self.batch_attn:
+      attn = self._gather_attention(attn)
     if self.dispatch == 'replicated':
-      if hier:  # contrib[2,b,T,D]{U_attn,U_expert} -> {U_attn} inside each row -> reduced
-        return lax.psum(lax.psum(contrib, EXPERT_AXIS), ATTN_AXIS)
-      return lax.psum(contrib, ALL_AXES)  # contrib[2,b,T,D]{U_attn,U_expert} -> contrib[2,b,T,D]
-    if hier:  # attn[b,T,D]{U_attn,U_expert} -> {U_attn} inside each row -> reduced
-      attn = lax.psum(lax.psum(contrib[0], EXPERT_AXIS), ATTN_AXIS)
-    else:
-      attn = lax.psum(contrib[0], ALL_AXES)  # attn[b,T,D]{U_attn,U_expert} -> attn[b,T,D]
-    moe, expert_row = contrib[1], self.layout.attn_rows
+      if self.batch_attn:
+        return attn, psum(moe)  # moe[b,T,D]{U_attn,U_expert} -> moe[b,T,D]
+      out = psum(jnp.stack([attn, moe]))  # [2,b,T,D]{U_attn,U_expert} -> [2,b,T,D]
+      return out[0], out[1]
+    if not self.batch_attn:
+      attn = psum(attn)  # attn[b,T,D]{U_attn,U_expert} -> attn[b,T,D]
+    expert_row = self.layout.attn_rows
+    out = moe
     for row in range(expert_row):
       # y[b,T,D] on the expert row -> the same column of attention row `row` (zeros elsewhere).
-      moe = moe + lax.ppermute(contrib[1], ATTN_AXIS, [(expert_row, row)])
-    return attn, moe
+      out = out + lax.ppermute(moe, ATTN_AXIS, [(expert_row, row)])
+    return attn, out
+
+  def _sequence_slots(self, device, batch: int):
+    """[seq_slots] the micro-batch sequences this device runs under attn_sharding='batch'
+    (padding slots repeat sequence 0; nothing reads their outputs)."""
+    table = np.maximum(self.layout.slot_sequences(batch), 0)
+    return jnp.asarray(table)[device]
+
+  def _gather_attention(self, out):
+    """out[s,T,D] of every device's sequence slots -> attn[b,T,D] on every device: one
+    all_gather over the mesh (expert devices' slots are zeros, and never read), then the real
+    slots in sequence order."""
+    slots = out.shape[0]
+    table = self.layout.slot_sequences(self._micro_batch)
+    rows = np.zeros(self._micro_batch, np.int32)
+    for device, seqs in enumerate(table):
+      for j, seq in enumerate(seqs):
+        if seq >= 0:
+          rows[seq] = device * slots + j
+    every = lax.all_gather(out, ALL_AXES, axis=0, tiled=True)  # [n * s, T, D]
+    return jnp.take(every, jnp.asarray(rows), axis=0)
 
   def _attention_part(self, p, x, device):
-    """Stages 1-3 on this attention device's head slots: x[b,T,D] -> out[b,T,D]{U_heads}."""
+    """Stages 1-3 of x[b,T,D]: on this attention device's head slots, out[b,T,D]{U_heads}; with
+    attn_sharding='batch' all heads of its sequence slots, out[s,T,D]."""
     cfg = self.config.model
+    mask = self._head_mask(device)
+    if self.batch_attn:
+      x, mask = jnp.take(x, self._sequence_slots(device, x.shape[0]), axis=0), None
     h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
     with jax.named_scope('attention'):
       return attn_lib.attention(
-        h,
-        p['attn'],
-        jnp.arange(x.shape[1]),
-        cfg.rope_base,
-        self._head_mask(device),
-        cfg.attention_implementation,
+        h, p['attn'], jnp.arange(x.shape[1]), cfg.rope_base, mask, cfg.attention_implementation
       )
 
   def _route(self, p, h):
@@ -559,8 +635,9 @@ class MASeparation(base.Strategy):
 
     Args:
       xs: per micro-batch residual streams [b, T, D], device-varying (they enter the switch).
-      attention: (layer, micro, x, operands, weights) -> (out[b,T,D]{U_heads}, extra); the
-        attention devices' work of a tick. `extra` is whatever the caller keeps per item (the
+      attention: (layer, micro, x, operands, weights) -> (out, extra); the attention devices'
+        work of a tick: out[b,T,D]{U_heads}, or out[s,T,D] of the device's sequence slots with
+        attn_sharding='batch'. `extra` is whatever the caller keeps per item (the
         new keys and values in generation, None in training). `weights` is the layer's weights
         in training (see `grads`) and None in generation.
       experts: (layer, micro, h, operands, weights) -> (y[b,T,D], stats); the expert devices'
@@ -584,13 +661,16 @@ class MASeparation(base.Strategy):
     """
     device = mesh_lib.device_index()
     is_attn = device < self.layout.n_attn
-    contrib_shape = (2, *xs[0].shape)
+    b, dtype = xs[0].shape[0], xs[0].dtype
+    rows = self.layout.seq_slots(b) if self.batch_attn else b
+    attn_shape = jax.ShapeDtypeStruct((rows, *xs[0].shape[1:]), dtype)
 
     def zero_outputs():
-      """(contrib [2, b, T, D], stats, extra) of a role without work: zeros, device-varying."""
+      """(attention output, MoE output, stats, extra) of a role without work: zeros,
+      device-varying."""
       zeros = lambda a: _to_varying(jnp.zeros(a.shape, a.dtype))
       extra = jax.tree.map(zeros, extra_shape)
-      return zeros(jax.ShapeDtypeStruct(contrib_shape, xs[0].dtype)), zero_stats(), extra
+      return zeros(attn_shape), zeros(xs[0]), zero_stats(), extra
 
     def idle_branch(x_in, h_in, operands, weights):
       return zero_outputs()
@@ -598,16 +678,16 @@ class MASeparation(base.Strategy):
     def attn_branch(layer, micro):
       def run(x_in, h_in, operands, weights):
         part, extra = attention(layer, micro, x_in, operands, weights and weights[layer])
-        zeros, stats, _ = zero_outputs()
-        return zeros.at[0].set(part.astype(zeros.dtype)), stats, extra
+        _, moe, stats, _ = zero_outputs()
+        return part.astype(dtype), moe, stats, extra
 
       return run
 
     def moe_branch(layer, micro):
       def run(x_in, h_in, operands, weights):
         y, st = experts(layer, micro, h_in, operands, weights and weights[layer])
-        zeros, _, extra = zero_outputs()
-        return zeros.at[1].set(y.astype(zeros.dtype)), st, extra
+        attn, _, _, extra = zero_outputs()
+        return attn, y.astype(dtype), st, extra
 
       return run
 
@@ -617,11 +697,11 @@ class MASeparation(base.Strategy):
     # not known to be replicated.
     xs, hs = list(xs), list(xs)
     sinks = list(grads[1]) if grads else None
-    zeros, stats, _ = zero_outputs()
+    _, zeros, stats, _ = zero_outputs()
     extras = {}
     for t in self.ticks:
-      x_in = xs[t.attn[1]] if t.attn else zeros[0]
-      h_in = hs[t.moe[1]] if t.moe else zeros[0]
+      x_in = xs[t.attn[1]] if t.attn else zeros
+      h_in = hs[t.moe[1]] if t.moe else zeros
       # Branch order is fixed (attention, experts, idle); a role with no item this tick idles.
       branches = (
         attn_branch(*t.attn) if t.attn else idle_branch,
@@ -630,10 +710,10 @@ class MASeparation(base.Strategy):
       )
       role = jnp.where(is_attn, 0 if t.attn else 2, 1 if t.moe else 2)
       if grads is None:  # generation
-        contrib, st, extra = lax.switch(role, branches, x_in, h_in, operands, None)
+        attn, moe, st, extra = lax.switch(role, branches, x_in, h_in, operands, None)
       else:
         used = sorted({item[0] for item in (t.attn, t.moe) if item})
-        (contrib, st, extra), tick_sinks = _switch_into_sinks(
+        (attn, moe, st, extra), tick_sinks = _switch_into_sinks(
           role,
           branches,
           (x_in, h_in, operands),
@@ -642,13 +722,13 @@ class MASeparation(base.Strategy):
         )
         for i in used:
           sinks[i] = tick_sinks[i]
-      out = self._exchange(contrib)
+      attn, moe = self._exchange(attn, moe)
       stats = jax.tree.map(jnp.add, stats, st)
       if t.attn:
-        hs[t.attn[1]] = xs[t.attn[1]] + out[0]
+        hs[t.attn[1]] = xs[t.attn[1]] + attn
         extras[t.attn] = extra
       if t.moe:
-        xs[t.moe[1]] = hs[t.moe[1]] + out[1]
+        xs[t.moe[1]] = hs[t.moe[1]] + moe
     return xs, stats, extras
 
   def _zero_stats(self):
@@ -662,6 +742,15 @@ class MASeparation(base.Strategy):
     stats = jax.tree.map(jnp.zeros_like, moe_lib.routing_stats(route, e))
     stats['dropped'] = jnp.zeros(())
     return _to_varying(stats)
+
+  def _kv_layout(self) -> tuple[int, int]:
+    """(sequences, heads) of an attention device's KV cache per layer: the whole batch on its
+    head slots, or with attn_sharding='batch' all heads of its sequence slots of every
+    micro-batch (micro-batch m's slots at rows [m * s, (m + 1) * s))."""
+    m, lay = self.config.model, self.layout
+    if self.batch_attn:
+      return self.config.parallel.num_microbatches * lay.seq_slots(self._micro_batch), m.num_heads
+    return self.config.data.batch_size, lay.head_slots
 
   def _head_mask(self, device):
     """[head_slots] 1 for this device's real heads, 0 for padding slots (none on expert devices)."""
@@ -742,8 +831,9 @@ class MASeparation(base.Strategy):
     expert devices unread, and the expert weights on the attention devices. The arena holds
     both in the same bytes: an expert device keeps its experts' w_in then w_out in it
     (`expert_rows` each), an attention device its KV cache, k then v (`kv_rows` each,
-    [L, B, S, head_slots, H]). The tail (`scratch` rows from `scratch_start`) takes the expert
-    devices' share of each KV write. Rows of head_dim elements keep every index in int32.
+    [L, B, S, head_slots, H], or [L, M * seq_slots, S, N, H] with attn_sharding='batch'). The
+    tail (`scratch` rows from `scratch_start`) takes the expert devices' share of each KV write.
+    Rows of head_dim elements keep every index in int32.
     """
     m, lay = self.config.model, self.layout
     if (m.d_model * m.expert_hidden) % m.head_dim:
@@ -752,9 +842,10 @@ class MASeparation(base.Strategy):
         f'multiple of head_dim={m.head_dim} (the generation arena stores experts in rows of it)'
       )
     expert_rows = m.num_layers * lay.local_experts * m.d_model * m.expert_hidden // m.head_dim
-    kv_rows = m.num_layers * self.config.data.batch_size * context * lay.head_slots
+    seqs, heads = self._kv_layout()
+    kv_rows = m.num_layers * seqs * context * heads
     scratch_start = max(2 * expert_rows, 2 * kv_rows)
-    scratch = context * lay.head_slots  # one sequence's rows of one layer: any write fits
+    scratch = context * heads  # one sequence's rows of one layer: any write fits
     return {
       'expert_rows': expert_rows,
       'kv_rows': kv_rows,
@@ -799,7 +890,9 @@ class MASeparation(base.Strategy):
     dtype = jnp.dtype(mcfg.compute_dtype)
     prefill = start is None
     moe_part = self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all
-    cache_shape = (mcfg.num_layers, batch, context, lay.head_slots, mcfg.head_dim)
+    seqs, heads = self._kv_layout()  # of each attention device's cache
+    per_micro = seqs // n_mb  # cache rows of one micro-batch
+    cache_shape = (mcfg.num_layers, seqs, context, heads, mcfg.head_dim)
     w_rows = arena_at['expert_rows'] // mcfg.num_layers  # one layer's w_in (or w_out)
 
     def program(params, arena, tokens, start):
@@ -809,22 +902,31 @@ class MASeparation(base.Strategy):
       blocks = _to_varying(params['blocks'])
       layer = lambda i: jax.tree.map(lambda p: p[i], blocks)
       rows = lambda m: slice(m * b, (m + 1) * b)
-      starts = [None if prefill else _to_varying(start[rows(m)]) for m in range(n_mb)]
-      head_mask = self._head_mask(device)
+      # The micro-batch's sequences of each of this device's cache rows, and their starts.
+      if self.batch_attn:
+        mine = self._sequence_slots(device, b)  # [seq_slots]
+      else:
+        mine = jnp.arange(b)
+      starts = [None if prefill else _to_varying(start[m * b + mine]) for m in range(n_mb)]
+      head_mask = None if self.batch_attn else self._head_mask(device)
       kv = lambda arena, j: arena[j * arena_at['kv_rows'] : (j + 1) * arena_at['kv_rows']].reshape(
         cache_shape
       )
 
       def attention(i, micro, x_in, arena, weights):
-        # This device's head slots of the cache: k, v [b, S, slots, H] from the arena.
+        # This device's cache rows of the micro-batch, k, v [b, S, slots, H] from the arena (with
+        # attn_sharding='batch' [seq_slots, S, N, H] of its sequences, whose inputs it takes).
         p = layer(i)
+        if self.batch_attn:
+          x_in = jnp.take(x_in, mine, axis=0)
         h = attn_lib.rms_norm(x_in, p['attn_norm']['scale'])
+        cache_rows = slice(micro * per_micro, (micro + 1) * per_micro)
         with jax.named_scope('attention'):
           out, k, v = attn_lib.attention_cached(
             h,
             p['attn'],
-            kv(arena, 0)[i, rows(micro)],
-            kv(arena, 1)[i, rows(micro)],
+            kv(arena, 0)[i, cache_rows],
+            kv(arena, 1)[i, cache_rows],
             starts[micro],
             mcfg.rope_base,
             head_mask,
@@ -841,23 +943,23 @@ class MASeparation(base.Strategy):
         p['moe'] = {**p['moe'], 'w_in': w_in.reshape(e, d, f), 'w_out': w_out.reshape(e, f, d)}
         return moe_part(p, h_in, None, device, micro * b)
 
-      kv_new = jax.ShapeDtypeStruct((b, t, lay.head_slots, mcfg.head_dim), arena.dtype)
+      kv_new = jax.ShapeDtypeStruct((per_micro, t, heads, mcfg.head_dim), arena.dtype)
       xs = [_to_varying(x0[rows(m)]) for m in range(n_mb)]
       xs, _, extras = self._run_ticks(
         xs, attention, experts, (kv_new, kv_new), arena, self._zero_stats
       )
       # Write the new keys and values: attention devices into their cache rows, expert devices
       # (whose rows hold weights) into the scratch tail.
-      first = (jnp.zeros((batch,), jnp.int32) if prefill else _to_varying(start)) * lay.head_slots
-      first = first + jnp.arange(batch) * context * lay.head_slots  # [B] row of each sequence
-      span = jnp.arange(t * lay.head_slots)
+      first = jnp.zeros((seqs,), jnp.int32) if prefill else jnp.concatenate(starts)
+      first = first * heads + jnp.arange(seqs) * context * heads  # [seqs] row of each sequence
+      span = jnp.arange(t * heads)
       for i in range(mcfg.num_layers):
         for j in (0, 1):
-          new = jnp.concatenate([extras[(i, m)][j] for m in range(n_mb)])  # [B, T, slots, H]
-          offset = (j * mcfg.num_layers + i) * batch * context * lay.head_slots
-          row = jnp.where(is_attn, offset + first, arena_at['scratch_start'])  # [B]
+          new = jnp.concatenate([extras[(i, m)][j] for m in range(n_mb)])  # [seqs, T, heads, H]
+          offset = (j * mcfg.num_layers + i) * seqs * context * heads
+          row = jnp.where(is_attn, offset + first, arena_at['scratch_start'])  # [seqs]
           arena = arena.at[row[:, None] + span[None, :]].set(
-            new.reshape(batch, t * lay.head_slots, mcfg.head_dim)
+            new.reshape(seqs, t * heads, mcfg.head_dim)
           )
       # Every device holds the final residual stream; each computes the head for all tokens
       # (decode reads the head's weights once whatever the token count) and returns its own
@@ -875,9 +977,9 @@ class MASeparation(base.Strategy):
 
   def _arena_context(self, rows: int) -> int:
     """The context an arena of `rows` rows per device was laid out for (inverse of the layout)."""
-    m, slots = self.config.model, self.layout.head_slots
+    m, (seqs, slots) = self.config.model, self._kv_layout()
     experts = 2 * self.arena_layout(1)['expert_rows']
-    kv_per_context = 2 * m.num_layers * self.config.data.batch_size * slots
+    kv_per_context = 2 * m.num_layers * seqs * slots
     for context in ((rows - experts) // slots, rows // (kv_per_context + slots)):
       if context > 0 and self.arena_layout(context)['rows'] == rows:
         return context
