@@ -601,7 +601,7 @@ def _expert_tick(strategy, p, h, key):
   x, route, _, pos, cap = strategy._route(p, h[:share])
   xe = moe_lib.dispatch(x, route['experts'], pos, cfg.num_experts, cap)  # [b/n, E, C, D]
   xe = xe.reshape(h.shape[0], lay.local_experts, *xe.shape[2:])  # all_to_all: [b, E/n, C, D]
-  ye = strategy._experts(p, xe, key, jnp.arange(h.shape[0]), 0)
+  ye = strategy._experts(p, xe, key, jnp.arange(h.shape[0]), jnp.arange(lay.local_experts))
   ye = ye.reshape(share, cfg.num_experts, *ye.shape[2:])  # all_to_all back: [b/n, E, C, D]
   y = moe_lib.combine(ye, route['experts'], pos, route['gates'])  # [b/n, T, D]
   return jnp.tile(y, (lay.n_moe, 1, 1))  # all_gather: [b, T, D]

@@ -155,6 +155,12 @@ def get_config() -> ml_collections.ConfigDict:
   # floor/ceil share of each micro-batch's sequences; the outputs are all_gathered, and the
   # attention weights' gradients all-reduced like any replicated parameter's).
   config.parallel.attn_sharding = 'heads'
+  # MA Separation's dynamic expert re-placement: every N steps (0: never) the experts' routed
+  # loads summed since the last re-placement choose a new expert -> slot table (greedy
+  # longest-processing-time: the busiest expert device's load as low as it gets), and the expert
+  # weights and their AdamW moments move to their new slots (mas_jax/rebalance.py). The table is
+  # an input of the train step (nothing recompiles) and is checkpointed.
+  config.parallel.rebalance_every = 0
   # Hybrid tensor x pipeline parallelism: tp * pp == device count.
   config.parallel.tp = 8
   config.parallel.pp = 2

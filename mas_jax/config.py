@@ -134,6 +134,7 @@ class ParallelConfig:
   grad_compression: str = 'none'  # replicated parameters' gradient all-reduce: COMPRESSIONS
   topk_fraction: float = 0.01  # with grad_compression='topk': share of entries each device sends
   attn_sharding: str = 'heads'  # ma_sep's attention group: ATTN_SHARDINGS (see configs/tiny.py)
+  rebalance_every: int = 0  # ma_sep: steps between expert re-placements (0: never)
 
   @property
   def auto_fields(self) -> list[str]:
@@ -295,6 +296,15 @@ def validate(config: Config) -> None:
     not (p.attn_sharding == 'batch' and p.hierarchical_allreduce),
     'parallel.hierarchical_allreduce reduces head partial sums: with parallel.attn_sharding='
     "'batch' the attention output is gathered, not summed (set one of them back)",
+  )
+  _check(
+    isinstance(p.rebalance_every, int) and p.rebalance_every >= 0,
+    f'parallel.rebalance_every={p.rebalance_every!r} must be an integer >= 0 (0: never)',
+  )
+  _check(
+    p.rebalance_every == 0 or p.strategy == 'ma_sep',
+    f'parallel.rebalance_every={p.rebalance_every} re-places the experts of '
+    f"parallel.strategy='ma_sep'; parallel.strategy={p.strategy!r} has no expert slots to move",
   )
   _check(0 < p.topk_fraction <= 1, f'parallel.topk_fraction={p.topk_fraction} must be in (0, 1]')
   if p.grad_compression == 'topk':

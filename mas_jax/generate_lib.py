@@ -97,10 +97,14 @@ def restore_params(workdir: str, devices: list | None = None) -> tuple[dict, int
       layout.shardings(),
     )
   }
+  if (placement := layout.placement_abstract()) is not None:  # parallel.rebalance_every
+    target['placement'] = jax.ShapeDtypeStruct(
+      placement.shape, placement.dtype, sharding=strategy.replicated()
+    )
   state_args = ocp.args.PyTreeRestore(
     item=target,
     restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-    partial_restore=True,  # params only: step and opt_state are not read
+    partial_restore=True,  # params (and the expert placement): step and opt_state are not read
   )
   options = ocp.CheckpointManagerOptions(create=False)
   with ocp.CheckpointManager(_checkpoints(workdir), options=options) as mgr:
@@ -108,7 +112,9 @@ def restore_params(workdir: str, devices: list | None = None) -> tuple[dict, int
       step, args=ocp.args.Composite(state=state_args, integrity=ocp.args.JsonRestore())
     )
   checkpoint_lib.verify_arrays({'params': restored['state']['params']}, restored['integrity'], step)
-  params = jax.jit(layout.to_reference, donate_argnums=0)(restored['state']['params'])
+  params = jax.jit(layout.to_reference, donate_argnums=0)(
+    restored['state']['params'], restored['state'].get('placement')
+  )
   logging.info(
     'Restored the params of step %d from %s (trained with parallel.strategy=%s).',
     step,

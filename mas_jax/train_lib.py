@@ -26,7 +26,7 @@ from absl import logging
 from mas_jax import checkpoint as checkpoint_lib
 from mas_jax import config as config_lib
 from mas_jax import data as data_lib
-from mas_jax import distributed, strategies, zero
+from mas_jax import distributed, rebalance, strategies, zero
 from mas_jax import logs as logs_lib
 from mas_jax import metrics as metrics_lib
 from mas_jax import workdir as workdir_lib
@@ -186,6 +186,8 @@ def state_shardings(layout: zero.ParamLayout, tx: optax.GradientTransformation) 
   shardings = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
   if layout.residual_abstract() is not None:
     shardings['residual'] = layout.residual_shardings()
+  if layout.placement_abstract() is not None:  # parallel.rebalance_every: mas_jax/rebalance.py
+    shardings['placement'] = shardings['expert_load'] = replicated
   return shardings
 
 
@@ -200,6 +202,9 @@ def create_train_state(layout: zero.ParamLayout, tx) -> tuple[dict, dict]:
       state['residual'] = jax.tree.map(
         lambda a: jnp.zeros(a.shape, a.dtype), layout.residual_abstract()
       )
+    if (placement := layout.placement_abstract()) is not None:
+      state['placement'] = jnp.arange(placement.shape[0], dtype=jnp.int32)  # expert e in slot e
+      state['expert_load'] = jnp.zeros(placement.shape, jnp.float32)
     return state
 
   return jax.jit(init, out_shardings=shardings)(), shardings
@@ -213,6 +218,9 @@ def abstract_state(layout: zero.ParamLayout, tx) -> dict:
   abstract['params'] = layout.abstract()
   if layout.residual_abstract() is not None:
     abstract['residual'] = layout.residual_abstract()
+  if (placement := layout.placement_abstract()) is not None:
+    abstract['placement'] = placement
+    abstract['expert_load'] = jax.ShapeDtypeStruct(placement.shape, jnp.float32)
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
     abstract,
@@ -309,19 +317,24 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   # parallel.grad_compression='topk': the error-feedback residual travels through the chunks.
   residual_in = layout.residual_abstract() is not None
 
-  def strategy_value_and_grad(params, rows, key, *residual):
-    if residual_in:
-      return micro_strategy.value_and_grad_compressed(params, rows, key, *residual)
-    return micro_strategy.value_and_grad(params, rows, key)
-
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
-    compute, pullback = jax.vjp(layout.to_compute, state['params'])
+    # parallel.rebalance_every: the expert -> slot table the parameters are placed by.
+    placement = state.get('placement')
+
+    extra = () if placement is None else (placement,)
+
+    def strategy_value_and_grad(params, rows, key, *residual):
+      if residual_in:
+        return micro_strategy.value_and_grad_compressed(params, rows, key, *residual, *extra)
+      return micro_strategy.value_and_grad(params, rows, key, *extra)
+
+    compute, pullback = jax.vjp(lambda p: layout.to_compute(p, placement), state['params'])
     residual = state.get('residual')
     if per_step:
       # The float32 map from the master to the strategy layout: its transpose takes the
       # float32 sum of every chunk's gradients (the cast's transpose is the identity on values).
-      _, to_master = jax.vjp(layout.to_strategy_layout, state['params'])
+      _, to_master = jax.vjp(lambda p: layout.to_strategy_layout(p, placement), state['params'])
       (_, metrics), grads, *residual = accumulate(
         strategy_value_and_grad, compute, batch, dropout_key, steps, residual=residual
       )
@@ -352,6 +365,9 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     if residual_in:
       new_state['residual'] = residual[0]
+    if placement is not None:
+      new_state['placement'] = placement
+      new_state['expert_load'] = state['expert_load'] + metrics['expert_load']
     return new_state, metrics
 
   return jax.jit(
@@ -402,26 +418,35 @@ def compile_abstract_train_step(config: Config, strategy):
 
 
 def make_eval_step(layout: zero.ParamLayout, param_shardings):
-  """The jitted eval step: (params, batch) -> metrics, no dropout."""
+  """The jitted eval step: (params, batch, placement) -> metrics, no dropout; `placement` is
+  the state's expert -> slot table (parallel.rebalance_every), None without one."""
   strategy = layout.strategy
 
-  def eval_step(params, batch):
-    return strategy.loss(layout.to_compute(params), batch, None)[1]
+  def eval_step(params, batch, placement):
+    extra = {} if placement is None else {'placement': placement}
+    return strategy.loss(layout.to_compute(params, placement), batch, None, **extra)[1]
 
   return jax.jit(
     eval_step,
-    in_shardings=(param_shardings, strategy.batch_sharding()),
+    in_shardings=(param_shardings, strategy.batch_sharding(), strategy.replicated()),
     out_shardings=strategy.replicated(),
   )
 
 
 def evaluate(
-  eval_step, params, source, num_batches: int, sharding, global_shape: tuple[int, int]
+  eval_step,
+  params,
+  source,
+  num_batches: int,
+  sharding,
+  global_shape: tuple[int, int],
+  placement=None,
 ) -> dict[str, float]:
   """Mean of the eval metrics over the eval split's first num_batches batches."""
   totals: dict[str, float] = {}
   for batch in source.eval_batches(num_batches):
-    m = jax.device_get(eval_step(params, distributed.to_global(batch, sharding, global_shape)))
+    batch = distributed.to_global(batch, sharding, global_shape)
+    m = jax.device_get(eval_step(params, batch, placement))
     for name in ('loss', 'ce_loss'):
       totals[name] = totals.get(name, 0.0) + float(m[name]) / num_batches
   return {f'eval_{k}': v for k, v in totals.items()}
@@ -567,7 +592,8 @@ def restore(mgr, layout: zero.ParamLayout, tx, workdir: str) -> tuple[dict, dict
     'without' if layout.sharded else 'with',
   )
   convert = jax.jit(
-    lambda s: layout.convert_state(s, other), out_shardings=state_shardings(layout, tx)
+    lambda s: layout.convert_state(s, other, s.get('placement')),
+    out_shardings=state_shardings(layout, tx),
   )
   return convert(state), data, step
 
@@ -639,12 +665,13 @@ def train_and_evaluate(
       config, strategy, state, source, data_state, train_step, eval_step, writer, signals, bar,
       save, lambda: checkpoint_lib.wait(mgr), batch_sharding, global_shape,
       last_saved=None if restored is None else restored[2],
+      rebalancer=rebalance.Rebalancer(layout, shardings),
     )  # fmt: skip
 
 
 def _loop(
   config, strategy, state, source, data_state, train_step, eval_step, writer, signals, bar,
-  save, wait, batch_sharding, global_shape, last_saved,
+  save, wait, batch_sharding, global_shape, last_saved, rebalancer,
 ) -> dict[str, float]:  # fmt: skip
   """The training loop proper (see train_and_evaluate)."""
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -657,6 +684,7 @@ def _loop(
   batches = source.train_batches(data_state)
   last: dict[str, float] = {}
   window_start, window_steps = None, 0
+  replacements: dict[str, float] = {}  # of the last expert re-placement, until logged
   pending = None  # (step, metrics) of a step whose loss is not yet checked for NaN/inf
   while step < config.train.steps and not signals.stop_requested():
     batch, data_state = next(batches)
@@ -669,12 +697,15 @@ def _loop(
     if window_start is None:  # the first step compiles; time from its end
       jax.block_until_ready(state['step'])
       window_start, window_steps = time.perf_counter(), 0
+    state, placed = rebalancer.maybe_rebalance(step, state)  # parallel.rebalance_every
+    replacements.update(placed)
     done = step == config.train.steps
     log_now = step % config.train.log_every == 0 or done
     eval_now = step % config.train.eval_every == 0 or done
     save_now = step % config.train.checkpoint_every == 0 or done
     if log_now or eval_now:
-      last = _scalars(metrics)
+      last = {**_scalars(metrics), **replacements}
+      replacements = {}
       jax.block_until_ready(state['step'])
       if window_steps:
         step_time = (time.perf_counter() - window_start) / window_steps
@@ -701,6 +732,7 @@ def _loop(
             config.train.eval_steps,
             batch_sharding,
             global_shape,
+            state.get('placement'),
           )
         )
         logging.info('step %d  eval_loss %.4f', step, last['eval_loss'])

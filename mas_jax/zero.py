@@ -147,42 +147,63 @@ class ParamLayout:
       f'gathers a {self.config.model.compute_dtype} compute copy in the strategy layout.'
     )
 
-  def to_compute(self, params: dict) -> dict:
+  def placement_abstract(self) -> jax.ShapeDtypeStruct | None:
+    """With parallel.rebalance_every (ma_sep): the expert -> slot table [E] int32 that the
+    strategy-layout parameters are placed by (mas_jax/rebalance.py); None otherwise."""
+    if not self.config.parallel.rebalance_every:
+      return None
+    return jax.ShapeDtypeStruct((self.config.model.num_experts,), jnp.int32)
+
+  def _strategy_from_reference(self, params, placement):
+    extra = () if placement is None else (placement,)
+    return self.strategy.from_reference(params, *extra)
+
+  def to_compute(self, params: dict, placement=None) -> dict:
     """The parameters the strategy's loss takes: without sharding `params` themselves; with
-    it the compute-dtype copy in the strategy's layout and shardings (traceable)."""
+    it the compute-dtype copy in the strategy's layout and shardings, its experts placed by
+    `placement` where given (traceable)."""
     if not self.sharded:
       return params
     dtype = jnp.dtype(self.config.model.compute_dtype)
     cast = jax.tree_util.tree_map_with_path(
       lambda path, x: _compute_dtype(_name(path), x, dtype), params
     )
-    compute = self.strategy.from_reference(cast)
+    compute = self._strategy_from_reference(cast, placement)
     return jax.lax.with_sharding_constraint(compute, self.strategy.param_shardings(compute))
 
-  def to_strategy_layout(self, params: dict) -> dict:
+  def to_strategy_layout(self, params: dict, placement=None) -> dict:
     """The master weights in the strategy's layout and shardings, in their own dtype
     (traceable; its transpose maps float32 gradients of the compute copy to the master)."""
-    out = self.strategy.from_reference(params)
+    out = self._strategy_from_reference(params, placement)
     return jax.lax.with_sharding_constraint(out, self.strategy.param_shardings(out))
 
   def constrain(self, grads: dict) -> dict:
     """Gradients in this layout's shardings (with sharding: the reduce-scatter)."""
     return jax.lax.with_sharding_constraint(grads, self.shardings())
 
-  def to_reference(self, params: dict) -> dict:
-    return params if self.sharded else self.strategy.to_reference(params)
+  def to_reference(self, params: dict, placement=None) -> dict:
+    if self.sharded:
+      return params
+    extra = () if placement is None else (placement,)
+    return self.strategy.to_reference(params, *extra)
 
-  def from_reference(self, params: dict) -> dict:
-    return params if self.sharded else self.strategy.from_reference(params)
+  def from_reference(self, params: dict, placement=None) -> dict:
+    return params if self.sharded else self._strategy_from_reference(params, placement)
 
-  def convert_state(self, state: dict, source: ParamLayout) -> dict:
-    """A train state saved in `source`'s layout, in this one: the params and every
-    parameter-shaped part of the optimizer state (AdamW's moments; dummy slots are zero in both,
-    so the conversion is exact). Traceable; jit it with this layout's state shardings."""
+  def move_experts(self, tree: dict, old, new) -> dict:
+    """A parameter-shaped tree with its experts moved from table `old`'s slots to `new`'s
+    (`MASeparation.move_experts`); the sharded master is in the reference layout: unchanged."""
+    return tree if self.sharded else self.strategy.move_experts(tree, old, new)
+
+  def convert_state(self, state: dict, source: ParamLayout, placement=None) -> dict:
+    """A train state saved in `source`'s layout, in this one (its experts placed by
+    `placement` in both, where given): the params and every parameter-shaped part of the
+    optimizer state (AdamW's moments; dummy slots are zero in both, so the conversion is
+    exact). Traceable; jit it with this layout's state shardings."""
     params_def = jax.tree.structure(source.abstract())
 
     def convert(tree):
-      return self.from_reference(source.to_reference(tree))
+      return self.from_reference(source.to_reference(tree, placement), placement)
 
     def is_params(x):
       return jax.tree.structure(x) == params_def

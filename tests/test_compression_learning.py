@@ -28,7 +28,7 @@ def _learn(config: config_lib.Config, steps: int, devices) -> tuple[float, float
     losses.append(float(metrics['loss']))
   eval_step = train_lib.make_eval_step(layout, shardings['params'])
   evals = [
-    float(eval_step(state['params'], jax.device_put(b, strategy.batch_sharding()))['loss'])
+    float(eval_step(state['params'], jax.device_put(b, strategy.batch_sharding()), None)['loss'])
     for b in source.eval_batches(4)
   ]
   return losses[0], float(np.mean(losses[-20:])), float(np.mean(evals))

@@ -98,7 +98,7 @@ def _exchange_inputs(strategy):
 
 def _run_exchange(strategy, contrib):
   def body(c):  # c: f32[1, 2, b, T, D], this device's contribution
-    attn, moe = strategy._exchange(c[0])
+    attn, moe = strategy._exchange(c[0, 0], c[0, 1])
     return jnp.stack([attn, moe])[None]
 
   spec = P(ALL_AXES)

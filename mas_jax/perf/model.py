@@ -47,14 +47,20 @@ class ModelSpec:
   # a run's expert_load_<e> metrics (`loads_from_metrics`). Only dropless routing (and decode,
   # which is always dropless) computes what is routed; capacity routing computes fixed buffers.
   expert_loads: tuple[float, ...] | None = None
+  # The expert slot of each expert (ma_sep's parallel.rebalance_every table, slot // (E / F) the
+  # expert device); None: expert e in slot e (contiguous experts per device).
+  expert_placement: tuple[int, ...] | None = None
 
   def imbalance(self, devices: int) -> float:
-    """Routed pairs of the busiest of `devices` expert devices (contiguous experts each) over
+    """Routed pairs of the busiest of `devices` expert devices (the experts of its slots) over
     the mean: 1 when uniform, the AFD paper's imbalance factor otherwise."""
     if not self.expert_loads or devices <= 1:
       return 1.0
     per = len(self.expert_loads) // devices
-    shares = [sum(self.expert_loads[i * per : (i + 1) * per]) for i in range(devices)]
+    slots = self.expert_placement or range(len(self.expert_loads))
+    shares = [0.0] * devices
+    for load, slot in zip(self.expert_loads, slots, strict=True):
+      shares[slot // per] += load
     return max(shares) * devices / sum(shares)
 
   def capacity_slots(self, tokens: int) -> int:

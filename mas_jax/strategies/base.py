@@ -53,35 +53,43 @@ class Strategy(abc.ABC):
     """(loss, metrics) of the batch, equal to `model.loss_fn`; traced inside jit. `residual`
     (parallel.grad_compression='topk' only) is the error-feedback state of `shard_loss`."""
 
-  def value_and_grad(self, params: dict, batch: jax.Array, dropout_key: jax.Array | None):
-    """((loss, metrics), grads) of the batch."""
-    return jax.value_and_grad(self.loss, has_aux=True)(params, batch, dropout_key)
+  def value_and_grad(
+    self, params: dict, batch: jax.Array, dropout_key: jax.Array | None, placement=None
+  ):
+    """((loss, metrics), grads) of the batch. `placement`: ma_sep's expert -> slot table
+    (parallel.rebalance_every), passed to `loss` where given."""
+    extra = {} if placement is None else {'placement': placement}
+    return jax.value_and_grad(self.loss, has_aux=True)(params, batch, dropout_key, **extra)
 
-  def value_and_grad_compressed(self, params, batch, dropout_key, residual):
+  def value_and_grad_compressed(self, params, batch, dropout_key, residual, placement=None):
     """((loss, metrics), grads, new residual) with parallel.grad_compression='topk': the
     replicated parameters' gradients are all-reduced compressed (mas_jax/compression.py) and
     the new residual comes back as the residual's "gradient"."""
+    extra = {} if placement is None else {'placement': placement}
     out, (grads, new_residual) = jax.value_and_grad(self.loss, argnums=(0, 3), has_aux=True)(
-      params, batch, dropout_key, residual
+      params, batch, dropout_key, residual, **extra
     )
     return out, grads, new_residual
 
-  def shard_loss(self, local_loss, params, batch, dropout_key, residual=None):
+  def shard_loss(self, local_loss, params, batch, dropout_key, residual=None, extra=None):
     """`jax.shard_map` of local_loss(params, batch, key) -> (loss, metrics) over this
     strategy's mesh, with its parameter and batch specs (key replicated, None passed through).
 
     With a `residual` the parameters every device holds whole enter through
-    `compression.sync`: their gradients are all-reduced top-k compressed with error feedback."""
+    `compression.sync`: their gradients are all-reduced top-k compressed with error feedback.
+    `extra` (an array, replicated) is passed on as local_loss's fourth argument where given."""
     specs = self.param_specs(params)
     axes = tuple(self.mesh.axis_names)
     fraction = self.config.parallel.topk_fraction
     has_key, has_residual = dropout_key is not None, residual is not None
+    has_extra = extra is not None
 
     def program(params, batch, *rest):
-      key = rest[0] if has_key else None
+      rest = list(rest)
+      key = rest.pop(0) if has_key else None
       if has_residual:
-        params = compression.sync(params, specs, rest[-1], fraction, axes)
-      return local_loss(params, batch, key)
+        params = compression.sync(params, specs, rest.pop(0), fraction, axes)
+      return local_loss(params, batch, key, *rest)
 
     in_specs, args = (specs, self.batch_spec()), (params, batch)
     if has_key:
@@ -89,6 +97,8 @@ class Strategy(abc.ABC):
     if has_residual:
       in_specs = (*in_specs, compression.residual_specs(residual, axes))
       args = (*args, residual)
+    if has_extra:
+      in_specs, args = (*in_specs, P()), (*args, extra)
     return jax.shard_map(program, mesh=self.mesh, in_specs=in_specs, out_specs=(P(), P()))(*args)
 
   def from_reference(self, params: dict) -> dict:

@@ -58,10 +58,11 @@ Placement of the rest, and why:
 
 Load balancing: expert load fractions and the aux/z losses are computed every step (with
 replicated dispatch they are identical on every expert device, so their sums are divided by
-moe_devices). The head assignment
-is computed from the config. "Dynamic" rebalancing as the seed describes would need the slot
-tables to become step inputs (traced gather indices instead of constants) and a parameter
-re-shuffle across devices when they change; not implemented.
+moe_devices). The head assignment is computed from the config (heads cost the same: balance
+comes from the split). Experts are re-placed dynamically with parallel.rebalance_every
+(mas_jax/rebalance.py): an expert -> slot table, a traced input of the step, routes expert e to
+slot table[e] (`_slots`; dropout is drawn by expert id, so the math is the reference's), and
+`move_experts` moves the weights and moments between the expert devices when it changes.
 """
 
 from __future__ import annotations
@@ -311,8 +312,10 @@ class MASeparation(base.Strategy):
         moe[name] = _SLOTTED
     return specs
 
-  def from_reference(self, params):
-    """Reference layout -> head and expert slots (dummy slots zero)."""
+  def from_reference(self, params, placement=None):
+    """Reference layout -> head and expert slots (dummy slots zero). `placement` ([E] int32,
+    the expert slot of each expert; None: expert e in slot e) is the re-placement table of
+    parallel.rebalance_every (traceable)."""
     lay = self.layout
     slots = lay.slot_heads()
     real = jnp.asarray(slots >= 0)
@@ -327,10 +330,12 @@ class MASeparation(base.Strategy):
     dummy = lay.n_attn * lay.local_experts
     for name in ('w_in', 'w_out'):
       w = moe[name]
+      if placement is not None:  # slot s holds the expert whose placement is s
+        w = jnp.take(w, jnp.argsort(placement), axis=1)
       moe[name] = jnp.concatenate([jnp.zeros((w.shape[0], dummy, *w.shape[2:]), w.dtype), w], 1)
     return out
 
-  def to_reference(self, params):
+  def to_reference(self, params, placement=None):
     """Head and expert slots -> reference layout (the inverse of `from_reference`)."""
     lay = self.layout
     slots = lay.slot_heads()
@@ -345,6 +350,47 @@ class MASeparation(base.Strategy):
     moe = out['blocks']['moe']
     for name in ('w_in', 'w_out'):
       moe[name] = moe[name][:, lay.n_attn * lay.local_experts :]
+      if placement is not None:
+        moe[name] = jnp.take(moe[name], placement, axis=1)
+    return out
+
+  def move_experts(self, tree, old, new):
+    """A parameter-shaped tree (parameters, or an AdamW moment) in this layout with its experts
+    moved from the slots of table `old` to those of `new` ([E] int32 expert -> slot tables,
+    traced; parallel.rebalance_every).
+
+    F - 1 rounds of `ppermute` between the expert devices (round r: expert device j sends
+    device (j + r) % F the experts it holds that the new table puts there, in their new slots,
+    zeros elsewhere), so each device sends and receives at most its own E_loc slots per round
+    and holds one such buffer at a time: no device ever holds more than its own share, as a
+    gather of the slot axis would.
+    """
+    lay = self.layout
+    local, n_moe, n_attn = lay.local_experts, lay.n_moe, lay.n_attn
+
+    def program(w, old, new):  # w: this device's slots [L, E_loc, ...]
+      device = mesh_lib.device_index()
+      j = device - n_attn  # expert device index (negative on attention devices)
+      expert_at = jnp.argsort(new)  # [E] the expert of each new slot
+      old_device = old // local  # [E]
+      mask = lambda m: m.reshape(1, local, *(1,) * (w.ndim - 2)).astype(w.dtype)  # noqa: E731
+      out = jnp.zeros_like(w)
+      for r in range(n_moe):
+        # The experts of device (j + r)'s new slots that this device holds, from its old slots.
+        want = expert_at[((j + r) % n_moe) * local + jnp.arange(local)]
+        held = old_device[want] == j
+        send = jnp.take(w, jnp.clip(old[want] - j * local, 0, local - 1), axis=1) * mask(held)
+        if r:
+          pairs = [(n_attn + i, n_attn + (i + r) % n_moe) for i in range(n_moe)]
+          send = lax.ppermute(send, ALL_AXES, pairs)
+        out = out + send
+      return jnp.where(device >= n_attn, out, w)  # attention devices: dummy slots, unchanged
+
+    move = jax.shard_map(program, mesh=self.mesh, in_specs=(_SLOTTED, P(), P()), out_specs=_SLOTTED)
+    out = jax.tree.map(lambda x: x, tree)
+    moe = out['blocks']['moe']
+    for name in ('w_in', 'w_out'):
+      moe[name] = move(moe[name], old, new)
     return out
 
   def batch_spec(self):
@@ -571,16 +617,17 @@ class MASeparation(base.Strategy):
       stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
     return x, route, stats, pos, cap
 
-  def _experts(self, p, xe, key, groups, first):
-    """This device's experts on their buffers xe[G, E_loc, C, D] (global group ids `groups`)."""
-    cfg, lay = self.config.model, self.layout
+  def _experts(self, p, xe, key, groups, experts):
+    """This device's experts on their buffers xe[G, E_loc, C, D] (global group ids `groups`,
+    expert ids `experts` [E_loc])."""
+    cfg = self.config.model
     with jax.named_scope('experts'):
       mask = None
       if key is not None and cfg.expert_dropout > 0:
         mask = moe_lib.dropout_keep_mask(
           key,
           groups,
-          first + jnp.arange(lay.local_experts),
+          experts,
           (xe.shape[2], cfg.expert_hidden),
           cfg.expert_dropout,
         )
@@ -588,24 +635,38 @@ class MASeparation(base.Strategy):
         xe, p['moe']['w_in'], p['moe']['w_out'], cfg.activation, mask, cfg.expert_dropout
       )
 
-  def _moe_part(self, p, h, key, device, group_offset):
+  def _slots(self, experts, placement, device):
+    """(expert slot of each routed expert id, expert ids of this device's slots [E_loc]).
+
+    `placement` [E] is parallel.rebalance_every's table (None: expert e in slot e); a slot's
+    queue is its expert's, so capacity positions and drops are the reference's.
+    """
+    lay = self.layout
+    first = (device - lay.n_attn) * lay.local_experts
+    mine = first + jnp.arange(lay.local_experts)
+    if placement is None:
+      return experts, mine
+    return placement[experts], jnp.argsort(placement)[mine]
+
+  def _moe_part(self, p, h, key, device, group_offset, placement=None):
     """Routing of all tokens, this device's experts only: h[b,T,D] -> y[b,T,D]{U_experts}."""
     lay = self.layout
     first = (device - lay.n_attn) * lay.local_experts
     x, route, stats, pos, cap = self._route(p, h)
-    local = route['experts'] - first  # [b, T, K]
+    slots, ids = self._slots(route['experts'], placement, device)
+    local = slots - first  # [b, T, K]
     mine = (local >= 0) & (local < lay.local_experts)
     # Tokens of other devices' experts get slot `cap`: dropped here, computed there.
     pos_local = jnp.where(mine, pos, cap)
     local = jnp.where(mine, local, 0)
     with jax.named_scope('dispatch'):
       xe = moe_lib.dispatch(x, local, pos_local, lay.local_experts, cap)  # [b, E_loc, C, D]
-    ye = self._experts(p, xe, key, group_offset + jnp.arange(h.shape[0]), first)
+    ye = self._experts(p, xe, key, group_offset + jnp.arange(h.shape[0]), ids)
     with jax.named_scope('combine'):
       y = moe_lib.combine(ye, local, pos_local, route['gates'])
     return y, stats
 
-  def _moe_part_all_to_all(self, p, h, key, device, group_offset):
+  def _moe_part_all_to_all(self, p, h, key, device, group_offset, placement=None):
     """Expert-parallel MoE inside the expert row: h[b,T,D] -> y[b,T,D] on every expert device.
 
     Expert device c routes its 1/n_moe of the sequences, sends every expert's capacity buffer to
@@ -615,18 +676,18 @@ class MASeparation(base.Strategy):
     """
     cfg, lay = self.config.model, self.layout
     share = h.shape[0] // lay.n_moe
-    first = (device - lay.n_attn) * lay.local_experts
     h_local = lax.dynamic_slice_in_dim(h, lax.axis_index(EXPERT_AXIS) * share, share)
     x, route, stats, pos, cap = self._route(p, h_local)  # x: [b/n, T, D]
+    slots, ids = self._slots(route['experts'], placement, device)
     with jax.named_scope('dispatch'):
-      xe = moe_lib.dispatch(x, route['experts'], pos, cfg.num_experts, cap)  # [b/n, E, C, D]
+      xe = moe_lib.dispatch(x, slots, pos, cfg.num_experts, cap)  # [b/n, E slots, C, D]
       # xe[G/n, E, C, D] -> [G, E/n, C, D]: each device receives its experts' slots of all groups.
       xe = lax.all_to_all(xe, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
-    ye = self._experts(p, xe, key, group_offset + jnp.arange(h.shape[0]), first)
+    ye = self._experts(p, xe, key, group_offset + jnp.arange(h.shape[0]), ids)
     with jax.named_scope('combine'):
       # ye[G, E/n, C, D] -> [G/n, E, C, D]: outputs return to the devices that routed them.
       ye = lax.all_to_all(ye, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
-      y = moe_lib.combine(ye, route['experts'], pos, route['gates'])  # [b/n, T, D]
+      y = moe_lib.combine(ye, slots, pos, route['gates'])  # [b/n, T, D]
       y = lax.all_gather(y, EXPERT_AXIS, axis=0, tiled=True)  # y[b/n..] -> y[b, T, D]
     return y, stats
 
@@ -757,14 +818,16 @@ class MASeparation(base.Strategy):
     counts = jnp.asarray(self.layout.head_counts())
     return (jnp.arange(self.layout.head_slots) < counts[device]).astype(jnp.float32)
 
-  def loss(self, params, batch, dropout_key, residual=None):
+  def loss(self, params, batch, dropout_key, residual=None, placement=None):
+    """See `base.Strategy.loss`; `placement` [E] int32 is parallel.rebalance_every's expert ->
+    slot table (None: the identity), which `params` are laid out by (`from_reference`)."""
     cfg, lay = self.config, self.layout
     mcfg = cfg.model
     n_mb = cfg.parallel.num_microbatches
     b = cfg.data.batch_size // n_mb
     dtype = jnp.dtype(mcfg.compute_dtype)
 
-    def program(params, batch, key):
+    def program(params, batch, key, placement=None):
       device = mesh_lib.device_index()
       inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
       x0 = params['embed'][inputs].astype(dtype)  # [B, T, D]
@@ -784,12 +847,13 @@ class MASeparation(base.Strategy):
         self._moe_part if self.dispatch == 'replicated' else self._moe_part_all_to_all, mcfg
       )
 
-      def attention(i, micro, x_in, keys, weights):
+      def attention(i, micro, x_in, operands, weights):
         return attention_part(weights, x_in, mesh_lib.device_index()), None
 
-      def experts(i, micro, h_in, keys, weights):
+      def experts(i, micro, h_in, operands, weights):
+        keys, slots = operands
         k = None if keys is None else keys[i]
-        return moe_part(weights, h_in, k, mesh_lib.device_index(), micro * b)
+        return moe_part(weights, h_in, k, mesh_lib.device_index(), micro * b, slots)
 
       xs = [_to_varying(x0[m * b : (m + 1) * b]) for m in range(n_mb)]
       xs, stats, _ = self._run_ticks(
@@ -797,7 +861,7 @@ class MASeparation(base.Strategy):
         attention,
         experts,
         None,
-        None if keys is None else _to_varying(keys),
+        _to_varying((keys, placement)),
         self._zero_stats,
         _sink_weights(per_layer),
       )
@@ -809,7 +873,7 @@ class MASeparation(base.Strategy):
       ce_sum = lax.psum(ce_sum, ALL_AXES)  # ce{U_all} -> ce: tokens were split over devices
       return base.finalize(cfg, ce_sum, stats)
 
-    return self.shard_loss(program, params, batch, dropout_key, residual)
+    return self.shard_loss(program, params, batch, dropout_key, residual, placement)
 
   # -------------------------------------------------------------------------------------------
   # Generation: the same ticks; the KV cache lives in the attention devices' head slots.
