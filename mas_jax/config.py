@@ -199,11 +199,6 @@ def validate(config: Config) -> None:
     f'model.loss_chunk={m.loss_chunk!r} must be an integer >= 0 (tokens per chunk; 0: off)',
   )
   _check(
-    m.loss_chunk == 0 or p.strategy != 'ma_sep',
-    f'model.loss_chunk={m.loss_chunk}: parallel.strategy=ma_sep computes its head in '
-    'MASeparation._head_loss, which does not chunk yet (use model.loss_chunk=0)',
-  )
-  _check(
     m.expert_impl in moe_lib.EXPERT_IMPLS,
     f'model.expert_impl={m.expert_impl!r} is not one of {moe_lib.EXPERT_IMPLS}',
   )

@@ -486,14 +486,16 @@ class MASeparation(base.Strategy):
     device) is reported beside them.
     """
     rows = []
+    # State = float32 parameters + AdamW's two moments (the first in train.mu_dtype), sharded
+    # alike: train.state_bytes_per_param bytes per float32 parameter's 4.
+    state = self.config.train.state_bytes_per_param / 4
     for device, (held, used) in enumerate(self._param_bytes()):
-      # State = parameters + AdamW's two moments, all float32 and sharded alike.
       rows.append(
         {
           'device': device,
           'role': 'attention' if device < self.layout.n_attn else 'expert',
-          'state_held': 3 * held,
-          'state_used': 3 * used,
+          'state_held': int(state * held),
+          'state_used': int(state * used),
           'efficiency': used / held,
           'activations': activation_bytes,
         }
@@ -1054,6 +1056,4 @@ class MASeparation(base.Strategy):
     n_tok = x.shape[0] // self.layout.n_devices
     x = lax.dynamic_slice_in_dim(x, device * n_tok, n_tok)  # [B*T/n, D]
     t = lax.dynamic_slice_in_dim(targets, device * n_tok, n_tok)
-    x = attn_lib.rms_norm(x, params['final_norm']['scale'])
-    logits = jnp.einsum('ND,DV->NV', x, params['unembed'].astype(x.dtype)).astype(jnp.float32)
-    return model_lib.cross_entropy_sum(logits, t)
+    return model_lib.head_cross_entropy_sum(self.config.model, params, x, t)
