@@ -29,16 +29,29 @@ from configs import tiny  # noqa: E402
 
 @pytest.fixture(scope='session')
 def sample_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir holding the embedded C4 sample and its tokenizer, built once per session."""
+  """A TFDS data_dir holding the embedded C4 sample and its tokenizer, built once per session:
+  the xdist workers share one (the first builds it under a file lock; about 20 s of CPU each)."""
+  import fcntl
+
   from mas_jax import config as config_lib
   from mas_jax.data import sample
   from mas_jax.data.c4 import C4Source
 
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  cd = tiny.get_config()
-  cd.data.data_dir = data_dir
-  sample.build(data_dir, cd.data.version)
-  C4Source(config_lib.from_config_dict(cd).data, cd.model.vocab_size, seed=0)
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # this session's directory, shared by its workers
+  data_dir = str(root / 'shared_tfds')
+  with open(str(root / 'shared_tfds.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    built = str(root / 'shared_tfds.built')
+    if not os.path.exists(built):
+      os.makedirs(data_dir, exist_ok=True)
+      cd = tiny.get_config()
+      cd.data.data_dir = data_dir
+      sample.build(data_dir, cd.data.version)
+      C4Source(config_lib.from_config_dict(cd).data, cd.model.vocab_size, seed=0)
+      with open(built, 'w') as f:
+        f.write('built\n')
   return data_dir
 
 
