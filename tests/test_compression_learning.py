@@ -4,7 +4,7 @@ the test suite's workers run it beside tests/test_compression.py)."""
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import compile_train_step_for_many_steps, tiny_config
 
 from mas_jax import config as config_lib
 from mas_jax import train_lib
@@ -20,7 +20,7 @@ def _learn(config: config_lib.Config, steps: int, devices) -> tuple[float, float
   tx = train_lib.make_optimizer(config.train)
   layout = zero.ParamLayout(config, strategy)
   state, shardings = train_lib.create_train_state(layout, tx)
-  step = train_lib.compile_train_step(config, layout, tx, shardings, state)
+  step = compile_train_step_for_many_steps(config, layout, tx, shardings, state)
   source = get_source(config)
   losses = []
   for _, (batch, _) in zip(range(steps), source.train_batches(), strict=False):
