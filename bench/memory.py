@@ -58,6 +58,13 @@ PLACEMENTS = {
     'parallel.num_microbatches': 4,
     'parallel.shard_gradients': False,
   },
+  # Data-parallel attention: every device holds all heads (16 sequences per micro-batch: 2 slots
+  # on each of the 12 attention devices).
+  'ma_sep 12:4 attn_sharding=batch': {
+    'parallel.strategy': 'ma_sep',
+    'parallel.num_microbatches': 4,
+    'parallel.attn_sharding': 'batch',
+  },
   'ma_sep best': {
     'parallel.strategy': 'ma_sep',
     'parallel.attn_devices': 'auto',
