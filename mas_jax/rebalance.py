@@ -6,8 +6,8 @@ experts' routed-load fractions (the `expert_load` metric) summed over the steps 
 re-placement. Every `rebalance_every` steps the training loop:
   1. reads the summed loads (one [E] transfer);
   2. chooses a new table with `lpt_placement`: greedy longest-processing-time over the expert
-     devices, each with E_loc slots, which makes the busiest expert device's routed tokens as
-     low as the greedy rule gets them (within 4/3 of the optimum);
+     devices, each with E_loc slots (heaviest expert first, to the least loaded device with a
+     free slot), to make the busiest expert device's routed tokens low;
   3. if the table changed, moves every expert's weights and AdamW moments to their new slots
      (`move_state`: `MASeparation.move_experts`, ppermutes between the expert devices in
      which each sends and receives at most its own slots; with parallel.shard_optimizer the
