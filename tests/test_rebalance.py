@@ -131,11 +131,20 @@ def unplaced():
   return _train(_config(), steps=3)
 
 
-@pytest.mark.parametrize('shard_optimizer', [False, True])
-def test_a_replaced_run_trains_like_one_that_is_not(unplaced, shard_optimizer):
+@pytest.mark.parametrize(
+  'shard_optimizer, attn_sharding', [(False, 'heads'), (True, 'heads'), (True, 'batch')]
+)
+def test_a_replaced_run_trains_like_one_that_is_not(unplaced, shard_optimizer, attn_sharding):
   """Experts moved to PERMUTATION after step 1 (weights and AdamW moments, or with a sharded
-  optimizer only the table): the next steps' losses and the parameters are the same."""
-  config = _config(**{'parallel.rebalance_every': 1, 'parallel.shard_optimizer': shard_optimizer})
+  optimizer only the table; also with data-parallel attention): the next steps' losses and the
+  parameters are those of the unmoved run."""
+  config = _config(
+    **{
+      'parallel.rebalance_every': 1,
+      'parallel.shard_optimizer': shard_optimizer,
+      'parallel.attn_sharding': attn_sharding,
+    }
+  )
   losses, params, state = _train(config, steps=3, table=PERMUTATION)
   np.testing.assert_array_equal(np.asarray(state['placement']), PERMUTATION)
   np.testing.assert_allclose(losses, unplaced[0], rtol=1e-6)
