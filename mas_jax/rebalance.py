@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from mas_jax import zero
+from mas_jax.perf import model as perf_model
 
 
 def device_loads(loads: np.ndarray, placement: np.ndarray, per_device: int) -> np.ndarray:
@@ -45,20 +46,11 @@ def device_loads(loads: np.ndarray, placement: np.ndarray, per_device: int) -> n
 
 
 def lpt_placement(loads: np.ndarray, per_device: int) -> np.ndarray:
-  """The expert -> slot table [E] of greedy longest-processing-time: experts by load, heaviest
-  first, each to the least loaded expert device with a free slot (ties: the lower device), in
-  that device's next free slot. Deterministic, so every process computes the same table."""
-  loads = np.asarray(loads, np.float64)
-  n = len(loads) // per_device
-  total, filled = np.zeros(n), np.zeros(n, np.int64)
-  placement = np.zeros(len(loads), np.int32)
-  for e in sorted(range(len(loads)), key=lambda e: (-loads[e], e)):
-    free = [d for d in range(n) if filled[d] < per_device]
-    d = min(free, key=lambda d: (total[d], d))
-    placement[e] = d * per_device + filled[d]
-    total[d] += loads[e]
-    filled[d] += 1
-  return placement
+  """The expert -> slot table [E] int32 of greedy longest-processing-time
+  (`mas_jax.perf.model.lpt_placement`, which the planner uses too). Deterministic, so every
+  process computes the same table."""
+  loads = [float(x) for x in np.asarray(loads, np.float64)]
+  return np.asarray(perf_model.lpt_placement(loads, per_device), np.int32)
 
 
 def move_state(layout: zero.ParamLayout, state: dict, placement: jax.Array) -> dict:
@@ -137,11 +129,7 @@ def predicted_steps(m, hw, w, split, loads, cal=None) -> tuple[float, float]:
   routed (dropless): (before, after)."""
   from mas_jax.perf import ma_sep as ma_sep_model
 
-  per_device = m.num_experts // split.n_moe
   spec = dataclasses.replace(m, dropless=True, expert_loads=tuple(float(x) for x in loads))
   before = ma_sep_model.predict(spec, hw, w, split, cal).step_s
-  table = tuple(int(x) for x in lpt_placement(np.asarray(loads), per_device))
-  after = ma_sep_model.predict(
-    dataclasses.replace(spec, expert_placement=table), hw, w, split, cal
-  ).step_s
-  return before, after
+  after = ma_sep_model.predict(dataclasses.replace(spec, rebalanced=True), hw, w, split, cal)
+  return before, after.step_s

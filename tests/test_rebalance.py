@@ -238,3 +238,28 @@ def test_bad_input_errors(overrides, message):
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.from_config_dict(tiny_config(**{'parallel.strategy': 'ma_sep', **overrides}))
   assert message in str(err.value) and '\n' not in str(err.value)
+
+
+def test_the_planner_predicts_the_rebalanced_step():
+  """`ModelSpec(rebalanced=True)`: the busiest expert device of the LPT table, for ma_sep only
+  (ep keeps its experts in place); the dropless seed step at 12:4 gets faster under skewed
+  loads, and the planner's table is `rebalance.lpt_placement`'s."""
+  from configs import paper
+  from mas_jax import perf
+  from mas_jax.perf import ep as ep_model
+  from mas_jax.perf import ma_sep as ma_sep_model
+
+  loads = (0.15, 0.16, 0.15, 0.13) + (0.41 / 12,) * 12
+  np.testing.assert_array_equal(
+    rebalance.lpt_placement(np.array(loads), 4), perf.model.lpt_placement(list(loads), 4)
+  )
+  m = perf.ModelSpec.from_config(config_lib.from_config_dict(paper.get_config()))
+  m = dataclasses.replace(m, dropless=True, expert_loads=loads)
+  placed = dataclasses.replace(m, rebalanced=True)
+  assert m.imbalance(4) == pytest.approx(0.59 * 4) and placed.imbalance(4) < 1.1
+  hw, w = perf.HARDWARE['h100'], perf.Workload('train', 1024, 2048, 32)
+  split = ma_sep_model.Split(12, 4, 2)
+  assert (
+    ma_sep_model.predict(placed, hw, w, split).step_s < ma_sep_model.predict(m, hw, w, split).step_s
+  )
+  assert ep_model.predict(placed, hw, w, 16, 4).step_s == ep_model.predict(m, hw, w, 16, 4).step_s

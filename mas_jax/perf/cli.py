@@ -66,6 +66,12 @@ def define_flags() -> types.SimpleNamespace:
       "A run's metrics.jsonl: its measured expert load fractions (mean of the last 10 logged "
       'steps) set the busiest expert device of dropless routing and decode.',
     ),
+    rebalanced=flags.DEFINE_bool(
+      'rebalanced',
+      False,
+      'With --expert_loads: the experts placed as parallel.rebalance_every would place them for '
+      'those loads (greedy LPT per expert-device count), instead of contiguously.',
+    ),
     measured=flags.DEFINE_string(
       'measured', None, 'Bench JSON (bench/gpu_bench.py): predicted vs measured train steps.'
     ),
@@ -104,7 +110,11 @@ def run_planner(f: types.SimpleNamespace) -> None:
   config = f.config.value
   m = pm.ModelSpec.from_config(config)
   if f.expert_loads.value:
-    m = dataclasses.replace(m, expert_loads=perf_model.loads_from_metrics(f.expert_loads.value))
+    m = dataclasses.replace(
+      m,
+      expert_loads=perf_model.loads_from_metrics(f.expert_loads.value),
+      rebalanced=f.rebalanced.value,
+    )
     print(
       f'expert loads from {f.expert_loads.value}: ' + ', '.join(f'{x:.3f}' for x in m.expert_loads)
     )
@@ -121,6 +131,8 @@ def run_planner(f: types.SimpleNamespace) -> None:
 def main(f: types.SimpleNamespace, argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if f.rebalanced.value and not f.expert_loads.value:
+    raise app.UsageError('--rebalanced places the experts by measured loads: give --expert_loads')
   config = f.config.value
   cal = pm.Calibration.load(f.calibration.value) if f.calibration.value else None
   if f.reproduce.value == 'afd':

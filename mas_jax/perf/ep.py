@@ -167,7 +167,7 @@ def predict(
   attn = k.attention(w, m.num_heads, local_seqs)
   pairs = local_seqs * tokens * m.top_k * (m.capacity if w.train else 1.0)
   if m.dropless or not w.train:  # computed rows follow the load: the busiest device's
-    pairs *= m.imbalance(ep)
+    pairs *= m.imbalance(ep, replaces=False)  # ep keeps experts in place
   exp = k.experts(w, m.num_experts // ep, pairs, local_seqs * tokens * ep, m.expert_hidden)
   head = k.head(w, local_seqs, 1.0)
   colls = collectives(m, hw, w, n, ep, accum)

@@ -47,17 +47,21 @@ class ModelSpec:
   # a run's expert_load_<e> metrics (`loads_from_metrics`). Only dropless routing (and decode,
   # which is always dropless) computes what is routed; capacity routing computes fixed buffers.
   expert_loads: tuple[float, ...] | None = None
-  # The expert slot of each expert (ma_sep's parallel.rebalance_every table, slot // (E / F) the
-  # expert device); None: expert e in slot e (contiguous experts per device).
-  expert_placement: tuple[int, ...] | None = None
+  # True: the experts sit where ma_sep's re-placement (parallel.rebalance_every) puts them for
+  # these loads (`lpt_placement` for each expert-device count); False: expert e in slot e
+  # (contiguous experts per device).
+  rebalanced: bool = False
 
-  def imbalance(self, devices: int) -> float:
+  def imbalance(self, devices: int, replaces: bool = True) -> float:
     """Routed pairs of the busiest of `devices` expert devices (the experts of its slots) over
-    the mean: 1 when uniform, the AFD paper's imbalance factor otherwise."""
+    the mean: 1 when uniform, the AFD paper's imbalance factor otherwise. `replaces`: whether
+    the strategy re-places experts (ma_sep does; ep does not), so `rebalanced` applies."""
     if not self.expert_loads or devices <= 1:
       return 1.0
     per = len(self.expert_loads) // devices
-    slots = self.expert_placement or range(len(self.expert_loads))
+    slots = range(len(self.expert_loads))
+    if self.rebalanced and replaces:
+      slots = lpt_placement(self.expert_loads, per)
     shares = [0.0] * devices
     for load, slot in zip(self.expert_loads, slots, strict=True):
       shares[slot // per] += load
@@ -238,6 +242,21 @@ def hit_probability(local: float, m: ModelSpec) -> float:
   for i in range(m.top_k):
     miss *= max(0.0, (m.num_experts - local - i) / (m.num_experts - i))
   return 1.0 - miss
+
+
+def lpt_placement(loads, per_device: int) -> list[int]:
+  """The expert -> slot table of ma_sep's re-placement (mas_jax/rebalance.py): experts by load,
+  heaviest first (ties: the lower id), each to the least loaded expert device with a free slot
+  (ties: the lower device), in that device's next free slot."""
+  n = len(loads) // per_device
+  total, filled = [0.0] * n, [0] * n
+  placement = [0] * len(loads)
+  for e in sorted(range(len(loads)), key=lambda e: (-loads[e], e)):
+    d = min((d for d in range(n) if filled[d] < per_device), key=lambda d: (total[d], d))
+    placement[e] = d * per_device + filled[d]
+    total[d] += loads[e]
+    filled[d] += 1
+  return placement
 
 
 def loads_from_metrics(path: str, last: int = 10) -> tuple[float, ...]:
