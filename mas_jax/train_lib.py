@@ -378,11 +378,13 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   )
 
 
-def compile_train_step(config: Config, layout: zero.ParamLayout, tx, shardings, state):
+def compile_train_step(
+  config: Config, layout: zero.ParamLayout, tx, shardings, state, compiler_options=None
+):
   """Compiles the train step once, ahead of time, and logs its memory use per device.
 
   The loop calls the compiled executable, so a shape or sharding change would fail loudly
-  instead of recompiling silently.
+  instead of recompiling silently. `compiler_options` go to XLA (`Lowered.compile`).
   """
   batch = jax.ShapeDtypeStruct(
     (config.data.batch_size, config.data.seq_len + 1),
@@ -393,7 +395,8 @@ def compile_train_step(config: Config, layout: zero.ParamLayout, tx, shardings, 
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
   )
   start = time.perf_counter()
-  compiled = make_train_step(config, layout, tx, shardings).lower(abstract_state, batch).compile()
+  lowered = make_train_step(config, layout, tx, shardings).lower(abstract_state, batch)
+  compiled = lowered.compile(compiler_options=compiler_options)
   logging.info('Compiled the train step in %.1f s.', time.perf_counter() - start)
   mem = compiled.memory_analysis()
   if mem is not None:

@@ -74,23 +74,13 @@ def _background_runs(request, tmp_path_factory):
 
 
 def compile_train_step_for_many_steps(config, layout, tx, shardings, state):
-  """train_lib.compile_train_step's program compiled with LLVM's optimisations on (level 2, not
-  CPU_FAST_COMPILE's 0), for tests that run it for many steps: about 4 s more CPU to compile
-  the tiny model's dp step, half the CPU per step. The same HLO and XLA passes either way."""
-  import jax.numpy as jnp
-
+  """train_lib.compile_train_step with LLVM's optimisations on (level 2, not CPU_FAST_COMPILE's
+  0), for tests that run it for many steps: about 4 s more CPU to compile the tiny model's dp
+  step, half the CPU per step. The same HLO and XLA passes either way."""
   from mas_jax import train_lib
 
-  batch = jax.ShapeDtypeStruct(
-    (config.data.batch_size, config.data.seq_len + 1),
-    jnp.int32,
-    sharding=layout.strategy.batch_sharding(),
-  )
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
-  )
-  lowered = train_lib.make_train_step(config, layout, tx, shardings).lower(abstract_state, batch)
-  return lowered.compile(compiler_options={'xla_backend_optimization_level': 2})
+  options = {'xla_backend_optimization_level': 2}
+  return train_lib.compile_train_step(config, layout, tx, shardings, state, options)
 
 
 def tiny_config(**overrides):
