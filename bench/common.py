@@ -78,12 +78,10 @@ def bench(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
-def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
-  """configs/paper.py with dotted overrides and synthetic data: median step time and figures.
-
-  The train step is the trainer's own (`train_lib.compile_train_step`: forward, backward, AdamW,
-  donated state), on one fixed batch; MFU is against the datasheet peak of all devices used.
-  """
+def build_train_step(overrides: dict):
+  """configs/paper.py with dotted overrides and synthetic data: the trainer's own compiled train
+  step (`train_lib.compile_train_step`: forward, backward, AdamW, donated state), a fresh state
+  and one fixed batch. Returns (config, strategy, step, state, batch)."""
   cd = paper.get_config()
   cd.data.source = 'synthetic'
   for dotted, value in overrides.items():
@@ -98,6 +96,13 @@ def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
   shape = (config.data.batch_size, config.data.seq_len + 1)
   tokens_np = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, np.int32)
   batch = jax.device_put(tokens_np, strategy.batch_sharding())
+  return config, strategy, step, state, batch
+
+
+def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
+  """Median step time and figures of `build_train_step(overrides)`, on one fixed batch; MFU is
+  against the datasheet peak of all devices used."""
+  config, strategy, step, state, batch = build_train_step(overrides)
   for _ in range(warmup):
     state, m = step(state, batch)
   jax.block_until_ready(state)

@@ -104,23 +104,25 @@ def block_forward(
 ) -> tuple[jax.Array, dict]:
   """One block on x[B, T, D] (compute dtype) with one layer's parameters p (no layer axis)."""
   positions = jnp.arange(x.shape[1])
-  h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
-  x = x + attn_lib.attention(
-    h, p['attn'], positions, cfg.rope_base, implementation=cfg.attention_implementation
-  )
-  h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
+  with jax.named_scope('attention'):
+    h = attn_lib.rms_norm(x, p['attn_norm']['scale'])
+    x = x + attn_lib.attention(
+      h, p['attn'], positions, cfg.rope_base, implementation=cfg.attention_implementation
+    )
   cap = moe_lib.capacity(x.shape[1], cfg.top_k, cfg.num_experts, cfg.capacity_factor, cfg.dropless)
-  y, stats = moe_lib.moe_ffn(
-    h,
-    p['moe'],
-    top_k=cfg.top_k,
-    cap=cap,
-    activation=cfg.activation,
-    dropout_rate=cfg.expert_dropout,
-    dropout_key=dropout_key,
-    group_offset=group_offset,
-    impl=moe_lib.resolve_expert_impl(cfg.expert_impl, cfg.dropless, cfg.expert_dropout),
-  )
+  with jax.named_scope('moe'):
+    h = attn_lib.rms_norm(x, p['mlp_norm']['scale'])
+    y, stats = moe_lib.moe_ffn(
+      h,
+      p['moe'],
+      top_k=cfg.top_k,
+      cap=cap,
+      activation=cfg.activation,
+      dropout_rate=cfg.expert_dropout,
+      dropout_key=dropout_key,
+      group_offset=group_offset,
+      impl=moe_lib.resolve_expert_impl(cfg.expert_impl, cfg.dropless, cfg.expert_dropout),
+    )
   return x + y, stats
 
 
@@ -165,7 +167,8 @@ def forward_hidden(
   """The blocks of `forward`: tokens[B, T] -> the last block's output x[B, T, D] (compute dtype,
   before the final norm), stats summed over layers."""
   dtype = jnp.dtype(cfg.compute_dtype)
-  x = params['embed'][tokens].astype(dtype)  # [B, T, D]
+  with jax.named_scope('embed'):
+    x = params['embed'][tokens].astype(dtype)  # [B, T, D]
   keys = layer_keys(dropout_key, cfg.num_layers)
 
   def body(x, layer):
@@ -401,7 +404,8 @@ def loss_sums(
   """Cross-entropy sum and routing stats of a packed batch[B, T + 1] (or a shard of one)."""
   inputs, targets = batch[:, :-1], batch[:, 1:]
   x, stats = forward_hidden(cfg, params, inputs, dropout_key, group_offset)
-  return head_cross_entropy_sum(cfg, params, x, targets), stats
+  with jax.named_scope('head'):
+    return head_cross_entropy_sum(cfg, params, x, targets), stats
 
 
 def loss_fn(

@@ -239,6 +239,22 @@ def micro_config(config: Config) -> Config:
   return dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=micro))
 
 
+def cast_matmul_weights(params: dict, dtype) -> dict:
+  """`params` with every float32 leaf but the norm scales and the embedding table in `dtype`.
+
+  The modules cast these weights to the compute dtype where they use them; casting them once
+  per step instead of once per micro-batch changes no value, gradients included (the cast's
+  transpose is the identity on values). The norms compute in float32, and the embedding's
+  gradient is a scatter-add that has to stay float32."""
+
+  def cast(path, x):
+    name = zero._name(path)
+    keep = name.endswith('scale') or name == 'embed' or x.dtype != jnp.float32
+    return x if keep else x.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def accumulate(
   value_and_grad, params, batch: jax.Array, key, steps: int, grads_like=None, residual=None
 ):
@@ -271,7 +287,9 @@ def accumulate(
     (loss, metrics), grads, residual = call(
       rows, None if key is None else jax.random.fold_in(key, j), residual
     )
-    return (jax.tree.map(lambda a, g: a + g / steps, acc, grads), residual), (loss, metrics)
+    with jax.named_scope('accumulate'):
+      acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype) / steps, acc, grads)
+    return (acc, residual), (loss, metrics)
 
   zeros = jax.tree.map(
     lambda x: jnp.zeros(x.shape, jnp.float32), params if grads_like is None else grads_like
@@ -317,6 +335,11 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   # parallel.grad_compression='topk': the error-feedback residual travels through the chunks.
   residual_in = layout.residual_abstract() is not None
 
+  # One device, several micro-batches: the matmul weights are cast to the compute dtype once per
+  # step, not in every micro-batch (on several devices the cast stays inside the strategy, where
+  # its transpose sums the replicated weights' gradients in float32).
+  cast_once = steps > 1 and not layout.sharded and not residual_in and len(strategy.devices) == 1
+
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
     # parallel.rebalance_every: the expert -> slot table the parameters are placed by.
@@ -330,6 +353,8 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
       return micro_strategy.value_and_grad(params, rows, key, *extra)
 
     compute, pullback = jax.vjp(lambda p: layout.to_compute(p, placement), state['params'])
+    if cast_once:
+      compute = cast_matmul_weights(compute, jnp.dtype(config.model.compute_dtype))
     residual = state.get('residual')
     if per_step:
       # The float32 map from the master to the strategy layout: its transpose takes the
@@ -356,9 +381,11 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
         grads_like=state['params'],
         residual=residual,
       )
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    metrics['grad_norm'] = global_norm(grads)
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
+    with jax.named_scope('grad_norm'):
+      metrics['grad_norm'] = global_norm(grads)
     metrics['learning_rate'] = schedule(state['step'])
     if config.train.skip_nonfinite_steps:
       metrics['skipped_steps'] = opt_state.total_notfinite

@@ -55,6 +55,73 @@ def test_breakdowns_of_the_committed_results():
 
 
 @pytest.mark.timeout(120)
+def test_step_profile_smoke(tmp_path, monkeypatch):
+  """bench/step_profile.py traces the train step and classes every kernel by kind, named scope
+  and pass (on CPU: the thunk executor's op events)."""
+  import step_profile
+
+  argv = ['step_profile.py', '--smoke', '--out', str(tmp_path), '--steps', '2']
+  monkeypatch.setattr(sys, 'argv', [*argv, '--overrides', '{"train.grad_accum_steps": 2}'])
+  step_profile.main()
+  result = json.loads((tmp_path / 'cpu_smoke_profile.json').read_text())
+  groups = result['groups']
+  assert sum(g['ms_per_step'] for g in groups) == pytest.approx(result['kernel_ms_per_step'])
+  seen = {(g['kind'], g['scope'], g['pass']) for g in groups}
+  for scope in ('attention', 'experts', 'head'):
+    assert ('matmul', scope, 'forward') in seen and ('matmul', scope, 'backward') in seen, scope
+  for scope in ('accumulate', 'optimizer', 'dispatch', 'combine'):
+    assert any(g[0] == 'elementwise' and g[1] == scope for g in seen), scope
+  # The optimizer's fused update reads and writes every parameter and moment.
+  opt = sum(g['gb_per_step'] for g in groups if g['scope'] == 'optimizer')
+  assert opt * 1e9 >= 7 * 4 * result['params'] * 0.9
+  md = (tmp_path / 'cpu_smoke_profile.md').read_text()
+  monkeypatch.setattr(
+    sys, 'argv', ['step_profile.py', '--render', str(tmp_path / 'cpu_smoke_profile.json')]
+  )
+  step_profile.main()
+  assert (tmp_path / 'cpu_smoke_profile.md').read_text() == md
+  assert (tmp_path / 'cpu_smoke_profile.hlo.txt.gz').exists()
+
+
+def test_step_profile_classes():
+  import step_profile
+
+  text = """HloModule jit_train_step
+%fused_computation.1 (p0: bf16[4,8], p1: bf16[8,2]) -> bf16[4,2] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %p1 = bf16[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+ENTRY %main (a: bf16[4,8], b: bf16[8,2], m: f32[4,2]) -> (f32[4,2], f32[4,2]) {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %b = bf16[8,2]{1,0} parameter(1)
+  %m = f32[4,2]{1,0} parameter(2)
+  %gemm_fusion = bf16[4,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1, \
+metadata={op_name="jit(train_step)/transpose(jvp(moe))/experts/dot_general"}
+  %loop_fusion = f32[4,2]{1,0} fusion(%gemm_fusion, %m), kind=kLoop, \
+calls=%fused_computation.2, metadata={op_name="jit(train_step)/optimizer/add"}
+  ROOT %t = (f32[4,2]{1,0}, f32[4,2]{1,0}) tuple(%loop_fusion, %m)
+}
+"""
+  ops = step_profile.hlo_ops(text)
+  assert ops['gemm_fusion']['has_dot'] and not ops['loop_fusion']['has_dot']
+  assert ops['loop_fusion']['in_bytes'] == 4 * 2 * 2 + 4 * 2 * 4
+  assert ops['loop_fusion']['out_bytes'] == 32
+  assert step_profile.classify('loop_fusion', ops['gemm_fusion']) == (
+    'matmul',
+    'experts',
+    'backward',
+  )
+  assert step_profile.classify('loop_fusion', ops['loop_fusion']) == (
+    'elementwise',
+    'optimizer',
+    'forward',
+  )
+  assert step_profile.classify('cudnn_generated_fort_native_sdpa', None)[0] == 'attention'
+  assert step_profile.classify('sm90_xmma_gemm_bf16', None)[0] == 'matmul'
+
+
+@pytest.mark.timeout(120)
 def test_yardstick_smoke(tmp_path, monkeypatch):
   """bench/yardstick.py (plain JAX) trains at tiny shapes, and counts FLOPs as metrics.py does."""
   import yardstick

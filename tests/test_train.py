@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_trees_close, read_metrics, restore_state, tiny_config
 from strategy_harness import _inputs, small_config
 
-from mas_jax import strategies, train_lib
+from mas_jax import strategies, train_lib, zero
 
 OVERRIDES = {
   'data.seq_len': 32,
@@ -92,6 +92,44 @@ def test_gradient_accumulation_matches_one_big_batch(strategy):
     params, batch
   )
   assert_trees_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def _one_step(config, monkeypatch=None):
+  strategy = strategies.get(config, jax.devices()[:1])
+  tx = train_lib.make_optimizer(config.train)
+  layout = zero.ParamLayout(config, strategy)
+  state, shardings = train_lib.create_train_state(layout, tx)
+  step = train_lib.make_train_step(config, layout, tx, shardings)
+  batch = jax.device_put(_inputs(config)[1], strategy.batch_sharding())
+  return step, state, batch
+
+
+@pytest.mark.timeout(120)
+def test_casting_the_weights_once_per_step_changes_no_value(monkeypatch):
+  """One device, 2 micro-batches, bfloat16 compute: the step that casts the matmul weights once
+  (train_lib.cast_matmul_weights) gives bit-for-bit the state and metrics of the step that casts
+  them in every micro-batch."""
+  config = small_config(
+    **{'parallel.strategy': 'reference', 'train.grad_accum_steps': 2},
+    **{'model.compute_dtype': 'bfloat16', 'model.expert_dropout': 0.0},
+  )
+  step, state, batch = _one_step(config)
+  cast = jax.eval_shape(
+    lambda p: train_lib.cast_matmul_weights(p, jax.numpy.bfloat16), state['params']
+  )
+  kept = {k for k, v in _named(cast).items() if v.dtype == np.float32}
+  assert kept and all(k == 'embed' or k.endswith('scale') for k in kept), kept
+  assert len(kept) < len(_named(cast))
+  once = step(state, batch)
+  monkeypatch.setattr(train_lib, 'cast_matmul_weights', lambda params, dtype: params)
+  step, state, batch = _one_step(config)
+  every = step(state, batch)
+  for a, b in zip(_leaves(once), _leaves(every), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def _named(tree) -> dict:
+  return {zero._name(path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _unigram_entropy(source, num_batches: int) -> float:

@@ -92,27 +92,89 @@ def dispatch_positions(experts: jax.Array, num_experts: int) -> jax.Array:
   return jnp.swapaxes(pos, 1, 2)
 
 
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """Rows x[index] of x[N, D] -> [M, D]; an index >= N gives a row of zeros.
+
+  `inverse[N, R]` lists the rows of the result that copy row n (>= M where there are fewer than
+  R), so the backward pass is a gather too: dx[n] = sum_r dy[inverse[n, r]]. Autodiff would
+  transpose the gather into a scatter-add of whole rows, which runs far slower on a GPU
+  (docs/benchmarks/README.md, "Where the train step's time goes").
+  """
+  return x.at[index].get(mode='fill', fill_value=0)
+
+
+def _gather_rows_fwd(x, index, inverse):
+  return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(res, dy):
+  index, inverse = res
+  dx = dy.at[inverse].get(mode='fill', fill_value=0)  # [N, R, D]
+  dx = dx[:, 0] if inverse.shape[1] == 1 else jnp.sum(dx, axis=1, dtype=dy.dtype)
+  return dx, None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def slot_maps(
+  experts: jax.Array, positions: jax.Array, num_experts: int, cap: int, expert_major: bool = False
+) -> tuple[jax.Array, jax.Array]:
+  """Where each routed (token, choice) pair goes, and back, as flat row indices.
+
+  Returns slot_of_pair[G * S * K]: the row of the pair's slot in the flattened expert buffers
+  (G * E * C rows, ordered [G, E, C], or [E, G, C] when `expert_major`), G * E * C when the pair
+  is dropped; and pair_of_slot[G * E * C]: the pair (g * S + s) * K + k in each slot,
+  G * S * K where the slot is empty.
+  """
+  g, s, k = experts.shape
+  groups = jnp.arange(g, dtype=jnp.int32)[:, None, None]
+  if expert_major:
+    slot = (experts * g + groups) * cap + positions
+  else:
+    slot = (groups * num_experts + experts) * cap + positions
+  slots = g * num_experts * cap
+  slot_of_pair = jnp.where(positions < cap, slot, slots).reshape(-1)
+  pairs = jnp.arange(g * s * k, dtype=jnp.int32)
+  pair_of_slot = jnp.full((slots,), g * s * k, jnp.int32).at[slot_of_pair].set(pairs, mode='drop')
+  return slot_of_pair, pair_of_slot
+
+
 def dispatch(
-  x: jax.Array, experts: jax.Array, positions: jax.Array, num_experts: int, cap: int
+  x: jax.Array,
+  experts: jax.Array,
+  positions: jax.Array,
+  num_experts: int,
+  cap: int,
+  expert_major: bool = False,
 ) -> jax.Array:
-  """Scatters tokens x[G, S, D] into expert buffers [G, E, C, D]; over-capacity ones vanish."""
+  """Copies tokens x[G, S, D] into expert buffers [G, E, C, D] ([E, G, C, D] when
+  `expert_major`); over-capacity ones vanish, empty slots hold zeros. Both passes are row
+  gathers (`gather_rows`)."""
   g, s, k = experts.shape
-  gi = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
-  xk = jnp.broadcast_to(x[:, :, None, :], (g, s, k, x.shape[-1]))
-  buf = jnp.zeros((g, num_experts, cap, x.shape[-1]), x.dtype)
-  # (g, expert, slot) is unique for kept assignments, so add is a set; mode='drop' discards
-  # slots >= cap (dropped tokens).
-  return buf.at[gi, experts, positions].add(xk, mode='drop')
+  d = x.shape[-1]
+  slot_of_pair, pair_of_slot = slot_maps(experts, positions, num_experts, cap, expert_major)
+  # A slot's token is its pair // K (an empty slot's G * S is past the last token).
+  rows = gather_rows(x.reshape(g * s, d), pair_of_slot // k, slot_of_pair.reshape(g * s, k))
+  shape = (num_experts, g) if expert_major else (g, num_experts)
+  return rows.reshape(*shape, cap, d)
 
 
-def combine(y: jax.Array, experts: jax.Array, positions: jax.Array, gates: jax.Array) -> jax.Array:
-  """Gathers expert outputs y[G, E, C, D] back to tokens, gate-weighted: -> [G, S, D]."""
+def combine(
+  y: jax.Array,
+  experts: jax.Array,
+  positions: jax.Array,
+  gates: jax.Array,
+  expert_major: bool = False,
+) -> jax.Array:
+  """Gathers expert outputs y[G, E, C, D] ([E, G, C, D] when `expert_major`) back to tokens,
+  gate-weighted: -> [G, S, D]."""
   g, s, k = experts.shape
-  cap = y.shape[2]
-  gi = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
-  kept = positions < cap
-  out = y[gi, experts, jnp.where(kept, positions, 0)]  # [G, S, K, D]
-  weight = jnp.where(kept, gates, 0.0).astype(y.dtype)
+  num_experts, cap, d = y.shape[1 - expert_major], y.shape[2], y.shape[3]
+  slot_of_pair, pair_of_slot = slot_maps(experts, positions, num_experts, cap, expert_major)
+  out = gather_rows(y.reshape(-1, d), slot_of_pair, pair_of_slot[:, None]).reshape(g, s, k, d)
+  weight = jnp.where(positions < cap, gates, 0.0).astype(y.dtype)
   return jnp.einsum('GSKD,GSK->GSD', out, weight)
 
 
@@ -140,16 +202,27 @@ def expert_ffn(
   activation: str,
   keep_mask: jax.Array | None = None,
   rate: float = 0.0,
+  expert_major: bool = False,
 ) -> jax.Array:
   """Experts: x[G, E, C, D] -> act(x @ w_in[E, D, F]) (dropout) @ w_out[E, F, D] -> [G, E, C, D].
 
-  With a slice of F (tensor parallelism) the output is a partial sum over F.
+  With `expert_major`, x and the result are [E, G, C, D] (keep_mask stays [G, E, C, F]): every
+  expert's rows are contiguous, so each matmul of both passes is one batched GEMM over E with
+  no transposes. With a slice of F (tensor parallelism) the output is a partial sum over F.
   """
   dtype = x.dtype
-  h = jnp.einsum('GECD,EDF->GECF', x, w_in.astype(dtype))
+  if expert_major:
+    e, g, c, d = x.shape
+    h = jnp.einsum('EMD,EDF->EMF', x.reshape(e, g * c, d), w_in.astype(dtype))
+  else:
+    h = jnp.einsum('GECD,EDF->GECF', x, w_in.astype(dtype))
   h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
   if keep_mask is not None:
+    if expert_major:
+      keep_mask = jnp.swapaxes(keep_mask, 0, 1).reshape(h.shape)
     h = jnp.where(keep_mask, h / (1.0 - rate), 0.0).astype(dtype)
+  if expert_major:
+    return jnp.einsum('EMF,EFD->EMD', h, w_out.astype(dtype)).reshape(x.shape)
   return jnp.einsum('GECF,EFD->GECD', h, w_out.astype(dtype))
 
 
@@ -243,8 +316,9 @@ def moe_ffn(
         x, route['experts'], weights, params['w_in'], params['w_out'], activation, impl
       )
     return y, stats
+  # Expert-major buffers [E, G, C, D]: each expert's matmuls are one batched GEMM.
   with jax.named_scope('dispatch'):
-    xe = dispatch(x, route['experts'], pos, num_experts, cap)  # [G, E, C, D]
+    xe = dispatch(x, route['experts'], pos, num_experts, cap, expert_major=True)
   with jax.named_scope('experts'):
     mask = None
     if dropout_key is not None and dropout_rate > 0:
@@ -252,7 +326,9 @@ def moe_ffn(
       mask = dropout_keep_mask(
         dropout_key, groups, jnp.arange(num_experts), (cap, params['w_in'].shape[-1]), dropout_rate
       )
-    ye = expert_ffn(xe, params['w_in'], params['w_out'], activation, mask, dropout_rate)
+    ye = expert_ffn(
+      xe, params['w_in'], params['w_out'], activation, mask, dropout_rate, expert_major=True
+    )
   with jax.named_scope('combine'):
-    y = combine(ye, route['experts'], pos, route['gates'])
+    y = combine(ye, route['experts'], pos, route['gates'], expert_major=True)
   return y, stats
