@@ -14,6 +14,7 @@ elementwise term's byte count against the compiled program.
 
   python bench/heldout.py --model_fixed_at=<commit> --out=docs/benchmarks
   python bench/heldout.py --smoke --out=/tmp/heldout     # tiny shapes on CPU
+  python bench/heldout.py --model_fixed_at=<commit> --row_set=c --kernel_scales=1,2 --name=heldout_c
 The committed results: nvidia_h100_80gb_hbm3_heldout.json (call 1, all rows; rows 0 and 3 out of
 memory at JAX's default memory fraction 0.75) and nvidia_h100_80gb_hbm3_heldout_b.json (call 2:
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 --no_kernels --rows=0,3,8 --name=heldout_b).
@@ -55,6 +56,19 @@ ROWS = [
   # Added for a second call (after rows 0 and 3 ran out of JAX's default 75% of the memory):
   (2, 8, 2, 2048, 12, 2, {'model.expert_dropout': 0.1}),
 ]
+# Third set (--row_set=c), chosen for the program with the gather dispatch and expert-major
+# experts before any of it was measured: micro-batches of 16 sequences (the best row's) and
+# around them, at accumulation counts, top-1, a longer sequence, 8 experts, dropless routing.
+ROWS_C = [
+  (1, 16, 2, 2048, 32, 2, {}),
+  (1, 16, 2, 2048, 64, 4, {}),
+  (1, 16, 2, 2048, 96, 6, {'model.expert_dropout': 0.1}),
+  (1, 16, 1, 2048, 32, 2, {}),
+  (1, 16, 2, 4096, 16, 2, {}),
+  (1, 8, 2, 2048, 32, 2, {}),
+  (1, 16, 2, 2048, 64, 4, {'model.dropless': True}),
+]
+ROW_SETS = {'ab': ROWS, 'c': ROWS_C}
 
 
 def overrides(layers, experts, top_k, seq, batch, accum, extra) -> dict:
@@ -105,7 +119,18 @@ def main():
     '--no_kernels', action='store_true', help='ceilings and train steps only (no kernel rows)'
   )
   parser.add_argument('--name', default='heldout', help='file-name suffix of the result')
+  parser.add_argument('--row_set', default='ab', choices=sorted(ROW_SETS), help='ROWS or ROWS_C')
+  parser.add_argument(
+    '--kernel_scales',
+    default='1',
+    help='comma list of c: kernel rows at c x the 8192-token (attention: batch-4) shape each, '
+    'so that the calibration draws a line through two sizes instead of scaling one',
+  )
   args = parser.parse_args()
+  try:
+    scales = [int(c) for c in args.kernel_scales.split(',')]
+  except ValueError:
+    raise SystemExit(f'--kernel_scales={args.kernel_scales!r}: a comma list of integers') from None
   s = gpu_bench.SMOKE if args.smoke else gpu_bench.GPU
   device = jax.devices()[0].device_kind
   result = {
@@ -121,14 +146,17 @@ def main():
 
   result['ceilings'] = {**gpu_bench.ceilings(s), **chained_ceilings(s)}
   print('ceilings', result['ceilings'], flush=True)
-  heads = {**s, 'heads': s['heads'][-1:], 'attn_impls': s['attn_impls'][:1]}
-  result['attention'] = [] if args.no_kernels else gpu_bench.attention_sweep(heads)
+  result['attention'] = []
   result['expert_ffn'] = []
   result['train_step'] = []
-  save()
-  if not args.no_kernels:
-    local = {**s, 'local_experts': s['local_experts'][-2:]}
-    result['expert_ffn'] = gpu_bench.expert_sweep(local)
+  for c in [] if args.no_kernels else scales:
+    sized = {**s, 'attn_batch': s['attn_batch'] * c, 'tokens': s['tokens'] * c}
+    heads = {**sized, 'heads': s['heads'][-1:], 'attn_impls': s['attn_impls'][:1]}
+    result['attention'] += gpu_bench.attention_sweep(heads)
+    save()
+    result['expert_ffn'] += gpu_bench.expert_sweep(
+      {**sized, 'local_experts': s['local_experts'][-2:]}
+    )
     save()
 
   compiled = []
@@ -140,7 +168,8 @@ def main():
     return step
 
   train_lib.compile_train_step = capture
-  rows = [ROWS[int(i)] for i in args.rows.split(',')] if args.rows else ROWS
+  table = ROW_SETS[args.row_set]
+  rows = [table[int(i)] for i in args.rows.split(',')] if args.rows else table
   rows = rows[:1] if args.smoke else rows
   for row in rows:
     o = overrides(*row)
