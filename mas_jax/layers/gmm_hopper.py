@@ -1,0 +1,317 @@
+"""Grouped (ragged) matmul for Hopper GPUs with two consumer warpgroups per CTA tile.
+
+`ragged_dot(lhs[M, K], rhs[G, K, N], group_sizes=[G])` computes, for each group g, the rows of
+`lhs` that belong to g (groups are consecutive row ranges, in order, of sizes `group_sizes`)
+times `rhs[g]`. It has the signature of JAX's
+`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot` and is written in Pallas / Mosaic
+GPU.
+
+How it differs from JAX's kernel. JAX's `ragged_dot_mgpu` runs one warpgroup per CTA: the same
+128 threads issue the TMA loads (through `plgpu.emit_pipeline`), the wgmma instructions and the
+output stores, on a `block_m x block_n` tile. This kernel is warp specialized like JAX's dense
+`hopper_matmul_mgpu`: each CTA runs three warpgroups, a memory warpgroup (few registers) that
+only issues TMA loads into a ring of `max_concurrent_steps` shared-memory stages, and two
+compute warpgroups that each own a `block_m x block_n` accumulator, so the CTA tile is
+`block_m x (2 * block_n)`, split along N (`plgpu.emit_pipeline_warp_specialized` with
+`num_compute_wgs=2`). The LHS tile in shared memory is shared by both compute warpgroups, the
+RHS tile is `block_k x 2 * block_n` and each warpgroup multiplies its half.
+
+What it keeps from `ragged_dot_mgpu`: a persistent grid (one CTA per SM) walking
+`grid_m * grid_n` tiles, where `grid_m = cdiv(M, block_m) + G - 1` bounds the number of
+(group, row block) pairs, a row block that straddles a group boundary being computed once per
+group it holds; the weight of the tile's group is read as `rhs.at[group]`; and the output rows
+of a tile that belong to its group are written with a "ladder" of TMA stores of 2^i rows (TMA
+boxes have static shapes, the row count is only known at run time). The schedule arithmetic
+here is our own: empty groups take no tile at all, and the epilogue stores each warpgroup's
+accumulator in `epi_n`-column chunks through a small per-warpgroup staging buffer, so that
+four pipeline stages of a 128 x 256 tile still fit in shared memory.
+
+Only sm_90 (H100 / H200) runs it; `tile_schedule` (NumPy) is the same schedule for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TileInfo:
+  """Which group a row-tile index `tid` of the persistent loop works on.
+
+  Attributes:
+    group: group index (0 for a tile past the last one: then `size == 0`).
+    block: row block of `lhs` / the output (rows `block * block_m ...`).
+    offset: first row of the block that belongs to the group (0 <= offset < block_m).
+    size: number of the block's rows that belong to the group (0 <= size <= block_m).
+  """
+
+  group: object
+  block: object
+  offset: object
+  size: object
+
+
+def group_tile(group_sizes, block_m: int, tid, *, ops=None) -> TileInfo:
+  """The group, row block and row range of row-tile `tid` (unrolled over the groups).
+
+  Tiles are numbered group by group: group g takes `cdiv(end_g, block_m) - start_g // block_m`
+  consecutive tiles (none when it is empty), one per row block it touches. So there are at
+  most `cdiv(M, block_m) + G - 1` tiles; an index past the last gets `size == 0`.
+
+  Args:
+    group_sizes: sequence of G scalars (Python ints, or int32 values/refs reads in a kernel).
+    block_m: rows of a tile.
+    tid: row-tile index (int or int32 scalar).
+    ops: a namespace with `where(c, a, b)`, `maximum`, `minimum` and `div` (of nonnegative
+      integers; defaults to NumPy); the kernel passes lax/jnp ones.
+
+  Returns:
+    TileInfo of the tile.
+  """
+  where = np.where if ops is None else ops.where
+  maximum = np.maximum if ops is None else ops.maximum
+  minimum = np.minimum if ops is None else ops.minimum
+  div = np.floor_divide if ops is None else ops.div
+  zero = tid * 0
+  start = zero  # First row of the current group.
+  first_tile = zero  # Tile index of the current group's first tile.
+  group = block = g_start = g_end = zero
+  for i, size in enumerate(group_sizes):
+    end = start + size
+    first_block = div(start, block_m)
+    n_tiles = where(size > 0, div(end + block_m - 1, block_m) - first_block, zero)
+    mine = (first_tile <= tid) & (tid < first_tile + n_tiles)
+    group = where(mine, zero + i, group)
+    block = where(mine, first_block + (tid - first_tile), block)
+    g_start = where(mine, start, g_start)
+    g_end = where(mine, end, g_end)
+    first_tile = first_tile + n_tiles
+    start = end
+  block_start = block * block_m
+  row_lo = maximum(g_start, block_start)
+  row_hi = minimum(g_end, block_start + block_m)
+  return TileInfo(
+    group=group, block=block, offset=row_lo - block_start, size=maximum(row_hi - row_lo, zero)
+  )
+
+
+def num_row_tiles(m: int, g: int, block_m: int) -> int:
+  """Upper bound on the row tiles of `group_tile`: cdiv(m, block_m) + g - 1."""
+  return -(-m // block_m) + g - 1
+
+
+def tile_schedule(group_sizes, block_m: int) -> list[tuple[int, int, int, int]]:
+  """(group, block, offset, size) of every row tile with rows to write (NumPy, for tests)."""
+  sizes = [int(s) for s in group_sizes]
+  m = sum(sizes)
+  out = []
+  for tid in range(num_row_tiles(m, len(sizes), block_m)):
+    info = group_tile(sizes, block_m, np.int64(tid))
+    if int(info.size) > 0:
+      out.append((int(info.group), int(info.block), int(info.offset), int(info.size)))
+  return out
+
+
+def store_ladder(size: int, block_m: int) -> list[tuple[int, int]]:
+  """(row offset within the tile's rows, row count) of the TMA stores for `size` rows.
+
+  One power of two per set bit of `size`, largest first: the kernel unrolls the bits of
+  `block_m` and predicates each store on its bit (pure Python mirror, for tests).
+  """
+  out, off = [], 0
+  bit = 1 << (block_m.bit_length() - 1)
+  while bit:
+    if size & bit:
+      out.append((off, bit))
+      off += bit
+    bit >>= 1
+  return out
+
+
+def ragged_dot(
+  lhs,
+  rhs,
+  *,
+  group_sizes,
+  transpose_rhs: bool = False,
+  block_m: int = 128,
+  block_n: int = 128,
+  block_k: int = 64,
+  max_concurrent_steps: int = 4,
+  grid_block_n: int = 1,
+  epi_n: int = 64,
+  delay_release: int = 0,
+  num_sms: int | None = None,
+):
+  """Grouped matmul out[rows of g] = lhs[rows of g] @ rhs[g] on Hopper, 2 compute warpgroups.
+
+  Args:
+    lhs: [M, K] bf16 (or f16).
+    rhs: [G, K, N], or [G, N, K] with `transpose_rhs=True`; same dtype as `lhs`.
+    group_sizes: [G] int32, summing to M (rows past the sum are left unwritten).
+    transpose_rhs: whether `rhs` is stored [G, N, K].
+    block_m: rows of a CTA tile (and of each warpgroup's tile); a multiple of 64.
+    block_n: columns of ONE warpgroup's tile; the CTA covers `2 * block_n` columns.
+    block_k: K of a pipeline stage.
+    max_concurrent_steps: pipeline stages in shared memory.
+    grid_block_n: width, in N tiles, of the snake order of the persistent loop (L2 reuse).
+    epi_n: columns of an epilogue store chunk (divides block_n).
+    delay_release: 1 keeps one wgmma in flight across pipeline steps, 0 waits each step.
+    num_sms: CTAs of the persistent grid (default: the device's SM count).
+
+  Returns:
+    [M, N] in `lhs.dtype`.
+  """
+  import jax
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  import jax.numpy as jnp
+  from jax import lax
+
+  if lhs.dtype != rhs.dtype:
+    raise NotImplementedError(f'lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}')
+  m, k = lhs.shape
+  g, k2, n = rhs.shape
+  if transpose_rhs:
+    k2, n = n, k2
+  if k != k2:
+    raise ValueError(f'contracting dims differ: lhs K={k}, rhs K={k2}')
+  if group_sizes.shape != (g,):
+    raise ValueError(f'group_sizes must have shape ({g},), got {group_sizes.shape}')
+  cta_n = 2 * block_n
+  if k % block_k:
+    raise ValueError(f'K={k} must be a multiple of block_k={block_k}')
+  if n % cta_n:
+    raise ValueError(f'N={n} must be a multiple of 2 * block_n = {cta_n}')
+  if block_n % epi_n:
+    raise ValueError(f'epi_n={epi_n} must divide block_n={block_n}')
+  if block_m % 64:
+    raise ValueError(f'block_m={block_m} must be a multiple of 64')
+  dtype = lhs.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  grid_m = num_row_tiles(m, g, block_m)
+  grid_n = n // cta_n
+  k_iters = k // block_k
+  if num_sms is None:
+    from jax.extend import backend
+
+    num_sms = getattr(backend.get_default_device(), 'core_count', None) or 132
+
+  swizzle = plgpu.find_swizzle(block_k * itemsize * 8)
+  transforms = (
+    plgpu.TilingTransform((8, swizzle // itemsize)),
+    plgpu.SwizzleTransform(swizzle),
+  )
+  jops = type('ops', (), {})
+  jops.where = staticmethod(lambda c, a, b: lax.select(c, a, b))
+  jops.maximum = staticmethod(jnp.maximum)
+  jops.minimum = staticmethod(jnp.minimum)
+  jops.div = staticmethod(lambda a, b: lax.div(a, jnp.int32(b)))
+
+  def make_pipeline(body, compute_context, tile_block, n_idx):
+    rhs_block = (cta_n, block_k) if transpose_rhs else (block_k, cta_n)
+    rhs_index = (lambda ki: (n_idx, ki)) if transpose_rhs else (lambda ki: (ki, n_idx))
+    return plgpu.emit_pipeline_warp_specialized(
+      body,
+      grid=(k_iters,),
+      memory_registers=40,
+      in_specs=[
+        plgpu.BlockSpec(
+          (block_m, block_k),
+          lambda ki: (tile_block, ki),
+          transforms=transforms,
+          memory_space=plgpu.SMEM,
+          delay_release=delay_release,
+        ),
+        plgpu.BlockSpec(
+          rhs_block,
+          rhs_index,
+          transforms=transforms,
+          memory_space=plgpu.SMEM,
+          delay_release=delay_release,
+        ),
+      ],
+      wg_axis='wg',
+      num_compute_wgs=2,
+      max_concurrent_steps=max_concurrent_steps,
+      compute_context=compute_context,
+    )
+
+  def kernel(sizes_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    ignore = lambda *_, **__: None
+    allocs = make_pipeline(ignore, ignore, 0, 0).get_allocations(lhs_gmem, rhs_gmem.at[0])
+
+    @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=allocs,
+      out_smem=plgpu.SMEM((2, block_m, epi_n), dtype),
+      collective_axes='wg',
+    )
+    def _scope(pipeline_allocs, out_smem):
+      wg = lax.axis_index('wg')
+      sizes = [sizes_gmem[i] for i in range(g)]
+
+      @plgpu.nd_loop((grid_m * grid_n,), collective_axes='sm')
+      def _tile_loop(loop_info):
+        (lin,) = loop_info.index
+        mi, ni = plgpu.planar_snake(lin, (grid_m, grid_n), 1, grid_block_n)
+        info = group_tile(sizes, block_m, mi, ops=jops)
+        wg_n = pl.ds(wg * block_n, block_n)
+
+        def mma(_, a_smem, b_smem, acc_ref):
+          if transpose_rhs:
+            b = plgpu.transpose_ref(b_smem.at[wg_n, :], (1, 0))
+          else:
+            b = b_smem.at[:, wg_n]
+          plgpu.wgmma(acc_ref, a_smem, b)
+          plgpu.wgmma_wait(delay_release)
+          return acc_ref
+
+        def compute_context(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((block_m, block_n), jnp.float32))
+          def _acc(acc_ref):
+            eval_pipeline(acc_ref)
+            acc = acc_ref[...].astype(dtype)
+            row0 = info.block * block_m
+            col0 = ni * cta_n + wg * block_n
+            stage = out_smem.at[wg]
+            for c in range(block_n // epi_n):
+              # The previous chunk's TMA store must have read the staging buffer.
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              stage[...] = acc[:, c * epi_n : (c + 1) * epi_n]
+              plgpu.commit_smem()
+              off = info.offset
+              bit = 1 << (block_m.bit_length() - 1)
+              while bit:
+
+                @pl.when((info.size & bit) != 0)
+                def _store(off=off, bit=bit, c=c):
+                  plgpu.copy_smem_to_gmem(
+                    stage.at[pl.ds(off, bit)],
+                    out_gmem.at[pl.ds(row0 + off, bit), pl.ds(col0 + c * epi_n, epi_n)],
+                  )
+
+                off = off + (info.size & bit)
+                bit >>= 1
+
+        make_pipeline(mma, compute_context, info.block, ni)(
+          lhs_gmem, rhs_gmem.at[info.group], allocations=pipeline_allocs
+        )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+    kernel,
+    out_type=jax.ShapeDtypeStruct((m, n), dtype),
+    grid=(num_sms,),
+    grid_names=('sm',),
+    num_threads=3,
+    thread_name='wg',
+    compiler_params=plgpu.CompilerParams(
+      lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+    ),
+  )
+  return call(group_sizes.astype(jnp.int32), lhs, rhs)
