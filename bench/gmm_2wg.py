@@ -2,16 +2,22 @@
 
 For lhs rows M in {8192, 32768} (tokens x top-2 routed to the device's experts), the expert
 FFN's two matmuls (K, N) in {(4096, 16384), (16384, 4096)} and G in {1, 4, 16} groups with
-uneven sizes (a random top-2 routing; one group empty in the G=16 cases), checks the new
+uneven sizes (a random top-2 routing; one group empty at M=32768 for G=4 and 16), checks the new
 kernel against `jax.lax.ragged_dot` (f32 accumulation) for transpose_rhs False and True, then
 times, each as a chain of calls with no wait in between (median of 5 chains of 20 calls):
 the new kernel, JAX's single-warpgroup `ragged_dot_mgpu.ragged_dot` (128, 128, 64, 4 steps,
 grid_block_n 1) and a dense bf16 `jnp.dot` of [M, K] x [K, N]. TFLOP/s count 2*M*K*N.
 A small tiling sweep of the new kernel (block_n, pipeline stages, grid_block_n, wgmma
-release) at M=32768, G=16 picks the tiling the table uses for each (K, N).
+release) at G=16 and the largest M (or --sweep_m) picks the tiling the table uses for each
+(K, N).
 
   python bench/gmm_2wg.py --out DIR          # on an sm_90 GPU; writes DIR/gmm_2wg.{json,md}
   python bench/gmm_2wg.py --smoke --out DIR  # tiny shapes on CPU, kernels -> lax.ragged_dot
+  python bench/gmm_2wg.py --render DIR/gmm_2wg.json  # rewrite the markdown, no measurement
+
+docs/benchmarks/gmm_2wg.{json,md} (H100) came from an earlier revision of this script whose
+sweep ran at the last shape of the --big_first order, M=8192: today that run is
+`python bench/gmm_2wg.py --out DIR --big_first --sweep_m 8192` (--merge_from took no rows).
 """
 
 from __future__ import annotations
@@ -38,25 +44,28 @@ DEFAULT_TILING = dict(
 MGPU_TILING = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
-def sweep_tilings(smoke: bool) -> list[dict]:
+def sweep_tilings(smoke: bool, extra: bool = False) -> list[dict]:
   """Tilings of the new kernel to try (shared memory: 4 stages of a 128 x 256 tile fit)."""
   if smoke:
     return [DEFAULT_TILING, dict(DEFAULT_TILING, block_n=64, grid_block_n=4)]
-  # (block_m, block_n, steps, grid_block_n, delay_release), most promising first: the sweep may be
-  # cut short by --budget_s. Shared memory: 4 stages of a 128 x 256 tile fit, 5 of 64 x 256.
+  # (block_m, block_n, steps, grid_block_n, delay_release); the sweep may be cut short by
+  # --budget_s. Shared memory: 4 stages of a 128 x 256 tile fit, 5 of 64 x 256. The block_m=64
+  # tilings (--sweep_extra) lower and fit but were never timed.
   picks = [
-    (128, 128, 3, 8, 0),
-    (128, 128, 4, 4, 1),
-    (64, 128, 5, 8, 1),
-    (64, 128, 5, 4, 1),
-    (128, 128, 3, 8, 1),
-    (128, 128, 4, 8, 1),
-    (128, 128, 3, 4, 1),
-    (64, 128, 5, 8, 0),
     (128, 128, 4, 8, 0),
+    (128, 128, 4, 8, 1),
+    (128, 128, 4, 16, 0),
+    (128, 128, 4, 4, 0),
     (128, 128, 4, 1, 0),
+    (128, 128, 4, 16, 1),
+    (128, 128, 4, 4, 1),
+    (128, 128, 4, 1, 1),
+    (128, 128, 3, 8, 0),
+    (128, 64, 5, 8, 0),
     (128, 64, 5, 8, 1),
   ]
+  if extra:
+    picks += [(64, 128, 5, 8, 1), (64, 128, 5, 4, 1), (64, 128, 5, 8, 0), (128, 128, 3, 4, 1)]
   out = [
     dict(
       block_m=bm,
@@ -243,16 +252,16 @@ def run(args) -> dict:
 
   # 1. Sweep (new kernel only, transpose_rhs=False) at the largest M and G for each (K, N).
   def do_sweep():
-    result['sweep_tilings_tried'] = len(sweep_tilings(args.smoke))
+    result['sweep_tilings_tried'] = len(sweep_tilings(args.smoke, args.sweep_extra))
     for shape in all_shapes:
-      if shape['m'] != max(sh['m'] for sh in all_shapes):
+      if shape['m'] != (args.sweep_m or max(sh['m'] for sh in all_shapes)):
         continue
       if shape['g'] != max(sh['g'] for sh in all_shapes):
         continue
       lhs, rhs, sizes = make_inputs(shape, seed=1)
       ref = None
       flops = 2 * shape['m'] * shape['k'] * shape['n']
-      for tiling in sweep_tilings(args.smoke):
+      for tiling in sweep_tilings(args.smoke, args.sweep_extra)[: args.sweep_max or None]:
         if over_budget():
           result['errors'].append('sweep cut short by --budget_s')
           break
@@ -346,6 +355,7 @@ def run(args) -> dict:
     for r in prior.get('table', []):
       if (r['m'], r['k'], r['n'], r['g']) not in done:
         result['table'].append(dict(r, from_run=args.merge_from))
+    result['sweep'] += [dict(r, from_run=args.merge_from) for r in prior.get('sweep', [])]
     result['checks'] += [
       c for c in prior.get('checks', []) if (c['m'], c['k'], c['n'], c['g']) not in done
     ]
@@ -403,7 +413,7 @@ def markdown(result: dict) -> str:
       lines.append(
         f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["tiling"]} | {fmt(r.get("ms"), ".3f")} '
         f'| {fmt(r.get("tflops"))} | {fmt(r.get("max_rel"), ".1e")} '
-        f'| {r.get("error", "")[:120]} |'
+        f'| {r.get("error", "")[:120]}{" (earlier run)" if "from_run" in r else ""} |'
       )
   if result['errors']:
     lines += ['', 'Notes: ' + '; '.join(result['errors'])]
@@ -430,6 +440,9 @@ def main(argv=None):
   )
   p.add_argument('--verbose', action='store_true')
   p.add_argument('--best_from', default='', help='JSON of an earlier run: reuse its sweep')
+  p.add_argument('--sweep_m', type=int, default=0, help='sweep at this M (default: largest)')
+  p.add_argument('--sweep_extra', action='store_true', help='sweep also block_m=64 tilings')
+  p.add_argument('--sweep_max', type=int, default=0, help='sweep: only the first N tilings')
   p.add_argument('--only_g', type=int, default=0, help='table: only shapes with this G')
   p.add_argument('--big_first', action='store_true', help='table: largest M first')
   p.add_argument(
