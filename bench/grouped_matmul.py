@@ -170,6 +170,7 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
     }
     useful = 2 * 2 * m * d * f
     row = {'local_experts': local, 'rows': m, 'group_sizes': sizes_np.tolist(), 'capacity': cap}
+    row['mosaic_forward'] = kernels.forward.__module__  # which kernel 'mosaic_gpu' ran
     outs = {}
     # A random cotangent (with sum() as the loss XLA turns the backward's ones @ W into a
     # reduce), and value_and_grad so the forward's last matmul is not dead code.
@@ -216,8 +217,8 @@ GPU = {
 }
 SMOKE = {
   'matmul_n': 64,
-  'd_model': 64,
-  'expert_hidden': 128,
+  'd_model': 128,
+  'expert_hidden': 256,
   'tokens': 64,
   'tune_local': 2,
   'local_experts': [2],
@@ -260,12 +261,20 @@ IMPL_NAMES = ('einsum', 'ragged_dot', 'mosaic_gpu')
 
 def ffn_table(rows: list[dict], mm: float) -> list[str]:
   """Markdown lines of `ffn_sweep`'s rows, rates against the matmul ceiling mm (TFLOP/s)."""
+  # Results before `mosaic_forward` was recorded ran JAX's single-warpgroup forward kernel.
+  if any('gmm_hopper' in e.get('mosaic_forward', '') for e in rows):
+    mosaic = (
+      'mosaic_gpu: our two-warpgroup kernel (mas_jax/layers/gmm_hopper.py) for the forward and '
+      "the data gradient, JAX's transposed kernel for the weight gradient, with the tuned tilings."
+    )
+  else:
+    mosaic = "mosaic_gpu: JAX's Hopper kernel with the tuned tilings."
   out = [
     '',
     '## Expert FFN, useful TFLOP/s (routed rows only) and % of the matmul ceiling',
     '',
     'einsum: capacity-padded batched einsum (capacity factor 1.25); ragged_dot: XLA; '
-    "mosaic_gpu: JAX's Hopper kernel with the tuned tilings. fwd+bwd counts 3x the forward.",
+    f'{mosaic} fwd+bwd counts 3x the forward.',
     '',
     '| local experts | routed rows | impl | fwd ms | fwd TFLOP/s | % | fwd+bwd ms | '
     'fwd+bwd TFLOP/s | % |',

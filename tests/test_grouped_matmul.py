@@ -70,8 +70,12 @@ def test_mosaic_shape_errors_name_the_numbers():
   # Small models fall back to the default tiles where the tuned ones do not fit.
   assert gmm_lib.tilings_for(4096, 16384) == gmm_lib.WIDENING_TILINGS
   assert gmm_lib.tilings_for(16384, 4096) == gmm_lib.NARROWING_TILINGS
-  assert gmm_lib.tilings_for(256, 512) == gmm_lib.WIDENING_TILINGS
+  assert gmm_lib.tilings_for(2048, 4096) == gmm_lib.WIDENING_TILINGS
+  assert gmm_lib.tilings_for(256, 512) == gmm_lib.DEFAULT_TILINGS
   assert gmm_lib.tilings_for(128, 128) == gmm_lib.DEFAULT_TILINGS
+  # The forward kernel's CTA spans two warpgroups' block_n columns.
+  with pytest.raises(ValueError, match=r'n=384 is not a multiple of 2\*block_n\*grid_block_n=256'):
+    gmm_lib.check_shapes(8, 128, 384, gmm_lib.Tiling(), *gmm_lib.DEFAULT_TILINGS[1:])
 
 
 @pytest.mark.parametrize('dropless', [False, True])

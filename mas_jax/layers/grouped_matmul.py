@@ -4,14 +4,16 @@
 of lhs by rhs[g]; the sizes must sum to M. Two implementations:
 
   'xla'         `jax.lax.ragged_dot` (any backend; XLA's own autodiff).
-  'mosaic_gpu'  the Hopper Pallas/Mosaic-GPU kernels that ship with JAX
-                (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` and
-                `transposed_ragged_dot_mgpu`), wrapped in a custom VJP:
+  'mosaic_gpu'  Hopper Pallas/Mosaic-GPU kernels wrapped in a custom VJP: our two-warpgroup
+                grouped matmul (`mas_jax/layers/gmm_hopper.py`, 1.3-2.1x JAX's
+                single-warpgroup `ragged_dot_mgpu`, docs/benchmarks/gmm_2wg.md) for the
+                forward and the data gradient, and JAX's `transposed_ragged_dot_mgpu` for the
+                weight gradient:
                   d lhs = gmm(d out, rhs^T)        (the same kernel, transposed rhs)
                   d rhs = per-group lhs_g^T @ d out_g   (the transposed kernel)
-                Needs an sm_90 GPU; the kernels are experimental JAX code, so their
-                signatures are pinned by `tests/test_grouped_matmul.py` on CPU (through
-                `kernels=`, which takes any functions with the kernels' signatures).
+                Needs an sm_90 GPU; the kernels' signatures are pinned by
+                `tests/test_grouped_matmul.py` on CPU (through `kernels=`, which takes any
+                functions with the kernels' signatures).
 
 Unlike the capacity-padded batched einsum, no row is padding: each output tile costs only the
 rows of its group (a tile that straddles two groups is computed twice, once per group).
@@ -33,16 +35,22 @@ ROW_ALIGN = 8  # the Mosaic-GPU kernels need a row count that is a multiple of t
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """Tile sizes of one Mosaic-GPU kernel call (see the kernels' own docs)."""
+  """Tile sizes of one Mosaic-GPU kernel call (see the kernels' own docs). For the forward
+  kernel (`gmm_hopper.ragged_dot`) `block_n` is one warpgroup's width, the CTA covers twice it,
+  and `delay_release` = 1 keeps one wgmma in flight across pipeline steps."""
 
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
   max_concurrent_steps: int = 4
   grid_block_n: int = 1
+  delay_release: int = 0
 
   def kwargs(self) -> dict:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    if not self.delay_release:  # only the forward kernel takes it
+      del out['delay_release']
+    return out
 
 
 class Kernels(NamedTuple):
@@ -55,10 +63,13 @@ class Kernels(NamedTuple):
 
 
 def mosaic_gpu_kernels() -> Kernels:
-  """JAX's Hopper kernels (imported on first use: the module needs a GPU-enabled jaxlib)."""
-  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+  """Our two-warpgroup forward and JAX's transposed Hopper kernel (imported on first use: the
+  modules need a GPU-enabled jaxlib)."""
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
-  return Kernels(ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
+  from mas_jax.layers import gmm_hopper
+
+  return Kernels(gmm_hopper.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
 
 
 def check_shapes(m: int, k: int, n: int, fwd: Tiling, bwd_data: Tiling, bwd_weight: Tiling):
@@ -66,16 +77,17 @@ def check_shapes(m: int, k: int, n: int, fwd: Tiling, bwd_data: Tiling, bwd_weig
   problems = []
   if k % fwd.block_k:
     problems.append(f'k={k} is not a multiple of the forward block_k={fwd.block_k}')
-  if n % (fwd.block_n * fwd.grid_block_n):
+  # The forward kernel's CTA is two warpgroups of block_n columns each.
+  if n % (2 * fwd.block_n * fwd.grid_block_n):
     problems.append(
-      f'n={n} is not a multiple of block_n*grid_block_n={fwd.block_n * fwd.grid_block_n}'
+      f'n={n} is not a multiple of 2*block_n*grid_block_n={2 * fwd.block_n * fwd.grid_block_n}'
     )
   if n % bwd_data.block_k:
     problems.append(f'n={n} is not a multiple of the backward block_k={bwd_data.block_k}')
-  if k % (bwd_data.block_n * bwd_data.grid_block_n):
+  if k % (2 * bwd_data.block_n * bwd_data.grid_block_n):
     problems.append(
-      f'k={k} is not a multiple of the backward block_n*grid_block_n='
-      f'{bwd_data.block_n * bwd_data.grid_block_n}'
+      f'k={k} is not a multiple of the backward 2*block_n*grid_block_n='
+      f'{2 * bwd_data.block_n * bwd_data.grid_block_n}'
     )
   if k % bwd_weight.block_m or n % bwd_weight.block_n:
     problems.append(
@@ -111,17 +123,20 @@ def _mosaic_gmm_bwd(kernels, tilings, res, d_out):
 
 _mosaic_gmm.defvjp(_mosaic_gmm_fwd, _mosaic_gmm_bwd)
 
-DEFAULT_TILINGS = (Tiling(), Tiling(), Tiling())
-# (forward, backward data, backward weight) tilings measured fastest on one H100 at the seed's
-# expert shapes, 4 local experts (`python bench/grouped_matmul.py`,
-# docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.md): for [rows, 4096] x [4096, 16384]
-# (widening, w_in) and [rows, 16384] x [16384, 4096] (narrowing, w_out).
-WIDENING_TILINGS = (Tiling(128, 128), Tiling(128, 128), Tiling(64, 256))
-NARROWING_TILINGS = (
-  Tiling(64, 256),
-  Tiling(128, 128, grid_block_n=8),
-  Tiling(128, 128, grid_block_n=8),
-)
+# Untuned shapes: warpgroup tiles of 64 columns (a CTA of 128), so that any width that is a
+# multiple of 128 fits.
+DEFAULT_TILINGS = (Tiling(block_n=64), Tiling(block_n=64), Tiling())
+# (forward, backward data, backward weight) tilings for [rows, 4096] x [4096, 16384] (widening,
+# w_in) and [rows, 16384] x [16384, 4096] (narrowing, w_out) at the seed's expert shapes. The
+# two-warpgroup kernel's (forward; backward data, which contracts the other way) were the
+# fastest of bench/gmm_2wg.py's sweep at 8192 rows and 16 groups on one H100
+# (docs/benchmarks/gmm_2wg.md); the weight gradient's, of JAX's transposed kernel, were the
+# fastest of bench/grouped_matmul.py's sweep at 4 local experts
+# (docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.md).
+_WIDE = Tiling(128, 128, 64, max_concurrent_steps=3, grid_block_n=8)
+_NARROW = Tiling(128, 128, 64, max_concurrent_steps=4, grid_block_n=4, delay_release=1)
+WIDENING_TILINGS = (_WIDE, _NARROW, Tiling(64, 256))
+NARROWING_TILINGS = (_NARROW, _WIDE, Tiling(128, 128, grid_block_n=8))
 
 
 def tilings_for(k: int, n: int) -> tuple[Tiling, Tiling, Tiling]:
