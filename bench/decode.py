@@ -490,7 +490,7 @@ def gmm_split(s: dict):
     for name, k, n in (('w_in', d, f), ('w_out', f, d)):
       w = random_array(20, (local, k, n), k)
       lhs = random_array(21, (ids.size, k))
-      tilings = gmm_lib.tilings_for(k, n)
+      tilings = gmm_lib.tilings_for(k, n, ids.size)  # what gmm picks for these rows
       run = jax.jit(lambda a, b, g, ts=tilings: gmm_lib.gmm(a, b, g, backend, tilings=ts))
       t, _ = _chain_time(s, lambda _, r=run, a=lhs, b=w, g=sizes: r(a, b, g), [lhs])
       nbytes = 2.0 * (active * k * n + ids.size * (k + n))

@@ -48,7 +48,6 @@ from configs import paper  # noqa: E402
 from mas_jax import metrics as metrics_lib  # noqa: E402
 from mas_jax import perf as pm  # noqa: E402
 from mas_jax.layers import attention as attn_lib  # noqa: E402
-from mas_jax.layers import grouped_matmul as gmm_lib  # noqa: E402
 from mas_jax.perf import validate  # noqa: E402
 
 
@@ -115,15 +114,10 @@ def attention_sweep(s: dict) -> list[dict]:
 
 
 def expert_sweep(s: dict) -> list[dict]:
-  """bench/grouped_matmul.py's expert-FFN sweep with the library's tuned tilings."""
+  """bench/grouped_matmul.py's expert-FFN sweep with the library's kernels and tilings for each
+  row count (CPU: stand-ins)."""
   kernels = grouped_matmul.reference_kernels() if s['smoke'] else None
-  tiles = {
-    'w_in': gmm_lib.tilings_for(s['d_model'], s['expert_hidden']),
-    'w_out': gmm_lib.tilings_for(s['expert_hidden'], s['d_model']),
-  }
-  return grouped_matmul.ffn_sweep(
-    {**s, 'repeats': 10}, kernels or gmm_lib.mosaic_gpu_kernels(), tiles
-  )
+  return grouped_matmul.ffn_sweep({**s, 'repeats': 10}, kernels, None)
 
 
 def train_step(overrides: dict, repeats: int) -> dict:

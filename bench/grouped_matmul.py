@@ -24,7 +24,6 @@ library's tilings against the best, the routed group sizes). Neither measures an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -119,7 +118,7 @@ def sweep(s: dict, kernels, mm_tflops: float) -> tuple[list[dict], dict]:
       ref = reference(role, lhs, rhs, dout, sizes)
       scale = float(jnp.max(jnp.abs(ref)))
       for tiling in tilings(s):
-        row = {'matrix': name, 'role': role, 'rows': m, 'tiling': dataclasses.asdict(tiling)}
+        row = {'matrix': name, 'role': role, 'rows': m, 'tiling': tiling.kwargs()}
         try:
           fn, args = call(role, kernels, lhs, rhs, dout, sizes, tiling)
           out = fn(*args)
@@ -158,7 +157,7 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
     sizes = jnp.asarray(sizes_np)
 
     def grouped(x, a, b, g, impl):
-      t_in, t_out = tiles['w_in'], tiles['w_out']
+      t_in, t_out = (tiles['w_in'], tiles['w_out']) if tiles else (None, None)
       h = gmm_lib.gmm(x, a, g, impl, tilings=t_in, kernels=kernels)
       h = jax.nn.gelu(h, approximate=True)
       return gmm_lib.gmm(h, b, g, impl, tilings=t_out, kernels=kernels)
@@ -170,7 +169,8 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
     }
     useful = 2 * 2 * m * d * f
     row = {'local_experts': local, 'rows': m, 'group_sizes': sizes_np.tolist(), 'capacity': cap}
-    row['mosaic_forward'] = kernels.forward.__module__  # which kernel 'mosaic_gpu' ran
+    # Which forward kernel 'mosaic_gpu' ran (kernels None: the library's choice for m rows).
+    row['mosaic_forward'] = (kernels or gmm_lib.mosaic_gpu_kernels(m)).forward.__module__
     outs = {}
     # A random cotangent (with sum() as the loss XLA turns the backward's ones @ W into a
     # reduce), and value_and_grad so the forward's last matmul is not dead code.
@@ -262,10 +262,18 @@ IMPL_NAMES = ('einsum', 'ragged_dot', 'mosaic_gpu')
 def ffn_table(rows: list[dict], mm: float) -> list[str]:
   """Markdown lines of `ffn_sweep`'s rows, rates against the matmul ceiling mm (TFLOP/s)."""
   # Results before `mosaic_forward` was recorded ran JAX's single-warpgroup forward kernel.
-  if any('gmm_hopper' in e.get('mosaic_forward', '') for e in rows):
+  two = [e['local_experts'] for e in rows if 'gmm_hopper' in e.get('mosaic_forward', '')]
+  one = [e['local_experts'] for e in rows if 'gmm_hopper' not in e.get('mosaic_forward', '')]
+  if two:
     mosaic = (
       'mosaic_gpu: our two-warpgroup kernel (mas_jax/layers/gmm_hopper.py) for the forward and '
-      "the data gradient, JAX's transposed kernel for the weight gradient, with the tuned tilings."
+      "the data gradient, JAX's transposed kernel for the weight gradient, with the tuned tilings"
+      + (
+        f" (at {', '.join(map(str, two))} local experts; JAX's single-warpgroup kernel at "
+        f'{", ".join(map(str, one))}, below {gmm_lib.TWO_WARPGROUP_MIN_ROWS} rows).'
+        if one
+        else '.'
+      )
     )
   else:
     mosaic = "mosaic_gpu: JAX's Hopper kernel with the tuned tilings."
@@ -309,7 +317,7 @@ def main():
     print('\n'.join(breakdown(args.breakdown)))
     return
   s = SMOKE if args.smoke else GPU
-  kernels = reference_kernels() if args.smoke else gmm_lib.mosaic_gpu_kernels()
+  kernels = reference_kernels() if args.smoke else gmm_lib.one_warpgroup_kernels()
   device = jax.devices()[0].device_kind
   n = s['matmul_n']
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
@@ -361,12 +369,12 @@ def breakdown(path: str) -> list[str]:
     out.append(f'  {bm} x {bn}: {min(rates):.1f}-{max(rates):.1f} ({len(rates)} timings)')
   shares = [b['of_matmul'] for b in r['best']]
   out.append(f'best tiling of each call: {min(shares):.1%}-{max(shares):.1%} of the ceiling')
-  d, f = GPU['d_model'], GPU['expert_hidden']
-  library = {'w_in': gmm_lib.tilings_for(d, f), 'w_out': gmm_lib.tilings_for(f, d)}
+  # The sweep timed JAX's single-warpgroup kernels: the library's tilings for them.
+  library = {'w_in': gmm_lib.ONE_WARPGROUP_WIDENING, 'w_out': gmm_lib.ONE_WARPGROUP_NARROWING}
   out.append("the library's tilings (mas_jax/layers/grouped_matmul.py) against each call's best:")
   for b in r['best']:
     role = ('forward', 'backward_data', 'backward_weight').index(b['role'])
-    tiling = dataclasses.asdict(library[b['matrix']][role])
+    tiling = library[b['matrix']][role].kwargs()
     same = [
       t for t in timed if (t['matrix'], t['role'], t['tiling']) == (b['matrix'], b['role'], tiling)
     ]

@@ -215,10 +215,12 @@ def validate(config: Config) -> None:
     )
   if m.expert_impl == 'mosaic_gpu':
     for k, n in ((m.d_model, m.expert_hidden), (m.expert_hidden, m.d_model)):
-      try:
-        gmm_lib.check_shapes(0, k, n, *gmm_lib.tilings_for(k, n))
-      except ValueError as e:
-        raise ConfigError(f'model.expert_impl=mosaic_gpu: {e}') from None
+      for rows in (None, 0):  # both kernels: training's two-warpgroup one, decode's
+        two = gmm_lib.two_warpgroup(rows)
+        try:
+          gmm_lib.check_shapes(0, k, n, *gmm_lib.tilings_for(k, n, rows), two_warpgroups=two)
+        except ValueError as e:
+          raise ConfigError(f'model.expert_impl=mosaic_gpu: {e}') from None
   _check(
     m.d_model % m.num_heads == 0,
     f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}',

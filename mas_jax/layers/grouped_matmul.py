@@ -62,9 +62,23 @@ class Kernels(NamedTuple):
   transposed: Callable
 
 
-def mosaic_gpu_kernels() -> Kernels:
-  """Our two-warpgroup forward and JAX's transposed Hopper kernel (imported on first use: the
-  modules need a GPU-enabled jaxlib)."""
+# From this many rows a call runs the two-warpgroup forward kernel, below it JAX's
+# single-warpgroup one. Measured on one H100 at the seed's expert shapes: at 1056 rows (one
+# local expert) the two-warpgroup FFN forward ran at 53% of the matmul ceiling against JAX's
+# 59%, from 2086 rows (two local experts) at 74-92% against 70-71% (docs/benchmarks/README.md);
+# decode's few rows per expert keep the kernel and tilings its decode benchmark measured.
+TWO_WARPGROUP_MIN_ROWS = 2048
+
+
+def one_warpgroup_kernels() -> Kernels:
+  """JAX's Hopper kernels (imported on first use: the modules need a GPU-enabled jaxlib)."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+  return Kernels(ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
+
+
+def two_warpgroup_kernels() -> Kernels:
+  """Our two-warpgroup forward (`gmm_hopper.ragged_dot`) and JAX's transposed kernel."""
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
   from mas_jax.layers import gmm_hopper
@@ -72,22 +86,41 @@ def mosaic_gpu_kernels() -> Kernels:
   return Kernels(gmm_hopper.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
 
 
-def check_shapes(m: int, k: int, n: int, fwd: Tiling, bwd_data: Tiling, bwd_weight: Tiling):
-  """Raises ValueError naming the numbers when the kernels cannot tile lhs[m, k] @ rhs[g, k, n]."""
+def two_warpgroup(rows: int | None) -> bool:
+  """Whether a call of `rows` rows (None: unknown, a training shape) runs the two-warpgroup
+  forward kernel."""
+  return rows is None or rows >= TWO_WARPGROUP_MIN_ROWS
+
+
+def mosaic_gpu_kernels(rows: int | None = None) -> Kernels:
+  """The 'mosaic_gpu' kernels for a call of `rows` rows (`two_warpgroup`)."""
+  return two_warpgroup_kernels() if two_warpgroup(rows) else one_warpgroup_kernels()
+
+
+def check_shapes(
+  m: int,
+  k: int,
+  n: int,
+  fwd: Tiling,
+  bwd_data: Tiling,
+  bwd_weight: Tiling,
+  two_warpgroups: bool = True,
+):
+  """Raises ValueError naming the numbers when the kernels cannot tile lhs[m, k] @ rhs[g, k, n]
+  (`two_warpgroups`: with the two-warpgroup forward kernel, whose CTA spans 2 * block_n)."""
   problems = []
+  cta = 2 if two_warpgroups else 1
   if k % fwd.block_k:
     problems.append(f'k={k} is not a multiple of the forward block_k={fwd.block_k}')
-  # The forward kernel's CTA is two warpgroups of block_n columns each.
-  if n % (2 * fwd.block_n * fwd.grid_block_n):
-    problems.append(
-      f'n={n} is not a multiple of 2*block_n*grid_block_n={2 * fwd.block_n * fwd.grid_block_n}'
-    )
+  width = f'{cta}*block_n*grid_block_n' if cta > 1 else 'block_n*grid_block_n'
+  if n % (cta * fwd.block_n * fwd.grid_block_n):
+    problems.append(f'n={n} is not a multiple of {width}={cta * fwd.block_n * fwd.grid_block_n}')
   if n % bwd_data.block_k:
     problems.append(f'n={n} is not a multiple of the backward block_k={bwd_data.block_k}')
-  if k % (2 * bwd_data.block_n * bwd_data.grid_block_n):
+  if k % (cta * bwd_data.block_n * bwd_data.grid_block_n):
     problems.append(
-      f'k={k} is not a multiple of the backward 2*block_n*grid_block_n='
-      f'{2 * bwd_data.block_n * bwd_data.grid_block_n}'
+      f'k={k} is not a multiple of the backward {width}='
+      f'{cta * bwd_data.block_n * bwd_data.grid_block_n}'
     )
   if k % bwd_weight.block_m or n % bwd_weight.block_n:
     problems.append(
@@ -137,15 +170,30 @@ _WIDE = Tiling(128, 128, 64, max_concurrent_steps=3, grid_block_n=8)
 _NARROW = Tiling(128, 128, 64, max_concurrent_steps=4, grid_block_n=4, delay_release=1)
 WIDENING_TILINGS = (_WIDE, _NARROW, Tiling(64, 256))
 NARROWING_TILINGS = (_NARROW, _WIDE, Tiling(128, 128, grid_block_n=8))
+# Below TWO_WARPGROUP_MIN_ROWS, JAX's single-warpgroup kernels with the tilings of
+# bench/grouped_matmul.py's sweep (the same file), which decode's benchmark measured.
+ONE_WARPGROUP_DEFAULT = (Tiling(), Tiling(), Tiling())
+ONE_WARPGROUP_WIDENING = (Tiling(128, 128), Tiling(128, 128), Tiling(64, 256))
+ONE_WARPGROUP_NARROWING = (
+  Tiling(64, 256),
+  Tiling(128, 128, grid_block_n=8),
+  Tiling(128, 128, grid_block_n=8),
+)
 
 
-def tilings_for(k: int, n: int) -> tuple[Tiling, Tiling, Tiling]:
-  """The measured tilings for lhs[rows, k] x rhs[g, k, n] where they tile it, else the defaults."""
-  tuned = WIDENING_TILINGS if n >= k else NARROWING_TILINGS
+def tilings_for(k: int, n: int, rows: int | None = None) -> tuple[Tiling, Tiling, Tiling]:
+  """The measured tilings for lhs[rows, k] x rhs[g, k, n] (rows None: a training shape, see
+  `two_warpgroup`) where they tile it, else the defaults."""
+  two = two_warpgroup(rows)
+  if two:
+    tuned, default = (WIDENING_TILINGS if n >= k else NARROWING_TILINGS), DEFAULT_TILINGS
+  else:
+    tuned = ONE_WARPGROUP_WIDENING if n >= k else ONE_WARPGROUP_NARROWING
+    default = ONE_WARPGROUP_DEFAULT
   try:
-    check_shapes(0, k, n, *tuned)
+    check_shapes(0, k, n, *tuned, two_warpgroups=two)
   except ValueError:
-    return DEFAULT_TILINGS
+    return default
   return tuned
 
 
@@ -155,7 +203,7 @@ def gmm(
   group_sizes: jax.Array,
   impl: str = 'xla',
   *,
-  tilings: tuple[Tiling, Tiling, Tiling] = DEFAULT_TILINGS,
+  tilings: tuple[Tiling, Tiling, Tiling] | None = None,
   kernels: Kernels | None = None,
 ) -> jax.Array:
   """Grouped matmul lhs[M, K] x rhs[G, K, N] -> [M, N] in lhs.dtype (float32 accumulation).
@@ -165,8 +213,10 @@ def gmm(
     rhs: one [K, N] weight per group (cast to lhs.dtype).
     group_sizes: [G] int32 row counts, summing to M.
     impl: 'xla' or 'mosaic_gpu'.
-    tilings: (forward, backward data, backward weight) tiles for 'mosaic_gpu'.
-    kernels: the 'mosaic_gpu' kernel functions (default: JAX's Hopper kernels).
+    tilings: (forward, backward data, backward weight) tiles for 'mosaic_gpu' (default:
+      `tilings_for` the shapes and row count).
+    kernels: the 'mosaic_gpu' kernel functions (default: `mosaic_gpu_kernels` of the row count;
+      others, such as CPU stand-ins, are taken to have the two-warpgroup tiling rules).
   """
   rhs = rhs.astype(lhs.dtype)
   group_sizes = group_sizes.astype(jnp.int32)
@@ -175,12 +225,14 @@ def gmm(
   if impl != 'mosaic_gpu':
     raise ValueError(f'grouped matmul impl={impl!r} is not one of {IMPLS}')
   (m, k), n = lhs.shape, rhs.shape[-1]
-  check_shapes(m, k, n, *tilings)
+  two = kernels is not None or two_warpgroup(m)
+  tilings = tilings or tilings_for(k, n, None if two else m)
+  check_shapes(m, k, n, *tilings, two_warpgroups=two)
   # The kernels tile rows in multiples of 8: zero rows appended to the last group change
   # nothing (zero outputs, zero weight-gradient terms) and are sliced off.
   pad = -m % ROW_ALIGN
   if pad:
     lhs = jnp.pad(lhs, ((0, pad), (0, 0)))
     group_sizes = group_sizes.at[-1].add(pad)
-  out = _mosaic_gmm(lhs, rhs, group_sizes, kernels or mosaic_gpu_kernels(), tuple(tilings))
+  out = _mosaic_gmm(lhs, rhs, group_sizes, kernels or mosaic_gpu_kernels(m), tuple(tilings))
   return out[:m] if pad else out

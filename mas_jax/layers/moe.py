@@ -270,9 +270,9 @@ def grouped_expert_ffn(
   token = order // k
   rows = x.reshape(g * s, d)[token]  # [G*S*K, D] sorted by expert
   backend = _GROUPED[impl]
-  h = gmm_lib.gmm(rows, w_in, sizes, backend, tilings=gmm_lib.tilings_for(d, w_in.shape[-1]))
+  h = gmm_lib.gmm(rows, w_in, sizes, backend)  # kernels and tilings by shape and row count
   h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
-  y = gmm_lib.gmm(h, w_out, sizes, backend, tilings=gmm_lib.tilings_for(w_in.shape[-1], d))
+  y = gmm_lib.gmm(h, w_out, sizes, backend)
   y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
   return jnp.zeros((g * s, d), y.dtype).at[token].add(y).reshape(g, s, d)
 
