@@ -270,7 +270,7 @@ def ffn_table(rows: list[dict], mm: float) -> list[str]:
       "the data gradient, JAX's transposed kernel for the weight gradient, with the tuned tilings"
       + (
         f" (at {', '.join(map(str, two))} local experts; JAX's single-warpgroup kernel at "
-        f'{", ".join(map(str, one))}, below {gmm_lib.TWO_WARPGROUP_MIN_ROWS} rows now).'
+        f'{", ".join(map(str, one))}).'
         if one
         else '.'
       )
