@@ -83,6 +83,18 @@ def test_step_profile_smoke(tmp_path, monkeypatch):
   assert (tmp_path / 'cpu_smoke_profile.hlo.txt.gz').exists()
 
 
+@pytest.mark.timeout(120)
+def test_qkv_fusion_smoke(tmp_path, monkeypatch):
+  """bench/qkv_fusion.py: the fused QKV projection gives the library's attention output."""
+  import qkv_fusion
+
+  monkeypatch.setattr(sys, 'argv', ['qkv_fusion.py', '--smoke', '--out', str(tmp_path)])
+  qkv_fusion.main()
+  (row,) = json.loads((tmp_path / 'qkv_fusion.json').read_text())['cases']
+  assert row['max_rel_diff'] < 1e-5
+  assert row['separate_fwd_bwd_ms'] > 0 and row['fused_fwd_bwd_ms'] > 0
+
+
 def test_step_profile_classes():
   import step_profile
 
