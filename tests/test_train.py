@@ -111,7 +111,7 @@ def test_casting_the_weights_once_per_step_changes_no_value(monkeypatch):
   them in every micro-batch."""
   config = small_config(
     **{'parallel.strategy': 'reference', 'train.grad_accum_steps': 2},
-    **{'model.compute_dtype': 'bfloat16', 'model.expert_dropout': 0.0},
+    **{'model.compute_dtype': 'bfloat16', 'model.expert_dropout': 0.0, 'model.num_layers': 1},
   )
   step, state, batch = _one_step(config)
   cast = jax.eval_shape(
