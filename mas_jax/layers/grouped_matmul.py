@@ -56,10 +56,13 @@ class Tiling:
 class Kernels(NamedTuple):
   """`forward(lhs, rhs, *, group_sizes, transpose_rhs, **tiling)` -> [M, N] and
   `transposed(lhs[M, K], rhs[M, N], *, group_sizes, **tiling)` -> [G, K, N] (per group
-  lhs_g^T @ rhs_g), with the signatures of JAX's Mosaic-GPU ops."""
+  lhs_g^T @ rhs_g), with the signatures of JAX's Mosaic-GPU ops. `two_warpgroups`: whether
+  the forward's CTA spans 2 * block_n columns (`gmm_hopper.ragged_dot`), which `check_shapes`
+  and `tilings_for` follow."""
 
   forward: Callable
   transposed: Callable
+  two_warpgroups: bool = True
 
 
 # From this many rows a call runs the two-warpgroup forward kernel, below it JAX's
@@ -75,7 +78,9 @@ def one_warpgroup_kernels() -> Kernels:
   """JAX's Hopper kernels (imported on first use: the modules need a GPU-enabled jaxlib)."""
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
 
-  return Kernels(ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
+  return Kernels(
+    ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot, False
+  )
 
 
 def two_warpgroup_kernels() -> Kernels:
@@ -216,8 +221,8 @@ def gmm(
     impl: 'xla' or 'mosaic_gpu'.
     tilings: (forward, backward data, backward weight) tiles for 'mosaic_gpu' (default:
       `tilings_for` the shapes and row count).
-    kernels: the 'mosaic_gpu' kernel functions (default: `mosaic_gpu_kernels` of the row count;
-      others, such as CPU stand-ins, are taken to have the two-warpgroup tiling rules).
+    kernels: the 'mosaic_gpu' kernel functions (default: `mosaic_gpu_kernels` of the row count);
+      their `two_warpgroups` decides the tiling rules.
   """
   rhs = rhs.astype(lhs.dtype)
   group_sizes = group_sizes.astype(jnp.int32)
@@ -226,7 +231,8 @@ def gmm(
   if impl != 'mosaic_gpu':
     raise ValueError(f'grouped matmul impl={impl!r} is not one of {IMPLS}')
   (m, k), n = lhs.shape, rhs.shape[-1]
-  two = kernels is not None or two_warpgroup(m)
+  kernels = kernels or mosaic_gpu_kernels(m)
+  two = kernels.two_warpgroups
   tilings = tilings or tilings_for(k, n, None if two else m)
   check_shapes(m, k, n, *tilings, two_warpgroups=two)
   # The kernels tile rows in multiples of 8: zero rows appended to the last group change
@@ -235,5 +241,5 @@ def gmm(
   if pad:
     lhs = jnp.pad(lhs, ((0, pad), (0, 0)))
     group_sizes = group_sizes.at[-1].add(pad)
-  out = _mosaic_gmm(lhs, rhs, group_sizes, kernels or mosaic_gpu_kernels(m), tuple(tilings))
+  out = _mosaic_gmm(lhs, rhs, group_sizes, kernels, tuple(tilings))
   return out[:m] if pad else out
