@@ -420,6 +420,13 @@ def _expert_lines(rows: list[dict], mm: float) -> list[str]:
     out.append(
       f'  {impl}: forward {_span(fwd)}, forward + backward {_span(bwd)}, both {_span(fwd + bwd)}'
     )
+  dense = grouped_matmul.DENSE
+  for impl in grouped_matmul.IMPL_NAMES:  # against the same call's dense FFN of the same FLOPs
+    timed = [r for r in rows if f'{impl}_fwd_s' in r and f'{dense}_fwd_s' in r]
+    if timed:
+      fwd = [r[f'{dense}_fwd_s'] / r[f'{impl}_fwd_s'] for r in timed]
+      bwd = [r[f'{dense}_fwd_bwd_s'] / r[f'{impl}_fwd_bwd_s'] for r in timed]
+      out.append(f'  {impl} of dense: forward {_span(fwd)}, forward + backward {_span(bwd)}')
   for r in rows:  # the einsum computes capacity slots, not routed rows
     if 'einsum_fwd_s' in r:
       padded = r['local_experts'] * r['capacity'] / r['rows']

@@ -162,10 +162,12 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
       h = jax.nn.gelu(h, approximate=True)
       return gmm_lib.gmm(h, b, g, impl, tilings=t_out, kernels=kernels)
 
-    fns = {  # the order of IMPL_NAMES
+    fns = {  # the order of IMPL_NAMES, then the dense yardstick
       'einsum': (lambda x, a, b, g: moe_lib.expert_ffn(x, a, b, 'gelu'), xe),
       'ragged_dot': (lambda x, a, b, g: grouped(x, a, b, g, 'xla'), xr),
       'mosaic_gpu': (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu'), xr),
+      # The same FLOPs as one dense FFN: every routed row through expert 0's weights.
+      DENSE: (lambda x, a, b, g: jax.nn.gelu(x @ a[0], approximate=True) @ b[0], xr),
     }
     useful = 2 * 2 * m * d * f
     row = {'local_experts': local, 'rows': m, 'group_sizes': sizes_np.tolist(), 'capacity': cap}
@@ -257,6 +259,8 @@ def markdown(r: dict) -> str:
 
 
 IMPL_NAMES = ('einsum', 'ragged_dot', 'mosaic_gpu')
+# `ffn_sweep`'s yardstick: the routed rows through one dense FFN (XLA's matmuls), the same FLOPs.
+DENSE = 'dense'
 
 
 def ffn_table(rows: list[dict], mm: float) -> list[str]:
@@ -277,29 +281,45 @@ def ffn_table(rows: list[dict], mm: float) -> list[str]:
     )
   else:
     mosaic = "mosaic_gpu: JAX's Hopper kernel with the tuned tilings."
+  # Results before the dense yardstick was recorded have no 'of dense' columns.
+  dense = any(f'{DENSE}_fwd_s' in e for e in rows)
+  extra_head, extra_rule = (' % of dense | fwd+bwd % of dense |', '---|---|') if dense else ('', '')
   out = [
     '',
     '## Expert FFN, useful TFLOP/s (routed rows only) and % of the matmul ceiling',
     '',
     'einsum: capacity-padded batched einsum (capacity factor 1.25); ragged_dot: XLA; '
-    f'{mosaic} fwd+bwd counts 3x the forward.',
+    f'{mosaic} fwd+bwd counts 3x the forward.'
+    + (
+      f' {DENSE}: the same routed rows through one dense FFN (XLA matmuls, the same FLOPs), '
+      'the yardstick of the "of dense" columns.'
+      if dense
+      else ''
+    ),
     '',
     '| local experts | routed rows | impl | fwd ms | fwd TFLOP/s | % | fwd+bwd ms | '
-    'fwd+bwd TFLOP/s | % |',
-    '|---|---|---|---|---|---|---|---|---|',
+    'fwd+bwd TFLOP/s | % |' + extra_head,
+    '|---|---|---|---|---|---|---|---|---|' + extra_rule,
   ]
   for e in rows:
-    for impl in IMPL_NAMES:
+    for impl in IMPL_NAMES + ((DENSE,) if dense else ()):
       if f'{impl}_fwd_s' not in e:
         err = e.get(impl + '_error', '?')
-        out.append(f'| {e["local_experts"]} | {e["rows"]} | {impl} | error: {err} | | | | | |')
+        blank = ' | |' if dense else ''
+        out.append(
+          f'| {e["local_experts"]} | {e["rows"]} | {impl} | error: {err} | | | | | |{blank}'
+        )
         continue
       ft, bt = e[f'{impl}_fwd_useful_tflops'], e[f'{impl}_fwd_bwd_useful_tflops']
-      out.append(
+      line = (
         f'| {e["local_experts"]} | {e["rows"]} | {impl} | {e[f"{impl}_fwd_s"] * 1e3:.3f} | '
         f'{ft:.0f} | {ft / mm:.0%} | {e[f"{impl}_fwd_bwd_s"] * 1e3:.3f} | {bt:.0f} | '
         f'{bt / mm:.0%} |'
       )
+      if dense:
+        df, db = e.get(f'{DENSE}_fwd_useful_tflops'), e.get(f'{DENSE}_fwd_bwd_useful_tflops')
+        line += f' {ft / df:.0%} | {bt / db:.0%} |' if df else ' | |'
+      out.append(line)
   return out
 
 

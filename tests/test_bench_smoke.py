@@ -19,7 +19,8 @@ def test_gpu_bench_smoke(tmp_path, monkeypatch):
   result = json.loads((tmp_path / 'cpu_smoke.json').read_text())
   assert result['ceilings']['matmul_bf16_tflops'] > 0
   assert {r['heads'] for r in result['attention']} == {1, 2}
-  impls = ('einsum', 'ragged_dot', 'mosaic_gpu')  # mosaic_gpu through its CPU stand-in
+  # mosaic_gpu through its CPU stand-in; dense: the same FLOPs through one dense FFN.
+  impls = ('einsum', 'ragged_dot', 'mosaic_gpu', 'dense')
   assert all(r[f'{i}_fwd_bwd_s'] > 0 for r in result['expert_ffn'] for i in impls)
   assert result['train_step'][0]['step_s'] > 0
   calibration = json.loads((tmp_path / 'cpu_smoke_calibration.json').read_text())
@@ -33,7 +34,10 @@ def test_gpu_bench_smoke(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, 'argv', ['gpu_bench.py', '--render', saved])
   gpu_bench.main()
   assert (tmp_path / 'cpu_smoke.md').read_text() == md
-  assert any(line.startswith('best train step: ') for line in gpu_bench.breakdown(saved))
+  lines = gpu_bench.breakdown(saved)
+  assert any(line.startswith('best train step: ') for line in lines)
+  assert any(line.startswith('  mosaic_gpu of dense: forward ') for line in lines)
+  assert '% of dense |' in md
 
 
 def test_breakdowns_of_the_committed_results():
