@@ -8,17 +8,26 @@ the three projections fused into one [4096, 3 x heads x 128] matmul (the weights
 the step, the result split), at 3 and 32 heads and at 4 and 16 sequences of 2048 tokens. Both
 variants are timed as chains of back-to-back calls (`common.time_chain`); the fused one is
 checked against the library's output first.
+
+With --flag_sets every case runs again under each set of XLA flags (one child process per set,
+the flags in its XLA_FLAGS): by default XLA's defaults and the GEMM-library switches that can
+change how the narrow projections and the attention run (cuDNN GEMM fusions, cuBLASLt, no Triton
+GEMMs, no command buffers). A set the backend rejects is recorded with its error.
 Writes <out>/qkv_fusion.{json,md}.
 
   python bench/qkv_fusion.py --out docs/benchmarks    # on a GPU
+  python bench/qkv_fusion.py --flag_sets=default --out docs/benchmarks   # the XLA flag sets
   python bench/qkv_fusion.py --smoke --out /tmp/q     # tiny shapes on CPU (run by the tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +42,15 @@ from mas_jax.layers import attention as attn_lib  # noqa: E402
 GPU = {'d': 4096, 'seq': 2048, 'heads': [3, 32], 'batches': [4, 16], 'impl': 'cudnn', 'calls': 10}
 SMOKE = {'d': 64, 'seq': 16, 'heads': [2], 'batches': [2], 'impl': 'xla', 'calls': 2}
 HEAD_DIM = 128
+# --flag_sets=default: XLA's defaults first (the main table, and the row the others are
+# compared with), then one switch each.
+FLAG_SETS = (
+  '',
+  '--xla_gpu_cudnn_gemm_fusion_level=2',
+  '--xla_gpu_enable_cublaslt=true',
+  '--xla_gpu_enable_triton_gemm=false',
+  '--xla_gpu_enable_command_buffer=',
+)
 
 
 def fused_attention(x, p, positions, rope_base, implementation):
@@ -100,21 +118,82 @@ def markdown(r: dict) -> str:
       f'{c["separate_fwd_bwd_ms"]:.3f} | {c["fused_fwd_bwd_ms"]:.3f} | '
       f'{c["fused_fwd_bwd_ms"] / c["separate_fwd_bwd_ms"]:.3f} | {c["max_rel_diff"]:.1e} |'
     )
+  if r.get('flag_sets'):
+    lines += flag_table(r['flag_sets'])
   return '\n'.join(lines) + '\n'
+
+
+def flag_table(sets: list[dict]) -> list[str]:
+  """Markdown lines of the XLA flag sets: each case's forward + backward against the first set's."""
+  base = {(c['heads'], c['batch']): c for c in sets[0].get('cases', [])}
+  lines = [
+    '',
+    '## XLA flag sets',
+    '',
+    'Forward + backward ms per call under each set of XLA_FLAGS (one process per set), and the '
+    'ratio to the first set at the same heads and sequences.',
+    '',
+    '| XLA_FLAGS | heads | sequences | separate fwd+bwd ms | ratio | fused fwd+bwd ms | ratio | '
+    'TFLOP/s (separate) |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for fs in sets:
+    flags = f'`{fs["xla_flags"]}`' if fs['xla_flags'] else '(defaults)'
+    if 'error' in fs:
+      lines.append(f'| {flags} | error: {fs["error"]} | | | | | | |')
+      continue
+    for c in fs['cases']:
+      b = base.get((c['heads'], c['batch']))
+      ratio = lambda k, c=c, b=b: f'{c[k] / b[k]:.3f}' if b else ''
+      lines.append(
+        f'| {flags} | {c["heads"]} | {c["batch"]} | {c["separate_fwd_bwd_ms"]:.3f} | '
+        f'{ratio("separate_fwd_bwd_ms")} | {c["fused_fwd_bwd_ms"]:.3f} | '
+        f'{ratio("fused_fwd_bwd_ms")} | {c["separate_fwd_bwd_tflops"]:.0f} |'
+      )
+  return lines
+
+
+def run_flag_set(flags: str, smoke: bool) -> dict:
+  """The cases in a child process with XLA_FLAGS=flags: {'xla_flags', 'cases'} or {.., 'error'}."""
+  with tempfile.TemporaryDirectory() as tmp:
+    cmd = [sys.executable, os.path.abspath(__file__), '--out', tmp, *(['--smoke'] * smoke)]
+    env = {**os.environ, 'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip()}
+    print(f'XLA_FLAGS={env["XLA_FLAGS"]!r}', flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+      tail = (proc.stderr or proc.stdout).strip().splitlines() or [f'exit {proc.returncode}']
+      return {'xla_flags': flags, 'error': tail[-1][:200]}
+    with open(os.path.join(tmp, 'qkv_fusion.json')) as f:
+      child = json.load(f)
+    return {'xla_flags': flags, **{k: child[k] for k in ('device', 'jax', 'cases')}}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--smoke', action='store_true', help='tiny shapes (CPU smoke test)')
   parser.add_argument('--out', default='docs/benchmarks')
+  parser.add_argument(
+    '--flag_sets',
+    default='',
+    help="';'-separated XLA flag sets to run the cases under, each in its own process "
+    "('' in the list: the defaults), or 'default' for FLAG_SETS; empty: this process only",
+  )
   args = parser.parse_args()
   s = {**(SMOKE if args.smoke else GPU), 'smoke': args.smoke}
-  result = {
-    'command': common.command_line(__file__),
-    'device': jax.devices()[0].device_kind,
-    'jax': jax.__version__,
-    'cases': [case(s, h, b) for h in s['heads'] for b in s['batches']],
-  }
+  result = {'command': common.command_line(__file__)}
+  if args.flag_sets:
+    # This process leaves the device alone (JAX would take most of its memory); the children
+    # run the cases, and the first set's are the main table.
+    sets = FLAG_SETS if args.flag_sets == 'default' else args.flag_sets.split(';')
+    result['flag_sets'] = [run_flag_set(f.strip(), args.smoke) for f in sets]
+    first = next((fs for fs in result['flag_sets'] if 'cases' in fs), None)
+    if first is None:
+      raise SystemExit(f'every flag set failed: {result["flag_sets"]}')
+    result.update(device=first['device'], jax=first['jax'], cases=first['cases'])
+  else:
+    result['device'] = jax.devices()[0].device_kind
+    result['jax'] = jax.__version__
+    result['cases'] = [case(s, h, b) for h in s['heads'] for b in s['batches']]
   common.write_result(args.out, 'qkv_fusion', result, markdown(result))
   print(markdown(result))
 

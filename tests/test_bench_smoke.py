@@ -92,11 +92,20 @@ def test_qkv_fusion_smoke(tmp_path, monkeypatch):
   """bench/qkv_fusion.py: the fused QKV projection gives the library's attention output."""
   import qkv_fusion
 
-  monkeypatch.setattr(sys, 'argv', ['qkv_fusion.py', '--smoke', '--out', str(tmp_path)])
+  # One flag set XLA takes (the defaults) and one it rejects, each in a child process.
+  flags = ';--xla_no_such_flag=1'
+  argv = ['qkv_fusion.py', '--smoke', '--out', str(tmp_path), f'--flag_sets={flags}']
+  monkeypatch.setattr(sys, 'argv', argv)
   qkv_fusion.main()
-  (row,) = json.loads((tmp_path / 'qkv_fusion.json').read_text())['cases']
+  result = json.loads((tmp_path / 'qkv_fusion.json').read_text())
+  (row,) = result['cases']
   assert row['max_rel_diff'] < 1e-5
   assert row['separate_fwd_bwd_ms'] > 0 and row['fused_fwd_bwd_ms'] > 0
+  default, bad = result['flag_sets']
+  assert default['xla_flags'] == '' and default['cases'][0]['fused_fwd_bwd_ms'] > 0
+  assert bad['xla_flags'] == '--xla_no_such_flag=1' and bad['error']
+  md = (tmp_path / 'qkv_fusion.md').read_text()
+  assert '| (defaults) | 2 | 2 |' in md and '| `--xla_no_such_flag=1` | error: ' in md
 
 
 def test_step_profile_classes():
