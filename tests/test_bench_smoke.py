@@ -108,6 +108,20 @@ def test_qkv_fusion_smoke(tmp_path, monkeypatch):
   assert '| (defaults) | 2 | 2 |' in md and '| `--xla_no_such_flag=1` | error: ' in md
 
 
+@pytest.mark.timeout(120)
+def test_grad_accum_fusion_smoke(tmp_path, monkeypatch):
+  """bench/grad_accum_fusion.py: the fused accumulation gives the separate one's gradients."""
+  import grad_accum_fusion
+
+  monkeypatch.setattr(sys, 'argv', ['grad_accum_fusion.py', '--smoke', '--out', str(tmp_path)])
+  grad_accum_fusion.main()
+  cases = json.loads((tmp_path / 'grad_accum_fusion.json').read_text())['cases']
+  assert [(c['rows'], c['layers']) for c in cases] == [(8, 1), (8, 2)]
+  for c in cases:
+    assert c['rel_diff'] < 1e-6  # float32 on the CPU: both sum the same float32 gradients
+    assert c['separate_ms'] > 0 and c['fused_ms'] > 0
+
+
 def test_step_profile_classes():
   import step_profile
 

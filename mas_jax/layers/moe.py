@@ -195,6 +195,56 @@ def dropout_keep_mask(
   return jax.vmap(lambda g: jax.vmap(lambda e: block(g, e))(expert_ids))(group_ids)
 
 
+@jax.tree_util.register_pytree_node_class
+class GradSink:
+  """A float32 gradient accumulator handed to `sink_matmul` beside the weight it belongs to.
+
+  A pytree of one leaf (`acc`, shaped like the weight) and a static `scale`, so the model's layer
+  scan slices it like any other block parameter and a gradient taken with respect to it has its
+  structure. train_lib.accumulate puts one in the expert parameters as 'w_in_sink' and
+  'w_out_sink' (train.fuse_grad_accum); nothing else creates them.
+  """
+
+  def __init__(self, acc: jax.Array, scale: float):
+    self.acc, self.scale = acc, scale
+
+  def tree_flatten(self):
+    return (self.acc,), self.scale
+
+  @classmethod
+  def tree_unflatten(cls, scale, children):
+    return cls(children[0], scale)
+
+
+@jax.custom_vjp
+def sink_matmul(x: jax.Array, w: jax.Array, sink: GradSink) -> jax.Array:
+  """x[E, M, K] @ w[E, K, N] -> [E, M, N] (x's dtype), the weight gradient sent into `sink`.
+
+  The forward ignores the sink. The backward returns dx as autodiff would, no gradient for w, and
+  as the sink's cotangent sink.acc + sink.scale * (x^T dy in float32): differentiated with respect
+  to the sink, the accumulator comes back with this matmul's weight gradient added. XLA's GPU
+  GEMM rewriter makes that one cuBLASLt matmul with alpha = scale, beta = 1 whose result is the
+  next carry of accumulate's scan: no bf16 gradient, no separate read-modify-write (H100, JAX
+  0.11.2; bench/grad_accum_fusion.py records the HLO).
+  """
+  del sink
+  return jnp.einsum('EMK,EKN->EMN', x, w)
+
+
+def _sink_matmul_fwd(x, w, sink):
+  return sink_matmul(x, w, sink), (x, w, sink)
+
+
+def _sink_matmul_bwd(res, dy):
+  x, w, sink = res
+  dx = jnp.einsum('EMN,EKN->EMK', dy, w)
+  dw = jnp.einsum('EMK,EMN->EKN', x, dy, preferred_element_type=jnp.float32)
+  return dx, None, GradSink(sink.acc + dw * sink.scale, sink.scale)
+
+
+sink_matmul.defvjp(_sink_matmul_fwd, _sink_matmul_bwd)
+
+
 def expert_ffn(
   x: jax.Array,
   w_in: jax.Array,
@@ -203,17 +253,26 @@ def expert_ffn(
   keep_mask: jax.Array | None = None,
   rate: float = 0.0,
   expert_major: bool = False,
+  sinks: tuple[GradSink, GradSink] | None = None,
 ) -> jax.Array:
   """Experts: x[G, E, C, D] -> act(x @ w_in[E, D, F]) (dropout) @ w_out[E, F, D] -> [G, E, C, D].
 
   With `expert_major`, x and the result are [E, G, C, D] (keep_mask stays [G, E, C, F]): every
   expert's rows are contiguous, so each matmul of both passes is one batched GEMM over E with
   no transposes. With a slice of F (tensor parallelism) the output is a partial sum over F.
+  `sinks` (expert-major only): w_in's and w_out's gradients go into them (`sink_matmul`), and
+  w_in and w_out get none.
   """
   dtype = x.dtype
+  if sinks is not None and not expert_major:
+    raise ValueError('gradient sinks need the expert-major layout')
   if expert_major:
     e, g, c, d = x.shape
-    h = jnp.einsum('EMD,EDF->EMF', x.reshape(e, g * c, d), w_in.astype(dtype))
+    rows = x.reshape(e, g * c, d)
+    if sinks is not None:
+      h = sink_matmul(rows, w_in.astype(dtype), sinks[0])
+    else:
+      h = jnp.einsum('EMD,EDF->EMF', rows, w_in.astype(dtype))
   else:
     h = jnp.einsum('GECD,EDF->GECF', x, w_in.astype(dtype))
   h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
@@ -221,6 +280,8 @@ def expert_ffn(
     if expert_major:
       keep_mask = jnp.swapaxes(keep_mask, 0, 1).reshape(h.shape)
     h = jnp.where(keep_mask, h / (1.0 - rate), 0.0).astype(dtype)
+  if sinks is not None:
+    return sink_matmul(h, w_out.astype(dtype), sinks[1]).reshape(x.shape)
   if expert_major:
     return jnp.einsum('EMF,EFD->EMD', h, w_out.astype(dtype)).reshape(x.shape)
   return jnp.einsum('GECF,EFD->GECD', h, w_out.astype(dtype))
@@ -293,7 +354,8 @@ def moe_ffn(
 
   Args:
     x: normed tokens [G, S, D] in the compute dtype.
-    params: {'router': [D, E], 'w_in': [E, D, F], 'w_out': [E, F, D]}.
+    params: {'router': [D, E], 'w_in': [E, D, F], 'w_out': [E, F, D]}, and with
+      train.fuse_grad_accum the GradSinks 'w_in_sink' and 'w_out_sink' ('einsum' only).
     top_k, cap, activation: routing and expert settings.
     dropout_rate, dropout_key: expert dropout (off when the key is None or the rate is 0;
       'einsum' only).
@@ -307,9 +369,13 @@ def moe_ffn(
     stats = routing_stats(route, num_experts)
     pos = dispatch_positions(route['experts'], num_experts)
     stats['dropped'] = jnp.sum((pos >= cap).astype(jnp.float32))
+  sinks = params.get('w_in_sink'), params.get('w_out_sink')
+  sinks = None if sinks[0] is None else sinks
   if impl != 'einsum':
     if dropout_key is not None and dropout_rate > 0:
       raise ValueError(f'expert dropout needs the einsum experts, not impl={impl!r}')
+    if sinks is not None:
+      raise ValueError(f'gradient sinks need the einsum experts, not impl={impl!r}')
     with jax.named_scope('experts'):
       weights = jnp.where(pos < cap, route['gates'], 0.0)
       y = grouped_expert_ffn(
@@ -327,7 +393,14 @@ def moe_ffn(
         dropout_key, groups, jnp.arange(num_experts), (cap, params['w_in'].shape[-1]), dropout_rate
       )
     ye = expert_ffn(
-      xe, params['w_in'], params['w_out'], activation, mask, dropout_rate, expert_major=True
+      xe,
+      params['w_in'],
+      params['w_out'],
+      activation,
+      mask,
+      dropout_rate,
+      expert_major=True,
+      sinks=sinks,
     )
   with jax.named_scope('combine'):
     y = combine(ye, route['experts'], pos, route['gates'], expert_major=True)
