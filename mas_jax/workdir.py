@@ -5,20 +5,25 @@
   line names the dead PID); a live holder stops a second run with one line naming its PID.
 - `check_identity`: `config.json` is written by the first run and never overwritten. A resume
   whose config differs from the run's current config in a field not in `SAFE_TO_CHANGE` stops
-  with one line listing the fields, unless `--resume_changed` names them. Every accepted change
-  is appended to `config_history.jsonl` (time, step, each field's old and new value, and the
-  whole config now in effect, against which the next resume is compared).
+  with one line listing the fields, unless `--resume_changed` names them. A field the run's
+  config does not have (written by a version of mas-jax before the field existed) is no change
+  when it is at its default, which is how that version ran (new fields default to the old
+  behaviour); any other value of it is a change like the rest. Every accepted change is appended
+  to `config_history.jsonl` (time, step, each field's old and new value, and the whole config now
+  in effect, against which the next resume is compared).
 - `truncate_metrics`: on resume, `metrics.jsonl` keeps only the lines up to the restored step,
   so every step appears once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import socket
 import time
+import typing
 
 from absl import logging
 
@@ -128,6 +133,27 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
   return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def field_defaults() -> dict:
+  """{dotted field: default} of every `mas_jax.config.Config` field that has a default."""
+  from mas_jax import config as config_lib
+
+  out = {}
+  for section, cls in typing.get_type_hints(config_lib.Config).items():
+    if not dataclasses.is_dataclass(cls):
+      continue
+    for f in dataclasses.fields(cls):
+      if f.default is not dataclasses.MISSING:
+        out[f'{section}.{f.name}'] = f.default
+      elif f.default_factory is not dataclasses.MISSING:
+        out[f'{section}.{f.name}'] = f.default_factory()
+  return out
+
+
+def _json_value(value):
+  """A default as it reads back from a config's JSON (tuples are lists there)."""
+  return json.loads(json.dumps(value))
+
+
 def check_identity(
   workdir: str, config_json: str, resume_changed: list[str], step: int | None, write: bool
 ) -> None:
@@ -153,8 +179,17 @@ def check_identity(
   known = set(_flatten(old)) | set(_flatten(new))
   if unknown := sorted(set(resume_changed) - known):
     raise RunError(f'--resume_changed names unknown config fields {unknown}')
+  # Fields newer than the run's config, at their defaults: how the run's version ran.
+  defaults, old_fields = field_defaults(), _flatten(old)
+  added = {
+    k
+    for k, (_, value) in changes.items()
+    if k not in old_fields and k in defaults and _json_value(defaults[k]) == value
+  }
   refused = {
-    k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE and k not in resume_changed
+    k: v
+    for k, v in changes.items()
+    if k not in SAFE_TO_CHANGE and k not in resume_changed and k not in added
   }
   if refused:
     listed = ', '.join(f'{k}: {v[0]!r} -> {v[1]!r}' for k, v in refused.items())

@@ -329,3 +329,23 @@ def test_11_unknown_flag_is_one_line_with_the_nearest_name(tmp_path):
   )
   assert 'Traceback' not in proc.stderr
   assert not (tmp_path / 'w').exists()
+
+
+def test_a_field_newer_than_the_run_resumes_at_its_default(tmp_path):
+  """A run written before a config field existed resumes when the field is at its default (how
+  the older version ran), and stops when it is not."""
+  from configs import tiny
+
+  new = json.loads(tiny.get_config().to_json_best_effort())
+  old = json.loads(json.dumps(new))
+  del old['train']['mu_dtype'], old['model']['expert_impl']  # fields "newer than the run"
+  (tmp_path / workdir_lib.CONFIG).write_text(json.dumps(old))
+  defaults = workdir_lib.field_defaults()
+  assert new['model']['expert_impl'] == defaults['model.expert_impl']
+  workdir_lib.check_identity(str(tmp_path), json.dumps(new), [], 6, write=True)
+  (entry,) = [json.loads(line) for line in open(tmp_path / workdir_lib.HISTORY)]
+  assert set(entry['changes']) == {'train.mu_dtype', 'model.expert_impl'}
+  (tmp_path / workdir_lib.HISTORY).unlink()
+  new['model']['expert_impl'] = 'einsum'  # not the default: a change like any other
+  with pytest.raises(RunError, match=r"model.expert_impl: None -> 'einsum'; pass"):
+    workdir_lib.check_identity(str(tmp_path), json.dumps(new), [], 6, write=False)
