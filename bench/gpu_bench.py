@@ -18,6 +18,8 @@ calibration file docs/benchmarks/<device>_calibration.json.
   python bench/gpu_bench.py --skip attention,experts --train_rows=levers
       # ceilings, then the best train step alone and with issue 17's levers (bf16 AdamW first
       # moments, model.loss_chunk, both); --train_rows also takes indices of the train table
+  python bench/gpu_bench.py --skip attention,experts --train_rows=fuse
+      # ceilings, then the best row with both levers without and with train.fuse_grad_accum
   python bench/gpu_bench.py --recalibrate=docs/benchmarks/<device>.json   # calibration only
   python bench/gpu_bench.py --render=docs/benchmarks/<device>.json        # markdown only
   python bench/gpu_bench.py --breakdown=docs/benchmarks/<device>.json     # derived figures
@@ -150,6 +152,12 @@ def lever_rows(base: dict, loss_chunk: int) -> list[dict]:
   return [{**base, **mu}, {**base, **chunk}, {**base, **mu, **chunk}]
 
 
+def fuse_rows(base: dict) -> list[dict]:
+  """`base` without and with train.fuse_grad_accum (the expert weight-gradient GEMMs add into
+  the float32 accumulator; bench/grad_accum_fusion.py)."""
+  return [base, {**base, 'train.fuse_grad_accum': True}]
+
+
 GPU = {
   'smoke': False,
   'matmul_n': 8192,
@@ -191,6 +199,8 @@ GPU = {
   + lever_rows(BEST, LOSS_CHUNK),
   # --train_rows=levers: the best row and its lever rows alone.
   'lever_rows': [BEST, *lever_rows(BEST, LOSS_CHUNK)],
+  # --train_rows=fuse: the best row with both levers, without and with train.fuse_grad_accum.
+  'fuse_rows': fuse_rows(lever_rows(BEST, LOSS_CHUNK)[-1]),
 }
 SMOKE_TRAIN = {
   'parallel.num_microbatches': 1,
@@ -218,22 +228,28 @@ SMOKE = {
   'train_repeats': 1,
   'train_overrides': [SMOKE_TRAIN],
   'lever_rows': [SMOKE_TRAIN, *lever_rows(SMOKE_TRAIN, 8)],
+  'fuse_rows': fuse_rows(
+    {**SMOKE_TRAIN, 'parallel.strategy': 'reference', 'train.grad_accum_steps': 2}
+  ),
 }
 
 
 def select_train_rows(s: dict, spec: str) -> list[dict]:
   """The train rows --train_rows names: 'all', 'levers' (s['lever_rows']: the best row and its
-  lever rows), or comma-separated indices into s['train_overrides']."""
+  lever rows), 'fuse' (s['fuse_rows']: the best lever row without and with
+  train.fuse_grad_accum), or comma-separated indices into s['train_overrides']."""
   if spec == 'all':
     return s['train_overrides']
   if spec == 'levers':
     return s['lever_rows']
+  if spec == 'fuse':
+    return s['fuse_rows']
   rows = s['train_overrides']
   try:
     return [rows[int(i)] for i in spec.split(',')]
   except (ValueError, IndexError):
     raise SystemExit(
-      f"--train_rows={spec!r}: 'all', 'levers' or indices in 0..{len(rows) - 1}"
+      f"--train_rows={spec!r}: 'all', 'levers', 'fuse' or indices in 0..{len(rows) - 1}"
     ) from None
 
 
@@ -278,7 +294,8 @@ def main():
     '--train_rows',
     default='all',
     help="train-step rows to time: 'all', 'levers' (the best row, then it with bf16 AdamW "
-    'moments, the chunked cross entropy, both) or comma-separated indices of the table',
+    "moments, the chunked cross entropy, both), 'fuse' (the best row with both levers, without "
+    'and with train.fuse_grad_accum) or comma-separated indices of the table',
   )
   parser.add_argument(
     '--recalibrate',

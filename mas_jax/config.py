@@ -102,6 +102,11 @@ class TrainConfig:
   skip_nonfinite_steps: int = 0
   tensorboard: bool = True
   mu_dtype: str = 'float32'  # AdamW's first moment: MU_DTYPES (the second stays float32)
+  # One device with grad_accum_steps > 1, 'reference', einsum experts: each expert weight-gradient
+  # GEMM adds into the float32 accumulator itself (beta = 1) instead of writing bf16 gradients
+  # that a separate pass adds (train_lib.accumulate; bench/grad_accum_fusion.py). Not bit-equal:
+  # the expert weights' gradients are summed unrounded.
+  fuse_grad_accum: bool = False
 
   @property
   def state_bytes_per_param(self) -> int:
@@ -273,6 +278,23 @@ def validate(config: Config) -> None:
     f'train.skip_nonfinite_steps={t.skip_nonfinite_steps} must be >= 0',
   )
   _check(t.grad_accum_steps > 0, f'train.grad_accum_steps={t.grad_accum_steps} must be positive')
+  if t.fuse_grad_accum:
+    einsum = m.expert_impl == 'einsum' or (
+      m.expert_impl == 'auto' and (not m.dropless or m.expert_dropout > 0)
+    )
+    _check(
+      t.grad_accum_steps > 1
+      and p.strategy == 'reference'
+      and einsum
+      and not p.shard_optimizer
+      and p.grad_compression == 'none',
+      f'train.fuse_grad_accum needs train.grad_accum_steps > 1, parallel.strategy=reference, '
+      f'einsum experts, no parallel.shard_optimizer or grad_compression; got '
+      f'grad_accum_steps={t.grad_accum_steps}, strategy={p.strategy!r}, '
+      f'model.expert_impl={m.expert_impl!r} (dropless={m.dropless}, '
+      f'expert_dropout={m.expert_dropout}), shard_optimizer={p.shard_optimizer}, '
+      f'grad_compression={p.grad_compression!r}',
+    )
   _check(
     p.moe_dispatch in _DISPATCH,
     f'parallel.moe_dispatch={p.moe_dispatch!r} is not one of {_DISPATCH}',

@@ -255,8 +255,42 @@ def cast_matmul_weights(params: dict, dtype) -> dict:
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+# The expert weights whose gradients train.fuse_grad_accum sends into the accumulator.
+_SUNK = ('w_in', 'w_out')
+
+
+def with_grad_sinks(params: dict, acc: dict, scale: float) -> dict:
+  """`params` with the accumulator's expert-weight entries beside the weights, as the GradSinks
+  'w_in_sink' and 'w_out_sink' that moe.expert_ffn sends those weights' gradients into."""
+  moe = dict(params['blocks']['moe'])
+  for name in _SUNK:
+    moe[f'{name}_sink'] = moe_lib.GradSink(acc['blocks']['moe'][name], scale)
+  return {**params, 'blocks': {**params['blocks'], 'moe': moe}}
+
+
+def add_into(acc: dict, grads: dict, steps: int, sunk: bool) -> dict:
+  """acc + grads / steps in float32. `sunk` (train.fuse_grad_accum): `grads` is the gradient
+  of `with_grad_sinks(params, acc, 1 / steps)`; its sinks' gradients are the expert weights' new
+  sums (and those weights' own gradients, zero, are dropped)."""
+  if sunk:
+    g_moe = dict(grads['blocks']['moe'])
+    sums = {name: g_moe.pop(f'{name}_sink').acc for name in _SUNK}
+    grads = {**grads, 'blocks': {**grads['blocks'], 'moe': g_moe}}
+  new = jax.tree.map(lambda a, g: a + g.astype(a.dtype) / steps, acc, grads)
+  if sunk:
+    new['blocks']['moe'].update(sums)
+  return new
+
+
 def accumulate(
-  value_and_grad, params, batch: jax.Array, key, steps: int, grads_like=None, residual=None
+  value_and_grad,
+  params,
+  batch: jax.Array,
+  key,
+  steps: int,
+  grads_like=None,
+  residual=None,
+  fuse: bool = False,
 ):
   """Mean loss, metrics and gradients of `value_and_grad` over `steps` equal micro-batches.
 
@@ -268,16 +302,21 @@ def accumulate(
   With a `residual` (parallel.grad_compression='topk'), value_and_grad(params, rows, key,
   residual) returns ((loss, metrics), grads, residual), the residual is carried from
   micro-batch to micro-batch, and so is the result: ((loss, metrics), grads, residual).
+
+  With `fuse` (train.fuse_grad_accum; params in the reference layout, einsum experts) each
+  micro-batch's params carry the accumulator's expert-weight entries as gradient sinks
+  (`with_grad_sinks`): the expert weight-gradient GEMMs add into them in float32 (alpha = 1 /
+  steps, beta = 1), and their gradients are the new sums.
   """
   compressed = residual is not None
 
-  def call(rows, key, residual):
+  def call(params, rows, key, residual):
     if compressed:
       return value_and_grad(params, rows, key, residual)
     return (*value_and_grad(params, rows, key), None)
 
   if steps == 1:
-    out = call(batch, key, residual)
+    out = call(params, batch, key, residual)
     return out if compressed else out[:2]
   micro = jnp.swapaxes(batch.reshape(-1, steps, batch.shape[-1]), 0, 1)  # [steps, B/steps, T+1]
 
@@ -285,10 +324,13 @@ def accumulate(
     acc, residual = carry
     rows, j = xs
     (loss, metrics), grads, residual = call(
-      rows, None if key is None else jax.random.fold_in(key, j), residual
+      with_grad_sinks(params, acc, 1 / steps) if fuse else params,
+      rows,
+      None if key is None else jax.random.fold_in(key, j),
+      residual,
     )
     with jax.named_scope('accumulate'):
-      acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype) / steps, acc, grads)
+      acc = add_into(acc, grads, steps, sunk=fuse)
     return (acc, residual), (loss, metrics)
 
   zeros = jax.tree.map(
@@ -309,6 +351,30 @@ def global_norm(tree) -> jax.Array:
   scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in leaves])
   scale = jnp.where(scale > 0, scale, 1.0)
   return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in leaves))
+
+
+def casts_once(config: Config, layout: zero.ParamLayout) -> bool:
+  """Whether the train step casts the matmul weights to the compute dtype once per step: one
+  device, several micro-batches, no sharded optimizer or gradient compression (on several
+  devices the cast stays inside the strategy, where its transpose sums the replicated weights'
+  gradients in float32). train.fuse_grad_accum needs this path.
+
+  Raises:
+    ConfigError: one line, for train.fuse_grad_accum where the step does not cast once.
+  """
+  once = (
+    config.train.grad_accum_steps > 1
+    and not layout.sharded
+    and layout.residual_abstract() is None
+    and len(layout.strategy.devices) == 1
+  )
+  if config.train.fuse_grad_accum and not once:
+    raise config_lib.ConfigError(
+      'train.fuse_grad_accum needs one device with train.grad_accum_steps > 1, unsharded '
+      f'parameters and no gradient compression; got {len(layout.strategy.devices)} devices, '
+      f'grad_accum_steps={config.train.grad_accum_steps}, sharded={layout.sharded}'
+    )
+  return once
 
 
 def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
@@ -335,10 +401,7 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
   # parallel.grad_compression='topk': the error-feedback residual travels through the chunks.
   residual_in = layout.residual_abstract() is not None
 
-  # One device, several micro-batches: the matmul weights are cast to the compute dtype once per
-  # step, not in every micro-batch (on several devices the cast stays inside the strategy, where
-  # its transpose sums the replicated weights' gradients in float32).
-  cast_once = steps > 1 and not layout.sharded and not residual_in and len(strategy.devices) == 1
+  cast_once = casts_once(config, layout)
 
   def train_step(state, batch):
     dropout_key = jax.random.fold_in(base_key, state['step'])
@@ -380,6 +443,7 @@ def make_train_step(config: Config, layout: zero.ParamLayout, tx, shardings):
         steps,
         grads_like=state['params'],
         residual=residual,
+        fuse=config.train.fuse_grad_accum,
       )
     with jax.named_scope('optimizer'):
       updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -645,6 +709,7 @@ def train_and_evaluate(
   config, config_dict = resolve_auto_placement(config, config_dict)
   strategy = strategies.get(config)  # validates the placement before any work
   layout = zero.ParamLayout(config, strategy)  # and the optimizer sharding
+  casts_once(config, layout)  # train.fuse_grad_accum on the devices at hand
   batch_sharding = strategy.batch_sharding()
   global_shape = (config.data.batch_size, config.data.seq_len + 1)
   shard_index, shard_count = distributed.data_shard(batch_sharding, global_shape)

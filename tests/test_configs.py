@@ -63,6 +63,12 @@ def test_paper_config_is_the_seed_model():
       {'train.grad_accum_steps': 3},
       'train.grad_accum_steps=3 x parallel.num_microbatches=1 does not divide data.batch_size=16',
     ),
+    (
+      {'train.fuse_grad_accum': True, 'parallel.strategy': 'dp'},
+      'train.fuse_grad_accum needs train.grad_accum_steps > 1, parallel.strategy=reference, '
+      'einsum experts, no parallel.shard_optimizer or grad_compression; got grad_accum_steps=1, '
+      "strategy='dp'",
+    ),
     ({'parallel.num_microbatches': 0}, 'parallel.num_microbatches=0 must be positive'),
     (
       {'parallel.num_microbatches': 3},

@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_trees_close, read_metrics, restore_state, tiny_config
 from strategy_harness import _inputs, small_config
 
+from mas_jax import config as config_lib
 from mas_jax import strategies, train_lib, zero
 
 OVERRIDES = {
@@ -126,6 +127,62 @@ def test_casting_the_weights_once_per_step_changes_no_value(monkeypatch):
   every = step(state, batch)
   for a, b in zip(_leaves(once), _leaves(every), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.timeout(120)
+def test_fused_gradient_accumulation_matches_the_separate_sum():
+  """train.fuse_grad_accum (the expert weight-gradient GEMMs add into the float32 accumulator)
+  gives the loss and, after one AdamW step, the parameters of the step without it.
+
+  Not bit-exact: without the flag each micro-batch's expert weight gradient is rounded to
+  bfloat16 (relative 2^-9) before the float32 sum; with it, it is summed unrounded (the summed
+  expert gradients differ by about 2e-3 in relative norm here, every other gradient is
+  bit-equal). The loss is the forward's: equal. AdamW's first update is lr * g / (|g| + eps),
+  +-lr whatever g's size, so entries move alike except where the two sums of a gradient that
+  nearly cancels over the micro-batches differ in sign (|g| ~ 1e-6 against a mean of 4e-4): at
+  most 2 lr there, and such entries are rare (under 1%; 173 of the 131072 entries of w_in here).
+  """
+  overrides = {
+    **{'parallel.strategy': 'reference', 'train.grad_accum_steps': 2},
+    **{'model.compute_dtype': 'bfloat16', 'model.num_layers': 1},
+    'train.warmup_steps': 0,  # the first step at the peak learning rate, not at 0
+  }
+  config = small_config(**overrides)
+  fused = small_config(**overrides, **{'train.fuse_grad_accum': True})
+  step, state, batch = _one_step(config)
+  lr = float(train_lib.learning_rate_schedule(config.train)(0))
+  before = {k: np.asarray(v) for k, v in _named(state['params']).items()}  # state is donated
+  new, metrics = step(state, batch)
+  step, state, batch = _one_step(fused)
+  new_fused, metrics_fused = step(state, batch)
+  assert float(metrics_fused['loss']) == float(metrics['loss'])
+  np.testing.assert_allclose(metrics_fused['grad_norm'], metrics['grad_norm'], rtol=2**-8)
+  for name, a in _named(new_fused['params']).items():
+    a, b = np.asarray(a), np.asarray(_named(new['params'])[name])
+    assert np.any(a != before[name]), name
+    diff = np.abs(a - b)
+    assert diff.max() <= 2.001 * lr, (name, diff.max() / lr)
+    assert np.mean(diff > 0.01 * lr) < 0.01, (name, np.mean(diff > 0.01 * lr))
+
+
+def test_fused_gradient_accumulation_needs_one_device_and_accumulation():
+  """train.fuse_grad_accum where it cannot apply: a one-line ConfigError naming the values."""
+  with pytest.raises(config_lib.ConfigError, match='grad_accum_steps=1') as err:
+    small_config(**{'parallel.strategy': 'reference', 'train.fuse_grad_accum': True})
+  assert '\n' not in str(err.value)
+  with pytest.raises(config_lib.ConfigError, match="model.expert_impl='ragged_dot'"):
+    small_config(
+      **{'parallel.strategy': 'reference', 'train.fuse_grad_accum': True},
+      **{'train.grad_accum_steps': 2, 'model.expert_impl': 'ragged_dot'},
+      **{'model.expert_dropout': 0.0},
+    )
+  config = small_config(
+    **{'parallel.strategy': 'reference', 'train.fuse_grad_accum': True},
+    **{'train.grad_accum_steps': 2},
+  )
+  layout = zero.ParamLayout(config, strategies.get(config, jax.devices()[:2]))
+  with pytest.raises(config_lib.ConfigError, match='got 2 devices'):
+    train_lib.casts_once(config, layout)
 
 
 def _named(tree) -> dict:
