@@ -317,25 +317,46 @@ def grouped_expert_ffn(
   w_out: jax.Array,
   activation: str,
   impl: str,
+  kept: jax.Array | None = None,
 ) -> jax.Array:
   """Experts on the routed rows sorted by expert: x[G, S, D] -> sum_k weights * expert(x) [G, S, D].
 
-  Every (token, choice) pair is one row of a grouped matmul (no capacity padding); a pair with
-  weight 0 (dropped over capacity) is computed and discarded, which keeps the shapes static.
+  Every kept (token, choice) pair is one row of a grouped matmul, the rows sorted by expert: no
+  capacity padding is computed. A dropped pair (`kept` False: over capacity) is sorted after all
+  kept ones, past the groups' total, where the kernels compute nothing (what they leave in those
+  rows is never read: the pair's row gathers zeros in both passes). Rows move by `gather_rows`
+  both ways, so neither pass scatters.
+
+  Args:
+    x: normed tokens [G, S, D].
+    experts: [G, S, K] routed experts.
+    weights: [G, S, K] gates of the pairs.
+    w_in, w_out: [E, D, F] and [E, F, D].
+    activation: 'gelu' or 'relu'.
+    impl: 'ragged_dot' or 'mosaic_gpu'.
+    kept: [G, S, K] bool, the pairs within capacity (None: all, dropless routing).
   """
   g, s, k = experts.shape
-  d = x.shape[-1]
+  n, d = g * s, x.shape[-1]
+  m, num_experts = n * k, w_in.shape[0]
   flat = experts.reshape(-1)  # [G*S*K], token-major
-  order = jnp.argsort(flat, stable=True)
-  sizes = jnp.bincount(flat, length=w_in.shape[0]).astype(jnp.int32)
-  token = order // k
-  rows = x.reshape(g * s, d)[token]  # [G*S*K, D] sorted by expert
+  keep = jnp.ones(flat.shape, bool) if kept is None else kept.reshape(-1)
+  key = jnp.where(keep, flat, num_experts)  # dropped pairs sort after every expert
+  order = jnp.argsort(key, stable=True)  # sorted row -> pair
+  sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+  rank = jnp.zeros(m, jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))  # pair -> row
+  kept_rows = keep[order]
+  rank = jnp.where(keep, rank, m)  # a dropped pair reads and receives nothing
+  token = jnp.where(kept_rows, order // k, n)
+  rows = gather_rows(x.reshape(n, d), token, rank.reshape(n, k))  # [G*S*K, D] sorted by expert
   backend = _GROUPED[impl]
   h = gmm_lib.gmm(rows, w_in, sizes, backend)  # kernels and tilings by shape and row count
   h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
   y = gmm_lib.gmm(h, w_out, sizes, backend)
-  y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-  return jnp.zeros((g * s, d), y.dtype).at[token].add(y).reshape(g, s, d)
+  # Each pair's row back in token order (zeros for dropped pairs), weighted, summed over K.
+  y = gather_rows(y, rank, jnp.where(kept_rows, order, m)[:, None]).reshape(n, k, d)
+  y = jnp.sum(y * weights.reshape(n, k, 1).astype(y.dtype), axis=1, dtype=y.dtype)
+  return y.reshape(g, s, d)
 
 
 def moe_ffn(
@@ -377,9 +398,15 @@ def moe_ffn(
     if sinks is not None:
       raise ValueError(f'gradient sinks need the einsum experts, not impl={impl!r}')
     with jax.named_scope('experts'):
-      weights = jnp.where(pos < cap, route['gates'], 0.0)
       y = grouped_expert_ffn(
-        x, route['experts'], weights, params['w_in'], params['w_out'], activation, impl
+        x,
+        route['experts'],
+        route['gates'],
+        params['w_in'],
+        params['w_out'],
+        activation,
+        impl,
+        kept=None if cap >= x.shape[1] else pos < cap,
       )
     return y, stats
   # Expert-major buffers [E, G, C, D]: each expert's matmuls are one batched GEMM.
