@@ -15,6 +15,14 @@ release) at G=16 and the largest M (or --sweep_m) picks the tiling the table use
   python bench/gmm_2wg.py --smoke --out DIR  # tiny shapes on CPU, kernels -> lax.ragged_dot
   python bench/gmm_2wg.py --render DIR/gmm_2wg.json  # rewrite the markdown, no measurement
 
+With --kernel transposed it measures the weight-gradient kernel instead (DIR/tgmm_2wg.{json,md}):
+checks of the two-warpgroup `gmm_hopper.transposed_ragged_dot` on small shapes with uneven,
+empty and unaligned groups (part `check`), a tiling sweep of it and of JAX's
+`transposed_ragged_dot_mgpu` at G=16 and the largest M (`sweep`), then for M in {8192, 16384},
+(K, N) as above and G in {1, 4, 8, 16}: the new kernel (the sweep's best tiling), JAX's (the
+tilings grouped_matmul ran it with) and a dense bf16 lhs^T @ rhs of the same M, K, N (`table`),
+every kernel output checked against per-group dots with f32 accumulation.
+
 docs/benchmarks/gmm_2wg.{json,md} (H100) came from an earlier revision of this script whose
 sweep ran at the last shape of the --big_first order, M=8192: today that run is
 `python bench/gmm_2wg.py --out DIR --big_first --sweep_m 8192` (--merge_from took no rows).
@@ -366,6 +374,405 @@ def run(args) -> dict:
   return result
 
 
+# ---- The transposed kernel (the weight gradient): --kernel transposed ----
+
+# JAX's transposed kernel with the tilings grouped_matmul ran it with (bench/grouped_matmul.py's
+# sweep, docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.md); other (K, N): the first.
+JAX_T_TILINGS = {
+  (4096, 16384): dict(block_m=64, block_n=256, block_k=64, max_concurrent_steps=4, grid_block_n=1),
+  (16384, 4096): dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=8),
+}
+T_DEFAULT = dict(
+  block_m=64,
+  block_n=256,
+  block_k=64,
+  max_concurrent_steps=4,
+  grid_block_n=1,
+  wg_dim='m',
+)
+
+
+def t_sweep_tilings(smoke: bool) -> list[tuple[str, dict]]:
+  """(kernel, tiling) pairs of the transposed sweep: the new kernel's, then a few of JAX's."""
+  if smoke:
+    return [('new', T_DEFAULT), ('new', dict(T_DEFAULT, wg_dim='n', block_m=128, block_n=64))]
+  # (block_m, block_n, block_k, steps, grid_block_n, wg_dim): all fit in shared memory (a CTA
+  # tile of 128 x 256 with 4 stages of 64 rows, or 3 with 128 x 128 warpgroup tiles; 5 stages
+  # of a 128 x 128 CTA tile; 2 stages of 128 rows).
+  picks = [
+    (64, 256, 64, 4, 1, 'm'),
+    (64, 256, 64, 4, 8, 'm'),
+    (64, 256, 64, 4, 2, 'm'),
+    (64, 256, 64, 3, 1, 'm'),
+    (128, 128, 64, 3, 1, 'n'),
+    (128, 128, 64, 3, 1, 'm'),
+    (64, 128, 64, 5, 1, 'm'),
+    (64, 256, 128, 2, 1, 'm'),
+    (64, 128, 64, 4, 1, 'n'),
+  ]
+  keys = ('block_m', 'block_n', 'block_k', 'max_concurrent_steps', 'grid_block_n')
+  out = [('new', dict(zip(keys + ('wg_dim',), p, strict=True))) for p in picks]
+  for p in ((64, 256, 64, 4, 1), (128, 128, 64, 4, 8), (64, 256, 64, 4, 8)):
+    out.append(('jax', dict(zip(keys, p, strict=True))))
+  return out
+
+
+def t_shapes(smoke: bool) -> list[dict]:
+  if smoke:
+    ms, kns, gs = (96,), ((128, 256), (256, 128)), (1, 3)
+  else:
+    ms, kns, gs = (8192, 16384), ((4096, 16384), (16384, 4096)), (1, 4, 8, 16)
+  out = []
+  for m in ms:
+    for k, n in kns:
+      for g in gs:
+        empty = g >= 3 and m == ms[-1]
+        sizes = routed_group_sizes(m, g, seed=m + k + g, empty=empty)
+        out.append(dict(m=m, k=k, n=n, g=g, group_sizes=sizes.tolist()))
+  return out
+
+
+def t_check_cases(smoke: bool) -> list[dict]:
+  """Small shapes with uneven, empty and unaligned groups (sizes may sum to less than M)."""
+  k, n = (128, 256) if smoke else (256, 512)
+  cases = [
+    (1000, [300, 0, 129, 1, 570]),  # M no multiple of 64; a 1-row group, an empty one.
+    (1024, [0, 512, 512, 0]),  # Empty first and last groups; boundaries on block edges.
+    (64, [64]),
+    (200, [0, 0, 200]),
+    (1000, [100, 200]),  # Rows 300.. belong to no group.
+  ]
+  return [dict(m=m, k=k, n=n, g=len(s), group_sizes=s) for m, s in cases]
+
+
+def t_reference_fn(lhs, rhs, group_sizes, **_):
+  """Per-group lhs_g^T @ rhs_g as a loop of masked dots (tiling ignored): the CPU stand-in."""
+  ends = jnp.cumsum(group_sizes)
+  rows = jnp.arange(lhs.shape[0])
+
+  def one(start, end):
+    a = jnp.where(((rows >= start) & (rows < end))[:, None], lhs, 0)
+    return jax.lax.dot_general(a, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+  return jax.lax.map(lambda se: one(*se), (ends - group_sizes, ends)).astype(lhs.dtype)
+
+
+def t_kernels(smoke: bool):
+  """(new, jax) callables with the transposed kernels' signature."""
+  if smoke:
+    return t_reference_fn, t_reference_fn
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+  def new(lhs, rhs, group_sizes, **kw):
+    return gmm_hopper.transposed_ragged_dot(lhs, rhs, group_sizes=group_sizes, **kw)
+
+  def jax_t(lhs, rhs, group_sizes, **kw):
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(lhs, rhs, group_sizes=group_sizes, **kw)
+
+  return new, jax_t
+
+
+@jax.jit
+def _t_err_stats(out, lhs, rhs, sizes):
+  """Against per-group dots with f32 accumulation: (finite, max |d|, max |ref|, ||d||, ||ref||,
+  max |out| over empty groups), one group at a time (no [G, K, N] f32 copy)."""
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
+  rows = jnp.arange(lhs.shape[0])
+
+  def body(i, c):
+    finite, dmax, rmax, d2, r2, emax = c
+    a = jnp.where(((rows >= starts[i]) & (rows < ends[i]))[:, None], lhs, 0)
+    ref = jax.lax.dot_general(a, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    o = out[i].astype(jnp.float32)
+    d = jnp.abs(o - ref)
+    return (
+      finite & jnp.isfinite(o).all(),
+      jnp.maximum(dmax, d.max()),
+      jnp.maximum(rmax, jnp.abs(ref).max()),
+      d2 + jnp.sum(d * d),
+      r2 + jnp.sum(ref * ref),
+      jnp.maximum(emax, jnp.where(sizes[i] == 0, jnp.abs(o).max(), 0.0)),
+    )
+
+  z = jnp.float32(0)
+  return jax.lax.fori_loop(0, sizes.shape[0], body, (jnp.bool_(True), z, z, z, z, z))
+
+
+def t_rel_errors(out, lhs, rhs, sizes) -> dict:
+  finite, dmax, rmax, d2, r2, emax = (np.asarray(x) for x in _t_err_stats(out, lhs, rhs, sizes))
+  if not finite:
+    return dict(finite=False, max_rel=float('inf'), norm_rel=float('inf'), empty_max=None)
+  return dict(
+    finite=True,
+    max_rel=float(dmax / max(float(rmax), 1e-30)),
+    norm_rel=float(np.sqrt(d2) / max(float(np.sqrt(r2)), 1e-30)),
+    empty_max=float(emax),
+  )
+
+
+def t_inputs(shape: dict, seed: int):
+  m, k, n = shape['m'], shape['k'], shape['n']
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  lhs = jax.random.normal(k1, (m, k), jnp.bfloat16)
+  rhs = jax.random.normal(k2, (m, n), jnp.bfloat16)
+  return lhs, rhs, jnp.asarray(np.array(shape['group_sizes'], np.int32))
+
+
+def t_checked_call(f, lhs, rhs, sizes, out_shape) -> tuple:
+  """(output, errors): the call runs right after a NaN-filled buffer of its output's shape is
+  freed (the allocator hands that memory out again), so an unwritten element shows as NaN."""
+  jax.block_until_ready(jnp.full(out_shape, jnp.nan, lhs.dtype)).delete()
+  out = f(lhs, rhs, sizes)
+  return out, t_rel_errors(out, lhs, rhs, sizes)
+
+
+def t_tiling_str(t: dict) -> str:
+  keys = ('block_m', 'block_n', 'block_k', 'max_concurrent_steps', 'grid_block_n', 'wg_dim')
+  return ','.join(str(t[k]) for k in keys if k in t)
+
+
+def run_transposed(args) -> dict:
+  t0 = time.perf_counter()
+  new_fn, jax_fn = t_kernels(args.smoke)
+  fns = dict(new=new_fn, jax=jax_fn)
+  calls, chains = (2, 2) if args.smoke else (args.calls, args.chains)
+  result = dict(
+    kernel='transposed',
+    command='python bench/gmm_2wg.py ' + ' '.join(args.argv),
+    device=str(jax.devices()[0].device_kind),
+    jax_version=jax.__version__,
+    timing=f'median of {chains} chains of {calls} back-to-back calls, per call',
+    checks=[],
+    sweep=[],
+    table=[],
+    errors=[],
+  )
+  path = os.path.join(args.out, 'tgmm_2wg.json')
+
+  def save_partial():
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=1)
+
+  def over_budget():
+    return time.perf_counter() - t0 > args.budget_s
+
+  def jitted(name, tiling):
+    fn = fns[name]
+    return jax.jit(lambda a, b, s: fn(a, b, s, **tiling))
+
+  def measure(row, tag, name, tiling, lhs, rhs, sizes, flops):
+    """Checks and times one kernel; fills row[tag_*]."""
+    try:
+      f = jitted(name, tiling)
+      out_shape = (sizes.shape[0], lhs.shape[1], rhs.shape[1])
+      _, err = t_checked_call(f, lhs, rhs, sizes, out_shape)
+      row[f'{tag}_max_rel'] = err['max_rel']
+      row[f'{tag}_empty_max'] = err['empty_max']
+      if not err['max_rel'] < 2e-2:
+        row[f'{tag}_error'] = 'wrong result'
+        return
+      s = chain_time(f, (lhs, rhs, sizes), calls, chains)
+      row[f'{tag}_ms'] = s * 1e3
+      row[f'{tag}_tflops'] = flops / s / 1e12
+    except Exception as e:  # noqa: BLE001
+      row[f'{tag}_error'] = f'{type(e).__name__}: {str(e)[:300]}'
+      if args.verbose:
+        traceback.print_exc()
+
+  def do_check():
+    # The default, and the tilings with wg_dim='n' or with 128-row steps.
+    tilings = [T_DEFAULT]
+    for kname, t in t_sweep_tilings(args.smoke):
+      if (
+        kname == 'new'
+        and t not in tilings
+        and (args.smoke or t['wg_dim'] == 'n' or t['block_k'] == 128)
+      ):
+        tilings.append(t)
+    for shape in t_check_cases(args.smoke):
+      lhs, rhs, sizes = t_inputs(shape, seed=3)
+      for tiling in tilings[: args.check_max or None]:
+        row = dict(shape, tiling=t_tiling_str(tiling))
+        try:
+          _, err = t_checked_call(
+            jitted('new', tiling),
+            lhs,
+            rhs,
+            sizes,
+            (shape['g'],)
+            + (
+              shape['k'],
+              shape['n'],
+            ),
+          )
+          row.update(err)
+        except Exception as e:  # noqa: BLE001
+          row['error'] = f'{type(e).__name__}: {str(e)[:300]}'
+          if args.verbose:
+            traceback.print_exc()
+        result['checks'].append(row)
+        print('check', row, flush=True)
+      save_partial()
+
+  best: dict = {}
+
+  def do_sweep():
+    for shape in t_shapes(args.smoke):
+      if shape['m'] != (args.sweep_m or max(sh['m'] for sh in t_shapes(args.smoke))):
+        continue
+      if shape['g'] != max(sh['g'] for sh in t_shapes(args.smoke)):
+        continue
+      lhs, rhs, sizes = t_inputs(shape, seed=1)
+      flops = 2 * shape['m'] * shape['k'] * shape['n']
+      for name, tiling in t_sweep_tilings(args.smoke)[: args.sweep_max or None]:
+        if over_budget():
+          result['errors'].append('sweep cut short by --budget_s')
+          break
+        row = dict(
+          m=shape['m'],
+          k=shape['k'],
+          n=shape['n'],
+          g=shape['g'],
+          kernel=name,
+          tiling=t_tiling_str(tiling),
+        )
+        measure(row, 'r', name, tiling, lhs, rhs, sizes, flops)
+        row = {kk.removeprefix('r_'): v for kk, v in row.items()}
+        row['elapsed_s'] = time.perf_counter() - t0
+        result['sweep'].append(row)
+        save_partial()
+        print('sweep', row, flush=True)
+        key = (name, shape['k'], shape['n'])
+        if 'tflops' in row and row['tflops'] > best.get(key, (0, None))[0]:
+          best[key] = (row['tflops'], tiling)
+      del lhs, rhs
+    result['best_tiling'] = {
+      f'{name}:{k}x{n}': dict(tflops=v[0], tiling=v[1]) for (name, k, n), v in best.items()
+    }
+
+  def do_table():
+    for shape in t_shapes(args.smoke):
+      if args.only_g and shape['g'] != args.only_g:
+        continue
+      if over_budget():
+        result['errors'].append('table cut short by --budget_s')
+        break
+      m, k, n, g = shape['m'], shape['k'], shape['n'], shape['g']
+      tilings = dict(
+        new=best.get(('new', k, n), (0, T_DEFAULT))[1],
+        jax=JAX_T_TILINGS.get((k, n), next(iter(JAX_T_TILINGS.values()))),
+      )
+      lhs, rhs, sizes = t_inputs(shape, seed=2)
+      flops = 2 * m * k * n
+      row = dict(
+        m=m,
+        k=k,
+        n=n,
+        g=g,
+        group_sizes=shape['group_sizes'],
+        new_tiling=t_tiling_str(tilings['new']),
+        jax_tiling=t_tiling_str(tilings['jax']),
+      )
+      for name in ('new', 'jax'):
+        measure(row, name, name, tilings[name], lhs, rhs, sizes, flops)
+      dense = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))))
+      s = chain_time(dense, (lhs, rhs), calls, chains)
+      row['dense_ms'] = s * 1e3
+      row['dense_tflops'] = flops / s / 1e12
+      for name in ('new', 'jax'):
+        if f'{name}_tflops' in row:
+          row[f'{name}_vs_dense'] = row[f'{name}_tflops'] / row['dense_tflops']
+      if 'new_ms' in row and 'jax_ms' in row:
+        row['new_speedup'] = row['jax_ms'] / row['new_ms']
+      row['elapsed_s'] = time.perf_counter() - t0
+      result['table'].append(row)
+      save_partial()
+      print('table', {kk: v for kk, v in row.items() if kk != 'group_sizes'}, flush=True)
+      del lhs, rhs
+
+  for part in args.parts.split(','):
+    bad = [c for c in result['checks'] if 'error' in c or not c['max_rel'] < 2e-2]
+    if bad and args.stop_on_fail:
+      result['errors'].append(f'{len(bad)} failed checks: stopped before {part}')
+      break
+    {'check': do_check, 'sweep': do_sweep, 'table': do_table}[part]()
+  result['wall_s'] = time.perf_counter() - t0
+  return result
+
+
+def t_markdown(result: dict) -> str:
+  lines = [
+    f'# Two-warpgroup transposed grouped matmul on {result["device"]}, JAX {result["jax_version"]}',
+    '',
+    f'Command: `{result["command"]}`. Timing: {result["timing"]}. Per group g, out[g] = '
+    'lhs_g^T @ rhs_g (lhs [M, K], rhs [M, N], out [G, K, N], the weight gradient); TFLOP/s = '
+    '2*M*K*N / time. new = gmm_hopper.transposed_ragged_dot (2 compute warpgroups; tiling '
+    "m,n,k,steps,gbn,wg_dim with block_m/block_n one warpgroup's tile), jax = JAX's "
+    'transposed_ragged_dot_mgpu (tiling m,n,k,steps,gbn), dense = one bf16 lhs^T @ rhs of the '
+    'same M, K, N (XLA). err = max |out-ref| / max |ref| against per-group dots with f32 '
+    'accumulation, the call run over memory just filled with NaN; empty = max |out| of the '
+    'empty groups.',
+    '',
+    '| M | K | N | G | new tiling | new ms | new TF/s | jax ms | jax TF/s | dense ms '
+    '| dense TF/s | new/jax speed | new/dense | jax/dense | err new | err jax | empty new |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in result['table']:
+    lines.append(
+      f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["new_tiling"]} '
+      f'| {fmt(r.get("new_ms"), ".3f")} | {fmt(r.get("new_tflops"))} '
+      f'| {fmt(r.get("jax_ms"), ".3f")} | {fmt(r.get("jax_tflops"))} '
+      f'| {fmt(r.get("dense_ms"), ".3f")} | {fmt(r.get("dense_tflops"))} '
+      f'| {fmt(r.get("new_speedup"), ".2f")} | {fmt(r.get("new_vs_dense"), ".0%")} '
+      f'| {fmt(r.get("jax_vs_dense"), ".0%")} | {fmt(r.get("new_max_rel"), ".1e")} '
+      f'| {fmt(r.get("jax_max_rel"), ".1e")} '
+      f'| {fmt(r.get("new_empty_max"), ".0f") if r["g"] > 1 and 0 in r["group_sizes"] else "-"} |'
+    )
+  errs = [(r, kk, v) for r in result['table'] for kk, v in r.items() if kk.endswith('_error')]
+  if errs:
+    lines += ['', 'Errors:', '']
+    lines += [f'- M={r["m"]} K={r["k"]} N={r["n"]} G={r["g"]} {kk}: {v}' for r, kk, v in errs]
+  if result['sweep']:
+    lines += [
+      '',
+      '## Tiling sweep',
+      '',
+      '| M | K | N | G | kernel | tiling | ms | TFLOP/s | max err | error |',
+      '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in result['sweep']:
+      lines.append(
+        f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["kernel"]} | {r["tiling"]} '
+        f'| {fmt(r.get("ms"), ".3f")} | {fmt(r.get("tflops"))} | {fmt(r.get("max_rel"), ".1e")} '
+        f'| {r.get("error", "")[:120]} |'
+      )
+  if result['checks']:
+    lines += [
+      '',
+      '## Checks of the new kernel on small shapes (uneven, empty and unaligned groups)',
+      '',
+      '| M | K | N | group sizes | tiling | max err | norm err | max abs of empty groups | error |',
+      '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in result['checks']:
+      lines.append(
+        f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["group_sizes"]} | {r["tiling"]} '
+        f'| {fmt(r.get("max_rel"), ".1e")} | {fmt(r.get("norm_rel"), ".1e")} '
+        f'| {fmt(r.get("empty_max"), "g")} | {r.get("error", "")[:120]} |'
+      )
+  if result['errors']:
+    lines += ['', 'Notes: ' + '; '.join(result['errors'])]
+  groups = [
+    f'M={r["m"]} G={r["g"]}: {r["group_sizes"]}'
+    for r in result['table']
+    if r['g'] > 1 and r['k'] == result['table'][0]['k']
+  ]
+  if groups:
+    lines += ['', 'Group sizes (random top-2 routing):', ''] + [f'- {s}' for s in groups]
+  return '\n'.join(lines) + '\n'
+
+
 def fmt(x, spec='.0f'):
   return '-' if x is None else format(x, spec)
 
@@ -432,7 +839,19 @@ def main(argv=None):
   p.add_argument('--out', default='')
   p.add_argument('--render', default='', help='rewrite the markdown beside a saved JSON; no run')
   p.add_argument('--smoke', action='store_true', help='tiny shapes on CPU, lax stand-ins')
-  p.add_argument('--parts', default='sweep,table')
+  p.add_argument(
+    '--kernel',
+    default='forward',
+    choices=('forward', 'transposed'),
+    help='forward: ragged_dot (gmm_2wg.*); transposed: the weight-gradient kernel (tgmm_2wg.*)',
+  )
+  p.add_argument(
+    '--parts', default='', help='forward: sweep,table; transposed: check,sweep,table (default all)'
+  )
+  p.add_argument('--check_max', type=int, default=0, help='transposed check: first N tilings')
+  p.add_argument(
+    '--stop_on_fail', action='store_true', help='transposed: no sweep or table after a failed check'
+  )
   p.add_argument('--calls', type=int, default=20)
   p.add_argument('--chains', type=int, default=5)
   p.add_argument(
@@ -458,19 +877,23 @@ def main(argv=None):
   if args.render:
     with open(args.render) as f:
       result = json.load(f)
+    render = t_markdown if result.get('kernel') == 'transposed' else markdown
     with open(os.path.splitext(args.render)[0] + '.md', 'w') as f:
-      f.write(markdown(result))
+      f.write(render(result))
     return result
   if not args.out:
     p.error('--out is required')
   if args.smoke:
     jax.config.update('jax_platforms', 'cpu')
   os.makedirs(args.out, exist_ok=True)
-  result = run(args)
-  md = markdown(result)
-  with open(os.path.join(args.out, 'gmm_2wg.json'), 'w') as f:
+  transposed = args.kernel == 'transposed'
+  args.parts = args.parts or ('check,sweep,table' if transposed else 'sweep,table')
+  result = run_transposed(args) if transposed else run(args)
+  md = t_markdown(result) if transposed else markdown(result)
+  stem = 'tgmm_2wg' if transposed else 'gmm_2wg'
+  with open(os.path.join(args.out, f'{stem}.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  with open(os.path.join(args.out, 'gmm_2wg.md'), 'w') as f:
+  with open(os.path.join(args.out, f'{stem}.md'), 'w') as f:
     f.write(md)
   print(md)
   return result

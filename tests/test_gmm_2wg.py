@@ -110,3 +110,70 @@ def test_masked_reference_matches_ragged_dot():
   got, name2 = gmm_2wg.reference(lhs, rhs, shape['group_sizes'], max_bytes=0)
   assert (name, name2) == ('lax.ragged_dot', 'per-group dense dot, masked')
   assert gmm_2wg.rel_errors(got, want)['max_rel'] < 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_gmm_2wg_transposed_smoke(tmp_path):
+  gmm_2wg.main(['--smoke', '--kernel', 'transposed', '--out', str(tmp_path)])
+  result = json.loads((tmp_path / 'tgmm_2wg.json').read_text())
+  assert result['kernel'] == 'transposed' and result['command'].endswith(f'--out {tmp_path}')
+  assert len(result['table']) == 4 and result['sweep'] and result['checks']
+  for row in result['table']:
+    for tag in ('new', 'jax'):
+      assert row[f'{tag}_max_rel'] < 1e-2 and row[f'{tag}_tflops'] > 0
+    assert row['dense_tflops'] > 0
+  for check in result['checks']:
+    assert check['max_rel'] < 1e-2 and check['empty_max'] == 0
+  assert any(0 in row['group_sizes'] for row in result['table'])  # An empty group.
+  md = (tmp_path / 'tgmm_2wg.md').read_text()
+  assert md.startswith('# ') and result['command'] in md
+  (tmp_path / 'tgmm_2wg.md').unlink()
+  gmm_2wg.main(['--render', str(tmp_path / 'tgmm_2wg.json')])
+  assert (tmp_path / 'tgmm_2wg.md').read_text() == md
+
+
+@pytest.mark.parametrize('block_k', [8, 64, 128])
+def test_transposed_steps_keep_each_row_once(block_k):
+  """Masking only the first and last step of a tile keeps exactly the group's rows: every row
+  of every group once, none past M, and an empty group one step that keeps nothing."""
+  rng = np.random.default_rng(block_k)
+  for _ in range(100):
+    g = int(rng.integers(1, 9))
+    sizes = _random_sizes(rng, g, block_k)
+    if rng.random() < 0.3:
+      sizes = sizes + rng.integers(0, 2, g)  # Odd sizes, off every block edge.
+    m = int(sizes.sum())
+    if m == 0:
+      continue
+    num_blocks = -(-m // block_k)
+    owner = np.repeat(np.arange(g), sizes)
+    kept = np.zeros(m, int)
+    steps = gmm_hopper.transposed_step_rows(sizes, block_k)
+    assert len(steps) == g
+    for group, rows in enumerate(steps):
+      assert len(rows) >= 1
+      if sizes[group] == 0:
+        assert len(rows) == 1 and rows[0][1] >= rows[0][2]
+      blocks = [block for block, _, _ in rows]
+      assert blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+      assert 0 <= blocks[0] and blocks[-1] < num_blocks
+      for block, lo, hi in rows:
+        idx = np.arange(block * block_k + max(lo, 0), block * block_k + min(hi, block_k))
+        assert (idx < m).all() and (owner[idx] == group).all()
+        kept[idx] += 1
+    assert (kept == 1).all()
+
+
+def test_group_row_blocks_in_jax_matches_numpy():
+  """The kernel evaluates group_row_blocks with lax ops on int32 scalars; same answers."""
+  block_k, num_blocks = 64, 16
+  cases = [(0, 0), (0, 1), (63, 64), (64, 64), (100, 700), (960, 1000), (1024, 1024), (1000, 1000)]
+
+  @jax.jit
+  def blocks(start, end):
+    return gmm_hopper.group_row_blocks(start, end, block_k, num_blocks, ops=gmm_hopper._jax_ops())
+
+  for start, end in cases:
+    want = gmm_hopper.group_row_blocks(start, end, block_k, num_blocks)
+    got = blocks(jnp.int32(start), jnp.int32(end))
+    assert [int(x) for x in got] == [int(x) for x in want]

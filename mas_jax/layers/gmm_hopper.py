@@ -27,6 +27,32 @@ accumulator in `epi_n`-column chunks through a small per-warpgroup staging buffe
 four pipeline stages of a 128 x 256 tile still fit in shared memory.
 
 Only sm_90 (H100 / H200) runs it; `tile_schedule` (NumPy) is the same schedule for tests.
+
+Transposed kernel (the weight gradient). `transposed_ragged_dot(lhs[M, K], rhs[M, N],
+group_sizes=[G])` -> [G, K, N] computes, for each group g, lhs_g^T @ rhs_g over the group's rows,
+with the signature of JAX's `transposed_ragged_dot_mgpu.transposed_ragged_dot` (its `block_m`
+tiles K, `block_n` tiles N and `block_k` tiles the rows, the reduction). The output tile of a
+CTA is (group, K tile, N tile): the persistent loop walks `G x (K / cta_m) x (N / cta_n)` tiles,
+group-major (a group's rows stay in L2 while all its output tiles read them). Each tile reduces
+over the row blocks of `block_k` rows that its group touches, `group_row_blocks`: from the
+block holding the group's first row to the one holding its last. A block that straddles a group
+boundary holds rows of another group; those rows must contribute zero, so on the first and the
+last step of a tile each compute warpgroup loads the operand tile it owns (its half of the lhs
+tile with `wg_dim='m'`, of the rhs tile with 'n') into registers, multiplies the rows outside
+[start, end) by 0 and stores it back before its wgmma (`transposed_step_rows` mirrors this;
+the steps between are whole blocks of the group). An empty group still takes its tiles, with
+one fully masked step each, so its [K, N] output is written with zeros. Rows past M read as
+zeros (TMA bounds).
+
+What limits JAX's kernel at the expert shapes (K, N = 4096, 16384, ~1000 rows per group of 16):
+each output tile reduces only ~16 steps of 64 rows, and every [K, N] output is 64M elements, so
+per tile the pipeline fill and the epilogue weigh as much as a quarter of the mainloop, and the
+single warpgroup issues loads, wgmma and stores in turn. Here, as in the forward, a memory
+warpgroup keeps loading (the next tile's first stages go out while the compute warpgroups store
+the last one), two compute warpgroups share each loaded tile of the other operand (CTA tile
+2 * block_m x block_n or block_m x 2 * block_n, `wg_dim`), and the epilogue streams
+`epi_n`-column chunks through two staging buffers per warpgroup with no wait for the global
+write to land.
 """
 
 from __future__ import annotations
@@ -315,3 +341,276 @@ def ragged_dot(
     ),
   )
   return call(group_sizes.astype(jnp.int32), lhs, rhs)
+
+
+def group_row_blocks(start, end, block_k: int, num_blocks: int, *, ops=None):
+  """(first row block, pipeline steps) of the transposed kernel for a group of rows [start, end).
+
+  The steps run over the blocks of `block_k` rows from the one holding `start` to the one
+  holding `end - 1`. An empty group takes one step, all of its rows masked, on a block clamped
+  into [0, num_blocks) (so that its load stays in bounds): its output tile is written as zeros.
+
+  Args:
+    start: the group's first row (int or int32 scalar).
+    end: one past its last row.
+    block_k: rows of a pipeline step.
+    num_blocks: cdiv(M, block_k).
+    ops: a namespace with `maximum`, `minimum` and `div` (defaults to NumPy), as `group_tile`.
+
+  Returns:
+    (first block, number of steps >= 1).
+  """
+  maximum = np.maximum if ops is None else ops.maximum
+  minimum = np.minimum if ops is None else ops.minimum
+  div = np.floor_divide if ops is None else ops.div
+  first = minimum(div(start, block_k), num_blocks - 1)
+  last = div(end + block_k - 1, block_k)
+  return first, maximum(last - first, 1)
+
+
+def transposed_step_rows(group_sizes, block_k: int) -> list[list[tuple[int, int, int]]]:
+  """Per group, (block, lo, hi) of each step of the transposed kernel: the step's block keeps
+  its rows lo <= i < hi (block-local; lo >= hi keeps none). The kernel masks only the first and
+  the last step of a tile, to the group's rows [start, end); the steps between keep the whole
+  block (NumPy mirror of the kernel, for tests)."""
+  sizes = [int(s) for s in group_sizes]
+  m = sum(sizes)
+  num_blocks = -(-m // block_k)
+  out, start = [], 0
+  for size in sizes:
+    end = start + size
+    first, steps = (int(x) for x in group_row_blocks(start, end, block_k, num_blocks))
+    rows = []
+    for step in range(steps):
+      block = first + step
+      lo, hi = 0, block_k
+      if step in (0, steps - 1):
+        lo, hi = max(lo, start - block * block_k), min(hi, end - block * block_k)
+      rows.append((block, lo, hi))
+    out.append(rows)
+    start = end
+  return out
+
+
+def _jax_ops():
+  """`group_tile`'s ops namespace on int32 scalars inside a kernel."""
+  import jax.numpy as jnp
+  from jax import lax
+
+  ops = type('ops', (), {})
+  ops.where = staticmethod(lambda c, a, b: lax.select(c, a, b))
+  ops.maximum = staticmethod(jnp.maximum)
+  ops.minimum = staticmethod(jnp.minimum)
+  ops.div = staticmethod(lambda a, b: lax.div(a, jnp.int32(b)))
+  return ops
+
+
+def transposed_ragged_dot(
+  lhs,
+  rhs,
+  *,
+  group_sizes,
+  block_m: int = 64,
+  block_n: int = 256,
+  block_k: int = 64,
+  max_concurrent_steps: int = 4,
+  grid_block_n: int = 1,
+  wg_dim: str = 'm',
+  epi_n: int = 64,
+  num_sms: int | None = None,
+):
+  """Per-group lhs_g^T @ rhs_g on Hopper, two compute warpgroups (the weight gradient).
+
+  Args:
+    lhs: [M, K] bf16 (or f16), rows sorted by group; M a multiple of 8.
+    rhs: [M, N], same dtype and row order.
+    group_sizes: [G] int32 row counts (rows past their sum are ignored).
+    block_m: K rows of ONE warpgroup's output tile.
+    block_n: N columns of ONE warpgroup's output tile.
+    block_k: rows of `lhs` / `rhs` per pipeline step (the reduction).
+    max_concurrent_steps: pipeline stages in shared memory.
+    grid_block_n: width, in N tiles, of the snake order of a group's tiles (L2 reuse).
+    wg_dim: 'm': the two warpgroups split the CTA's K rows (CTA tile 2*block_m x block_n,
+      sharing the rhs tile); 'n': they split its N columns (block_m x 2*block_n, sharing lhs).
+    epi_n: columns of an epilogue store chunk (divides block_n).
+    num_sms: CTAs of the persistent grid (default: the device's SM count).
+
+  Returns:
+    [G, K, N] in `lhs.dtype`; zeros for an empty group.
+
+  Unlike `ragged_dot` it has no `delay_release`: each step waits for its wgmma. With one wgmma
+  kept in flight the kernel passed the small checks but failed to launch ("unspecified launch
+  failure") at 16384 x 4096 x 16384, G=16, on one H100 (bench/gmm_2wg.py --kernel transposed);
+  the pipeline's end waits for all but `delay_release` released stages, and the next tile's
+  first loads may then land in a stage a wgmma still reads.
+  """
+  import jax
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  import jax.numpy as jnp
+  from jax import lax
+
+  if lhs.dtype != rhs.dtype:
+    raise NotImplementedError(f'lhs and rhs dtypes differ: {lhs.dtype} vs {rhs.dtype}')
+  m, k = lhs.shape
+  m2, n = rhs.shape
+  if m != m2:
+    raise ValueError(f'row counts differ: lhs {m}, rhs {m2}')
+  (g,) = group_sizes.shape
+  if m % 8:
+    raise ValueError(f'M={m} must be a multiple of 8 (TMA row tiling; gmm pads rows to it)')
+  if wg_dim not in ('m', 'n'):
+    raise ValueError(f"wg_dim must be 'm' or 'n', got {wg_dim!r}")
+  cta_m = block_m * (2 if wg_dim == 'm' else 1)
+  cta_n = block_n * (2 if wg_dim == 'n' else 1)
+  if k % cta_m:
+    raise ValueError(f'K={k} must be a multiple of the CTA tile {cta_m}')
+  if n % cta_n:
+    raise ValueError(f'N={n} must be a multiple of the CTA tile {cta_n}')
+  if block_m % 64 or block_n % 64 or block_k % 64:
+    raise ValueError(f'block_m, block_n, block_k = {block_m, block_n, block_k}: multiples of 64')
+  if block_n % epi_n:
+    raise ValueError(f'epi_n={epi_n} must divide block_n={block_n}')
+  dtype = lhs.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  grid_m, grid_n = k // cta_m, n // cta_n
+  num_blocks = -(-m // block_k)
+  if num_sms is None:
+    from jax.extend import backend
+
+    num_sms = getattr(backend.get_default_device(), 'core_count', None) or 132
+
+  # Both operand tiles have 64-element multiples as their minor dimension.
+  swizzle = plgpu.find_swizzle(64 * itemsize * 8)
+  transforms = (
+    plgpu.TilingTransform((8, swizzle // itemsize)),
+    plgpu.SwizzleTransform(swizzle),
+  )
+  out_swizzle = plgpu.find_swizzle(epi_n * itemsize * 8)
+  out_transforms = (
+    plgpu.TilingTransform((8, out_swizzle // itemsize)),
+    plgpu.SwizzleTransform(out_swizzle),
+  )
+  ops = _jax_ops()
+
+  def make_pipeline(body, compute_context, first_block, steps, mi, ni):
+    return plgpu.emit_pipeline_warp_specialized(
+      body,
+      grid=(steps,),
+      memory_registers=40,
+      in_specs=[
+        plgpu.BlockSpec(
+          (block_k, cta_m),
+          lambda ki: (first_block + ki, mi),
+          transforms=transforms,
+          memory_space=plgpu.SMEM,
+        ),
+        plgpu.BlockSpec(
+          (block_k, cta_n),
+          lambda ki: (first_block + ki, ni),
+          transforms=transforms,
+          memory_space=plgpu.SMEM,
+        ),
+      ],
+      wg_axis='wg',
+      num_compute_wgs=2,
+      max_concurrent_steps=max_concurrent_steps,
+      compute_context=compute_context,
+    )
+
+  def kernel(starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    ignore = lambda *_, **__: None
+    allocs = make_pipeline(ignore, ignore, 0, num_blocks, 0, 0).get_allocations(lhs_gmem, rhs_gmem)
+
+    @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=allocs,
+      out_smem=plgpu.SMEM((2, 2, block_m, epi_n), dtype, transforms=out_transforms),
+      collective_axes='wg',
+    )
+    def _scope(pipeline_allocs, out_smem):
+      wg = lax.axis_index('wg')
+
+      @plgpu.nd_loop((g, grid_m * grid_n), collective_axes='sm')
+      def _tile_loop(loop_info):
+        gi, lin = loop_info.index
+        mi, ni = plgpu.planar_snake(lin, (grid_m, grid_n), 1, grid_block_n)
+        start, end = starts_gmem[gi], ends_gmem[gi]
+        first_block, steps = group_row_blocks(start, end, block_k, num_blocks, ops=ops)
+
+        def owned(a_smem, b_smem, w):
+          """The operand tile warpgroup `w` owns (static slices), which it masks."""
+          if wg_dim == 'm':
+            return a_smem.at[:, w * block_m : (w + 1) * block_m]
+          return b_smem.at[:, w * block_n : (w + 1) * block_n]
+
+        def mma(idx, a_smem, b_smem, acc_ref):
+          (ki,) = idx
+          row0 = (first_block + ki) * block_k
+
+          @pl.when((ki == 0) | (ki == steps - 1))
+          def _mask():
+            for w in range(2):
+
+              @pl.when(wg == w)
+              def _mask_wg(w=w):
+                ref = owned(a_smem, b_smem, w)
+                x = ref[...]
+                rows = plgpu.layout_cast(
+                  lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA
+                )
+                keep = (rows >= start - row0).astype(x.dtype) * (rows < end - row0).astype(x.dtype)
+                ref[...] = x * keep
+                plgpu.commit_smem()
+
+          if wg_dim == 'm':
+            a = a_smem.at[:, pl.ds(wg * block_m, block_m)]
+            b = b_smem
+          else:
+            a = a_smem
+            b = b_smem.at[:, pl.ds(wg * block_n, block_n)]
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)), b)
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        def compute_context(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((block_m, block_n), jnp.float32))
+          def _acc(acc_ref):
+            eval_pipeline(acc_ref)
+            acc = acc_ref[...].astype(dtype)
+            if wg_dim == 'm':
+              row0, col0 = mi * cta_m + wg * block_m, ni * cta_n
+            else:
+              row0, col0 = mi * cta_m, ni * cta_n + wg * block_n
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            for c in range(block_n // epi_n):
+              slot = c % 2
+              # The store that last read this staging buffer must be done reading it.
+              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+              out_smem[wg, slot] = acc[:, c * epi_n : (c + 1) * epi_n]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                out_smem.at[wg, slot],
+                out_gmem.at[gi, pl.ds(row0, block_m), pl.ds(col0 + c * epi_n, epi_n)],
+              )
+
+        make_pipeline(mma, compute_context, first_block, steps, mi, ni)(
+          lhs_gmem, rhs_gmem, allocations=pipeline_allocs
+        )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  call = plgpu.kernel(
+    kernel,
+    out_type=jax.ShapeDtypeStruct((g, k, n), dtype),
+    grid=(num_sms,),
+    grid_names=('sm',),
+    num_threads=3,
+    thread_name='wg',
+    compiler_params=plgpu.CompilerParams(
+      lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+    ),
+  )
+  sizes = group_sizes.astype(jnp.int32)
+  ends = jnp.cumsum(sizes)
+  return call(ends - sizes, ends, lhs, rhs)
