@@ -20,6 +20,8 @@ calibration file docs/benchmarks/<device>_calibration.json.
       # moments, model.loss_chunk, both); --train_rows also takes indices of the train table
   python bench/gpu_bench.py --skip attention,experts --train_rows=fuse
       # ceilings, then the best row with both levers without and with train.fuse_grad_accum
+  python bench/gpu_bench.py --skip attention,experts --train_rows=grouped
+      # ... and the best row with both levers on the einsum and on the grouped kernels
   python bench/gpu_bench.py --recalibrate=docs/benchmarks/<device>.json   # calibration only
   python bench/gpu_bench.py --render=docs/benchmarks/<device>.json        # markdown only
   python bench/gpu_bench.py --breakdown=docs/benchmarks/<device>.json     # derived figures
@@ -158,6 +160,12 @@ def fuse_rows(base: dict) -> list[dict]:
   return [base, {**base, 'train.fuse_grad_accum': True}]
 
 
+def grouped_rows(base: dict) -> list[dict]:
+  """`base` (capacity routing: the einsum over padded buffers) and the same routing on the
+  Mosaic-GPU grouped kernels, which compute the kept pairs only (`moe.grouped_expert_ffn`)."""
+  return [base, {**base, 'model.expert_impl': 'mosaic_gpu'}]
+
+
 GPU = {
   'smoke': False,
   'matmul_n': 8192,
@@ -201,6 +209,9 @@ GPU = {
   'lever_rows': [BEST, *lever_rows(BEST, LOSS_CHUNK)],
   # --train_rows=fuse: the best row with both levers, without and with train.fuse_grad_accum.
   'fuse_rows': fuse_rows(lever_rows(BEST, LOSS_CHUNK)[-1]),
+  # --train_rows=grouped: the best row with both levers, capacity routing on the einsum and on
+  # the grouped kernels.
+  'grouped_rows': grouped_rows(lever_rows(BEST, LOSS_CHUNK)[-1]),
 }
 SMOKE_TRAIN = {
   'parallel.num_microbatches': 1,
@@ -231,25 +242,30 @@ SMOKE = {
   'fuse_rows': fuse_rows(
     {**SMOKE_TRAIN, 'parallel.strategy': 'reference', 'train.grad_accum_steps': 2}
   ),
+  # On CPU the grouped row runs XLA's ragged_dot (mosaic_gpu needs a Hopper GPU).
+  'grouped_rows': [SMOKE_TRAIN, {**SMOKE_TRAIN, 'model.expert_impl': 'ragged_dot'}],
 }
 
 
 def select_train_rows(s: dict, spec: str) -> list[dict]:
   """The train rows --train_rows names: 'all', 'levers' (s['lever_rows']: the best row and its
   lever rows), 'fuse' (s['fuse_rows']: the best lever row without and with
-  train.fuse_grad_accum), or comma-separated indices into s['train_overrides']."""
+  train.fuse_grad_accum), 'grouped' (s['grouped_rows']: the best lever row with the capacity
+  einsum and on the grouped kernels), or comma-separated indices into s['train_overrides']."""
   if spec == 'all':
     return s['train_overrides']
   if spec == 'levers':
     return s['lever_rows']
   if spec == 'fuse':
     return s['fuse_rows']
+  if spec == 'grouped':
+    return s['grouped_rows']
   rows = s['train_overrides']
   try:
     return [rows[int(i)] for i in spec.split(',')]
   except (ValueError, IndexError):
     raise SystemExit(
-      f"--train_rows={spec!r}: 'all', 'levers', 'fuse' or indices in 0..{len(rows) - 1}"
+      f"--train_rows={spec!r}: 'all', 'levers', 'fuse', 'grouped' or indices in 0..{len(rows) - 1}"
     ) from None
 
 
@@ -295,7 +311,8 @@ def main():
     default='all',
     help="train-step rows to time: 'all', 'levers' (the best row, then it with bf16 AdamW "
     "moments, the chunked cross entropy, both), 'fuse' (the best row with both levers, without "
-    'and with train.fuse_grad_accum) or comma-separated indices of the table',
+    "and with train.fuse_grad_accum), 'grouped' (the best row with both levers, capacity routing "
+    'on the einsum and on the grouped kernels) or comma-separated indices of the table',
   )
   parser.add_argument(
     '--recalibrate',
