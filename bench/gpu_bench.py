@@ -22,6 +22,7 @@ calibration file docs/benchmarks/<device>_calibration.json.
       # ceilings, then the best row with both levers without and with train.fuse_grad_accum
   python bench/gpu_bench.py --skip attention,experts --train_rows=grouped
       # ... and the best row with both levers on the einsum and on the grouped kernels
+      # (--train_rows=fuse+grouped: the three rows of both)
   python bench/gpu_bench.py --recalibrate=docs/benchmarks/<device>.json   # calibration only
   python bench/gpu_bench.py --render=docs/benchmarks/<device>.json        # markdown only
   python bench/gpu_bench.py --breakdown=docs/benchmarks/<device>.json     # derived figures
@@ -251,15 +252,16 @@ def select_train_rows(s: dict, spec: str) -> list[dict]:
   """The train rows --train_rows names: 'all', 'levers' (s['lever_rows']: the best row and its
   lever rows), 'fuse' (s['fuse_rows']: the best lever row without and with
   train.fuse_grad_accum), 'grouped' (s['grouped_rows']: the best lever row with the capacity
-  einsum and on the grouped kernels), or comma-separated indices into s['train_overrides']."""
+  einsum and on the grouped kernels), several of these names joined by '+' (each row once), or
+  comma-separated indices into s['train_overrides']."""
   if spec == 'all':
     return s['train_overrides']
-  if spec == 'levers':
-    return s['lever_rows']
-  if spec == 'fuse':
-    return s['fuse_rows']
-  if spec == 'grouped':
-    return s['grouped_rows']
+  sets = {'levers': 'lever_rows', 'fuse': 'fuse_rows', 'grouped': 'grouped_rows'}
+  if all(name in sets for name in spec.split('+')):
+    out = []
+    for name in spec.split('+'):
+      out += [row for row in s[sets[name]] if row not in out]
+    return out
   rows = s['train_overrides']
   try:
     return [rows[int(i)] for i in spec.split(',')]
@@ -312,7 +314,8 @@ def main():
     help="train-step rows to time: 'all', 'levers' (the best row, then it with bf16 AdamW "
     "moments, the chunked cross entropy, both), 'fuse' (the best row with both levers, without "
     "and with train.fuse_grad_accum), 'grouped' (the best row with both levers, capacity routing "
-    'on the einsum and on the grouped kernels) or comma-separated indices of the table',
+    "on the einsum and on the grouped kernels), names joined by '+' (e.g. 'fuse+grouped', each "
+    'row once) or comma-separated indices of the table',
   )
   parser.add_argument(
     '--recalibrate',
