@@ -122,10 +122,11 @@ def get_config() -> ml_collections.ConfigDict:
   # has no such option for the second moment, which stays float32). bfloat16 saves 2 of the
   # 12 bytes of train state per parameter and 4 of AdamW's 28 bytes of HBM traffic.
   config.train.mu_dtype = 'float32'
-  # One device, grad_accum_steps > 1, 'reference', einsum experts: the expert weight-gradient
-  # GEMMs add into the float32 gradient accumulator themselves (cuBLAS beta = 1) instead of
-  # writing bfloat16 gradients that a separate pass adds (bench/grad_accum_fusion.py). The
-  # expert gradients are then summed unrounded, so the step is not bit-equal to False's.
+  # One device, grad_accum_steps > 1, one layer, 'reference', einsum experts: the expert
+  # weight-gradient GEMMs add into the float32 gradient accumulator themselves (cuBLAS beta = 1)
+  # instead of writing bfloat16 gradients that a separate pass adds (bench/grad_accum_fusion.py;
+  # at more layers the layer scan's slices of the accumulator undo the fusion, so it is refused).
+  # The expert gradients are then summed unrounded: the step is not bit-equal to False's.
   config.train.fuse_grad_accum = False
 
   config.parallel = ml_collections.ConfigDict()

@@ -102,10 +102,10 @@ class TrainConfig:
   skip_nonfinite_steps: int = 0
   tensorboard: bool = True
   mu_dtype: str = 'float32'  # AdamW's first moment: MU_DTYPES (the second stays float32)
-  # One device with grad_accum_steps > 1, 'reference', einsum experts: each expert weight-gradient
-  # GEMM adds into the float32 accumulator itself (beta = 1) instead of writing bf16 gradients
-  # that a separate pass adds (train_lib.accumulate; bench/grad_accum_fusion.py). Not bit-equal:
-  # the expert weights' gradients are summed unrounded.
+  # One device with grad_accum_steps > 1, one layer, 'reference', einsum experts: each expert
+  # weight-gradient GEMM adds into the float32 accumulator itself (beta = 1) instead of writing
+  # bf16 gradients that a separate pass adds (train_lib.accumulate; bench/grad_accum_fusion.py).
+  # Not bit-equal: the expert weights' gradients are summed unrounded.
   fuse_grad_accum: bool = False
 
   @property
@@ -282,15 +282,19 @@ def validate(config: Config) -> None:
     einsum = m.expert_impl == 'einsum' or (
       m.expert_impl == 'auto' and (not m.dropless or m.expert_dropout > 0)
     )
+    # At more than one layer the layer scan hands each layer a slice of the accumulator and XLA
+    # adds the float32 gradient in a separate pass again, plus a copy (bench/grad_accum_fusion.py).
     _check(
       t.grad_accum_steps > 1
+      and m.num_layers == 1
       and p.strategy == 'reference'
       and einsum
       and not p.shard_optimizer
       and p.grad_compression == 'none',
-      f'train.fuse_grad_accum needs train.grad_accum_steps > 1, parallel.strategy=reference, '
-      f'einsum experts, no parallel.shard_optimizer or grad_compression; got '
-      f'grad_accum_steps={t.grad_accum_steps}, strategy={p.strategy!r}, '
+      f'train.fuse_grad_accum needs train.grad_accum_steps > 1, model.num_layers=1, '
+      f'parallel.strategy=reference, einsum experts, no parallel.shard_optimizer or '
+      f'grad_compression; got grad_accum_steps={t.grad_accum_steps}, '
+      f'num_layers={m.num_layers}, strategy={p.strategy!r}, '
       f'model.expert_impl={m.expert_impl!r} (dropless={m.dropless}, '
       f'expert_dropout={m.expert_dropout}), shard_optimizer={p.shard_optimizer}, '
       f'grad_compression={p.grad_compression!r}',

@@ -65,9 +65,9 @@ def test_paper_config_is_the_seed_model():
     ),
     (
       {'train.fuse_grad_accum': True, 'parallel.strategy': 'dp'},
-      'train.fuse_grad_accum needs train.grad_accum_steps > 1, parallel.strategy=reference, '
-      'einsum experts, no parallel.shard_optimizer or grad_compression; got grad_accum_steps=1, '
-      "strategy='dp'",
+      'train.fuse_grad_accum needs train.grad_accum_steps > 1, model.num_layers=1, '
+      'parallel.strategy=reference, einsum experts, no parallel.shard_optimizer or '
+      "grad_compression; got grad_accum_steps=1, num_layers=2, strategy='dp'",
     ),
     ({'parallel.num_microbatches': 0}, 'parallel.num_microbatches=0 must be positive'),
     (

@@ -42,6 +42,7 @@ from mas_jax.perf.model import (
 from mas_jax.perf.planner import best_ma_sep, plan, predict_config
 from mas_jax.perf.prediction import (
   ACCUMULATOR_BYTES_PER_PARAM,
+  FUSED_ACCUMULATOR_BYTES_PER_PARAM,
   OPTIMIZER_BYTES_PER_PARAM,
   Collective,
   Cost,
@@ -53,6 +54,7 @@ from mas_jax.perf.prediction import (
 
 __all__ = [
   'ACCUMULATOR_BYTES_PER_PARAM',
+  'FUSED_ACCUMULATOR_BYTES_PER_PARAM',
   'HARDWARE',
   'OPTIMIZER_BYTES_PER_PARAM',
   'USABLE_HBM',

@@ -124,7 +124,9 @@ def run_planner(f: types.SimpleNamespace) -> None:
   batch = f.batch.value or m.batch_size
   context = m.seq_len if mode == 'train' else (f.context.value or m.seq_len)
   accumulation = config.train.get('grad_accum_steps', 1) if mode == 'train' else 1
-  w = pm.Workload(mode, batch, context, accumulation)
+  w = pm.Workload(
+    mode, batch, context, accumulation, fuse_grad_accum=config.train.get('fuse_grad_accum', False)
+  )
   report.print_plan(m, hw, w, n, cal, measured, f.plot_dir.value, f.top.value)
 
 

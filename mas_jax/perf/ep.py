@@ -179,7 +179,13 @@ def predict(
   n_l = accum * m.num_layers
   held = held_params(m, ep)['held']
   opt = optimizer_update(held, hw) if w.train else Cost(0.0, 'hbm')
-  acc = accumulator_update(held, accum, hw)
+  # One device with accumulation casts its weights once per step (train_lib.cast_matmul_weights),
+  # and with train.fuse_grad_accum (one layer only) its expert weight-gradient GEMMs add into the
+  # accumulator.
+  once = w.train and n == 1 and accum > 1
+  fuse = once and w.fuse_grad_accum and m.num_layers == 1
+  fused = m.num_experts * expert_params(m) if fuse else 0.0
+  acc = accumulator_update(held, accum, hw, fused)
   compute = n_l * passes * (attn.time_s + exp.time_s) + accum * passes * head.time_s
   # Elementwise traffic (kernels.py): norms and residuals, dispatch / combine / dropout of this
   # device's tokens, the head's norm, gather and loss; casts of the matmul weights it reads
@@ -197,9 +203,7 @@ def predict(
   )
   block = m.num_experts // ep * expert_params(m) + m.d_model * m.num_experts
   block += 0 if attn.measured else attn_params_per_layer(m)
-  # One device with accumulation casts its weights once per step (train_lib.cast_matmul_weights),
-  # outside the micro-batches and so outside their rematerialisation.
-  once = w.train and n == 1 and accum > 1
+  # The casts once per step are outside the micro-batches and so outside their rematerialisation.
   casts = (1 if once else accum) * (
     k.weight_casts(m.num_layers * block, 1.0 if once else cast_passes(m, w)).time_s
     + k.weight_casts(m.d_model * m.vocab_size, min(1.0, cast_passes(m, w))).time_s

@@ -44,6 +44,7 @@ from mas_jax.perf.hardware import Hardware
 from mas_jax.perf.model import ModelSpec, expected_active
 from mas_jax.perf.prediction import (
   ACCUMULATOR_BYTES_PER_PARAM,
+  FUSED_ACCUMULATOR_BYTES_PER_PARAM,
   OPTIMIZER_BYTES_PER_PARAM,
   Cost,
   Workload,
@@ -61,11 +62,16 @@ def optimizer_update(params: float, hw: Hardware) -> Cost:
   return Cost(params * OPTIMIZER_BYTES_PER_PARAM / hw.hbm_bw, 'hbm')
 
 
-def accumulator_update(params: float, accum: int, hw: Hardware) -> Cost:
-  """fp32 gradient accumulator read-modify-write once per chunk when accum > 1 (HBM-bound)."""
+def accumulator_update(params: float, accum: int, hw: Hardware, fused: float = 0.0) -> Cost:
+  """fp32 gradient accumulator read-modify-write once per chunk when accum > 1 (HBM-bound);
+  `fused` of the `params` are added into it by their weight-gradient GEMMs
+  (train.fuse_grad_accum), which moves fewer bytes."""
   if accum <= 1:
     return Cost(0.0, 'hbm')
-  return Cost(accum * params * ACCUMULATOR_BYTES_PER_PARAM / hw.hbm_bw, 'hbm')
+  nbytes = (
+    params - fused
+  ) * ACCUMULATOR_BYTES_PER_PARAM + fused * FUSED_ACCUMULATOR_BYTES_PER_PARAM
+  return Cost(accum * nbytes / hw.hbm_bw, 'hbm')
 
 
 # See the module docstring for what each counts.

@@ -103,6 +103,7 @@ def predict_config(
     fit_memory=False,
     shard_optimizer=p.shard_optimizer,
     shard_gradients=p.shard_gradients,
+    fuse_grad_accum=config.train.fuse_grad_accum,
   )
   if p.strategy == 'ma_sep':
     s = ma_sep_model.Split(

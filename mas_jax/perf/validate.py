@@ -140,7 +140,14 @@ def predict_rows(config, hw, cal: Calibration, bench_paths: list[str]) -> list[R
       cd = config_of(config, entry['overrides'])
       m = pm.ModelSpec.from_config(cd)
       accumulation = cd.train.get('grad_accum_steps', 1)
-      w = pm.Workload('train', m.batch_size, m.seq_len, accumulation, fit_memory=False)
+      w = pm.Workload(
+        'train',
+        m.batch_size,
+        m.seq_len,
+        accumulation,
+        fit_memory=False,
+        fuse_grad_accum=cd.train.get('fuse_grad_accum', False),
+      )
       cal.lookups.clear()
       p = ep.predict(m, hw, w, 1, 1, cal)
       lookups = list(cal.lookups)
