@@ -177,3 +177,22 @@ def test_group_row_blocks_in_jax_matches_numpy():
     want = gmm_hopper.group_row_blocks(start, end, block_k, num_blocks)
     got = blocks(jnp.int32(start), jnp.int32(end))
     assert [int(x) for x in got] == [int(x) for x in want]
+
+
+def test_weight_gradient_tiles_follow_the_transposed_kernel():
+  """gmm's shape check: the two-warpgroup transposed kernel's CTA holds two warpgroup tiles
+  along K (wg_dim='m') or N ('n'); JAX's kernel one tile. Only the new kernel gets wg_dim."""
+  from mas_jax.layers import grouped_matmul as gmm_lib
+
+  t, narrow = gmm_lib.Tiling, gmm_lib.Tiling(block_n=64)
+  assert gmm_lib.two_warpgroup_kernels().transposed is gmm_hopper.transposed_ragged_dot
+  with pytest.raises(ValueError, match=r'weight gradient \[192, 256\] .* tiles \[128, 256\]'):
+    gmm_lib.check_shapes(8, 192, 256, narrow, narrow, t(64, 256, wg_dim='m'))
+  gmm_lib.check_shapes(8, 128, 256, narrow, narrow, t(128, 128, wg_dim='n'))
+  with pytest.raises(ValueError, match=r'weight gradient \[128, 384\] .* tiles \[128, 256\]'):
+    gmm_lib.check_shapes(8, 128, 384, narrow, narrow, t(128, 128, wg_dim='n'))
+  gmm_lib.check_shapes(8, 192, 256, t(), narrow, t(64, 256), two_warpgroups=False)
+  assert gmm_lib.Tiling(64, 256, wg_dim='m').kwargs()['wg_dim'] == 'm'
+  assert 'wg_dim' not in gmm_lib.Tiling(64, 256).kwargs()
+  for tilings in (gmm_lib.WIDENING_TILINGS, gmm_lib.NARROWING_TILINGS, gmm_lib.DEFAULT_TILINGS):
+    assert tilings[2].wg_dim == 'm'

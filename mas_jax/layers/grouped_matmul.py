@@ -7,8 +7,10 @@ of lhs by rhs[g]; the sizes must sum to M. Two implementations:
   'mosaic_gpu'  Hopper Pallas/Mosaic-GPU kernels wrapped in a custom VJP: our two-warpgroup
                 grouped matmul (`mas_jax/layers/gmm_hopper.py`, 1.3-2.1x JAX's
                 single-warpgroup `ragged_dot_mgpu`, docs/benchmarks/gmm_2wg.md) for the
-                forward and the data gradient, and JAX's `transposed_ragged_dot_mgpu` for the
-                weight gradient:
+                forward and the data gradient, and our two-warpgroup transposed kernel
+                (`gmm_hopper.transposed_ragged_dot`, 1.02-1.31x JAX's
+                `transposed_ragged_dot_mgpu` at 8192 and 16384 rows in 4-16 groups,
+                docs/benchmarks/tgmm_2wg.md) for the weight gradient:
                   d lhs = gmm(d out, rhs^T)        (the same kernel, transposed rhs)
                   d rhs = per-group lhs_g^T @ d out_g   (the transposed kernel)
                 Needs an sm_90 GPU; the kernels' signatures are pinned by
@@ -37,7 +39,10 @@ ROW_ALIGN = 8  # the Mosaic-GPU kernels need a row count that is a multiple of t
 class Tiling:
   """Tile sizes of one Mosaic-GPU kernel call (see the kernels' own docs). For the forward
   kernel (`gmm_hopper.ragged_dot`) `block_n` is one warpgroup's width, the CTA covers twice it,
-  and `delay_release` = 1 keeps one wgmma in flight across pipeline steps."""
+  and `delay_release` = 1 keeps one wgmma in flight across pipeline steps. For the transposed
+  one (`gmm_hopper.transposed_ragged_dot`) block_m x block_n is one warpgroup's tile of the
+  [K, N] output and `wg_dim` ('m' or 'n') the dimension along which the CTA holds two of them.
+  Fields left at 0 / '' are not passed (JAX's kernels do not take them)."""
 
   block_m: int = 128
   block_n: int = 128
@@ -45,11 +50,14 @@ class Tiling:
   max_concurrent_steps: int = 4
   grid_block_n: int = 1
   delay_release: int = 0
+  wg_dim: str = ''
 
   def kwargs(self) -> dict:
     out = dataclasses.asdict(self)
     if not self.delay_release:  # only the forward kernel takes it
       del out['delay_release']
+    if not self.wg_dim:  # only the transposed two-warpgroup kernel takes it
+      del out['wg_dim']
     return out
 
 
@@ -57,8 +65,9 @@ class Kernels(NamedTuple):
   """`forward(lhs, rhs, *, group_sizes, transpose_rhs, **tiling)` -> [M, N] and
   `transposed(lhs[M, K], rhs[M, N], *, group_sizes, **tiling)` -> [G, K, N] (per group
   lhs_g^T @ rhs_g), with the signatures of JAX's Mosaic-GPU ops. `two_warpgroups`: whether
-  the forward's CTA spans 2 * block_n columns (`gmm_hopper.ragged_dot`), which `check_shapes`
-  and `tilings_for` follow."""
+  both are the two-warpgroup kernels of `gmm_hopper` (the forward's CTA spans 2 * block_n
+  columns, the transposed one's two warpgroup tiles along `wg_dim`), which `check_shapes` and
+  `tilings_for` follow."""
 
   forward: Callable
   transposed: Callable
@@ -84,12 +93,11 @@ def one_warpgroup_kernels() -> Kernels:
 
 
 def two_warpgroup_kernels() -> Kernels:
-  """Our two-warpgroup forward (`gmm_hopper.ragged_dot`) and JAX's transposed kernel."""
-  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
-
+  """Our two-warpgroup forward (`gmm_hopper.ragged_dot`) and transposed
+  (`gmm_hopper.transposed_ragged_dot`) kernels."""
   from mas_jax.layers import gmm_hopper
 
-  return Kernels(gmm_hopper.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot)
+  return Kernels(gmm_hopper.ragged_dot, gmm_hopper.transposed_ragged_dot)
 
 
 def two_warpgroup(rows: int | None) -> bool:
@@ -113,7 +121,8 @@ def check_shapes(
   two_warpgroups: bool = True,
 ):
   """Raises ValueError naming the numbers when the kernels cannot tile lhs[m, k] @ rhs[g, k, n]
-  (`two_warpgroups`: with the two-warpgroup forward kernel, whose CTA spans 2 * block_n)."""
+  (`two_warpgroups`: with the two-warpgroup kernels: the forward's CTA spans 2 * block_n, the
+  transposed one's 2 * block_m, or 2 * block_n with wg_dim='n')."""
   problems = []
   cta = 2 if two_warpgroups else 1
   if k % fwd.block_k:
@@ -128,10 +137,12 @@ def check_shapes(
       f'k={k} is not a multiple of the backward {width}='
       f'{cta * bwd_data.block_n * bwd_data.grid_block_n}'
     )
-  if k % bwd_weight.block_m or n % bwd_weight.block_n:
+  wm = 2 if two_warpgroups and bwd_weight.wg_dim != 'n' else 1
+  wn = 2 if two_warpgroups and bwd_weight.wg_dim == 'n' else 1
+  if k % (wm * bwd_weight.block_m) or n % (wn * bwd_weight.block_n):
     problems.append(
       f'weight gradient [{k}, {n}] is not a multiple of its tiles '
-      f'[{bwd_weight.block_m}, {bwd_weight.block_n}]'
+      f'[{wm * bwd_weight.block_m}, {wn * bwd_weight.block_n}]'
     )
   if problems:
     raise ValueError(
@@ -162,22 +173,25 @@ def _mosaic_gmm_bwd(kernels, tilings, res, d_out):
 
 _mosaic_gmm.defvjp(_mosaic_gmm_fwd, _mosaic_gmm_bwd)
 
-# Untuned shapes: warpgroup tiles of 64 columns (a CTA of 128), so that any width that is a
-# multiple of 128 fits.
-DEFAULT_TILINGS = (Tiling(block_n=64), Tiling(block_n=64), Tiling())
+# Untuned shapes: CTA tiles of 128 columns (warpgroup tiles of 64 columns; the weight
+# gradient's two 64 x 128 warpgroup tiles), so that any width that is a multiple of 128 fits.
+DEFAULT_TILINGS = (Tiling(block_n=64), Tiling(block_n=64), Tiling(64, 128, wg_dim='m'))
 # (forward, backward data, backward weight) tilings for [rows, 4096] x [4096, 16384] (widening,
 # w_in) and [rows, 16384] x [16384, 4096] (narrowing, w_out) at the seed's expert shapes. The
 # two-warpgroup kernel's (forward; backward data, which contracts the other way) were the
 # fastest of bench/gmm_2wg.py's sweep at 8192 rows and 16 groups on one H100
-# (docs/benchmarks/gmm_2wg.md); the weight gradient's, of JAX's transposed kernel, were the
-# fastest of bench/grouped_matmul.py's sweep at 4 local experts
-# (docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.md).
+# (docs/benchmarks/gmm_2wg.md); the weight gradient's, of the two-warpgroup transposed kernel
+# (CTA tile 128 x 256: two warpgroups of 64 x 256 along K), were the fastest of
+# `bench/gmm_2wg.py --kernel transposed`'s sweep at 16384 rows and 16 groups on one H100
+# (docs/benchmarks/tgmm_2wg.md: 3.56 ms widening, 3.69 ms narrowing, against 4.29 and 4.34 ms
+# for JAX's transposed kernel with its best swept tiling).
 _WIDE = Tiling(128, 128, 64, max_concurrent_steps=3, grid_block_n=8)
 _NARROW = Tiling(128, 128, 64, max_concurrent_steps=4, grid_block_n=4, delay_release=1)
-WIDENING_TILINGS = (_WIDE, _NARROW, Tiling(64, 256))
-NARROWING_TILINGS = (_NARROW, _WIDE, Tiling(128, 128, grid_block_n=8))
-# Below TWO_WARPGROUP_MIN_ROWS, JAX's single-warpgroup kernels with the tilings of
-# bench/grouped_matmul.py's sweep (the same file), which decode's benchmark measured.
+WIDENING_TILINGS = (_WIDE, _NARROW, Tiling(64, 256, 64, 4, grid_block_n=1, wg_dim='m'))
+NARROWING_TILINGS = (_NARROW, _WIDE, Tiling(64, 256, 64, 4, grid_block_n=8, wg_dim='m'))
+# Below TWO_WARPGROUP_MIN_ROWS, JAX's single-warpgroup kernels (the transposed one too) with
+# the tilings of bench/grouped_matmul.py's sweep
+# (docs/benchmarks/nvidia_h100_80gb_hbm3_grouped_matmul.md), which decode's benchmark measured.
 ONE_WARPGROUP_DEFAULT = (Tiling(), Tiling(), Tiling())
 ONE_WARPGROUP_WIDENING = (Tiling(128, 128), Tiling(128, 128), Tiling(64, 256))
 ONE_WARPGROUP_NARROWING = (
