@@ -64,6 +64,18 @@ def test_mosaic_vjp_matches_ragged_dot(sizes):
     start += size
 
 
+def test_one_group_is_a_dense_matmul():
+  """One group runs jnp.dot for every impl, without the kernels or their tiling rules."""
+
+  def unused(*args, **kwargs):
+    raise AssertionError('a kernel ran for one group')
+
+  lhs, rhs, _, sizes = _operands((13,), k=96, n=40)  # widths no Mosaic tiling takes
+  for impl in gmm_lib.IMPLS:
+    out = gmm_lib.gmm(lhs, rhs, sizes, impl, kernels=gmm_lib.Kernels(unused, unused))
+    np.testing.assert_allclose(out, lhs @ rhs[0], rtol=1e-6)
+
+
 def test_mosaic_shape_errors_name_the_numbers():
   with pytest.raises(ValueError, match=r'k=96 is not a multiple of the forward block_k=64'):
     gmm_lib.check_shapes(8, 96, 128, *gmm_lib.DEFAULT_TILINGS)

@@ -1,7 +1,9 @@
 """Grouped (ragged) matmul for dropless experts: rows sorted by group, one weight per group.
 
 `gmm(lhs[M, K], rhs[G, K, N], group_sizes[G])` multiplies rows `offset_g .. offset_g + size_g`
-of lhs by rhs[g]; the sizes must sum to M. Two implementations:
+of lhs by rhs[g]; the sizes sum to at most M (rows past the sum are not computed: what the
+kernels leave in their output rows is unspecified). One group is a dense matmul of all M rows.
+Two implementations:
 
   'xla'         `jax.lax.ragged_dot` (any backend; XLA's own autodiff).
   'mosaic_gpu'  Hopper Pallas/Mosaic-GPU kernels wrapped in a custom VJP: our two-warpgroup
@@ -231,7 +233,7 @@ def gmm(
   Args:
     lhs: rows sorted by group.
     rhs: one [K, N] weight per group (cast to lhs.dtype).
-    group_sizes: [G] int32 row counts, summing to M.
+    group_sizes: [G] int32 row counts, summing to at most M (see the module docstring).
     impl: 'xla' or 'mosaic_gpu'.
     tilings: (forward, backward data, backward weight) tiles for 'mosaic_gpu' (default:
       `tilings_for` the shapes and row count).
@@ -240,10 +242,14 @@ def gmm(
   """
   rhs = rhs.astype(lhs.dtype)
   group_sizes = group_sizes.astype(jnp.int32)
+  if impl not in IMPLS:
+    raise ValueError(f'grouped matmul impl={impl!r} is not one of {IMPLS}')
+  if rhs.shape[0] == 1:
+    # One group is a dense matmul (any rows past its size, zeros where moe.py leaves them, are
+    # multiplied too).
+    return jnp.dot(lhs, rhs[0], preferred_element_type=lhs.dtype)
   if impl == 'xla':
     return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
-  if impl != 'mosaic_gpu':
-    raise ValueError(f'grouped matmul impl={impl!r} is not one of {IMPLS}')
   (m, k), n = lhs.shape, rhs.shape[-1]
   kernels = kernels or mosaic_gpu_kernels(m)
   two = kernels.two_warpgroups
