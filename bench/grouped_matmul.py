@@ -171,8 +171,12 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
     }
     useful = 2 * 2 * m * d * f
     row = {'local_experts': local, 'rows': m, 'group_sizes': sizes_np.tolist(), 'capacity': cap}
-    # Which forward kernel 'mosaic_gpu' ran (kernels None: the library's choice for m rows).
-    row['mosaic_forward'] = (kernels or gmm_lib.mosaic_gpu_kernels(m)).forward.__module__
+    # Which kernels 'mosaic_gpu' ran (kernels None: the library's choice for m rows; one group
+    # is a dense matmul, `gmm_lib.gmm`).
+    chosen = kernels or gmm_lib.mosaic_gpu_kernels(m)
+    one_group = local == 1
+    row['mosaic_forward'] = ONE_GROUP if one_group else chosen.forward.__module__
+    row['mosaic_transposed'] = ONE_GROUP if one_group else chosen.transposed.__module__
     outs = {}
     # A random cotangent (with sum() as the loss XLA turns the backward's ones @ W into a
     # reduce), and value_and_grad so the forward's last matmul is not dead code.
@@ -263,24 +267,53 @@ IMPL_NAMES = ('einsum', 'ragged_dot', 'mosaic_gpu')
 DENSE = 'dense'
 
 
+# What `ffn_sweep` records as the kernels of a one-group row: gmm's dense matmul.
+ONE_GROUP = 'dense matmul (one group)'
+
+
+def _mosaic_caption(rows: list[dict]) -> str:
+  """What the 'mosaic_gpu' rows ran, from what each recorded. Results before `mosaic_forward`
+  was recorded ran JAX's single-warpgroup forward kernel; before `mosaic_transposed`, the
+  weight gradient ran the transposed kernel `two_warpgroup_kernels()` returned when they were
+  written: JAX's before commit 207d182, gmm_hopper.transposed_ragged_dot from it (with JAX's
+  single-warpgroup forward, always JAX's)."""
+  parts = {}
+  for e in rows:
+    fwd, tr = e.get('mosaic_forward', ''), e.get('mosaic_transposed')
+    if fwd == ONE_GROUP:
+      what = 'a dense matmul (gmm runs one group as jnp.dot)'
+    else:
+      what = (
+        'our two-warpgroup kernel (mas_jax/layers/gmm_hopper.py)'
+        if 'gmm_hopper' in fwd
+        else "JAX's single-warpgroup kernel"
+      ) + ' for the forward and the data gradient, '
+      if tr is None and 'gmm_hopper' not in fwd:  # JAX's single-warpgroup pair
+        tr = 'transposed_ragged_dot_mgpu'
+      if tr is None:
+        what += (
+          "the library's transposed kernel of the time for the weight gradient (JAX's before "
+          'commit 207d182, gmm_hopper.transposed_ragged_dot from it)'
+        )
+      elif 'gmm_hopper' in tr:
+        what += 'our two-warpgroup transposed kernel for the weight gradient'
+      else:
+        what += "JAX's transposed kernel for the weight gradient"
+    experts = parts.setdefault(what, [])
+    if str(e['local_experts']) not in experts:
+      experts.append(str(e['local_experts']))
+  if not parts:
+    return 'mosaic_gpu: the Hopper kernels with the tuned tilings.'
+  return (
+    'mosaic_gpu, with the tuned tilings: '
+    + '; '.join(f'at {", ".join(experts)} local experts {what}' for what, experts in parts.items())
+    + '.'
+  )
+
+
 def ffn_table(rows: list[dict], mm: float) -> list[str]:
   """Markdown lines of `ffn_sweep`'s rows, rates against the matmul ceiling mm (TFLOP/s)."""
-  # Results before `mosaic_forward` was recorded ran JAX's single-warpgroup forward kernel.
-  two = [e['local_experts'] for e in rows if 'gmm_hopper' in e.get('mosaic_forward', '')]
-  one = [e['local_experts'] for e in rows if 'gmm_hopper' not in e.get('mosaic_forward', '')]
-  if two:
-    mosaic = (
-      'mosaic_gpu: our two-warpgroup kernel (mas_jax/layers/gmm_hopper.py) for the forward and '
-      "the data gradient, JAX's transposed kernel for the weight gradient, with the tuned tilings"
-      + (
-        f" (at {', '.join(map(str, two))} local experts; JAX's single-warpgroup kernel at "
-        f'{", ".join(map(str, one))}).'
-        if one
-        else '.'
-      )
-    )
-  else:
-    mosaic = "mosaic_gpu: JAX's Hopper kernel with the tuned tilings."
+  mosaic = _mosaic_caption(rows)
   # Results before the dense yardstick was recorded have no 'of dense' columns.
   dense = any(f'{DENSE}_fwd_s' in e for e in rows)
   extra_head, extra_rule = (' % of dense | fwd+bwd % of dense |', '---|---|') if dense else ('', '')
