@@ -434,3 +434,43 @@ def test_fused_gradient_accumulation_moves_fewer_bytes():
   assert a.step_s - b.step_s == pytest.approx(saved / hw.hbm_bw)
   # On several devices the flag changes nothing (the trainer refuses it there).
   assert ep.predict(SEED, hw, fused, 16, 16).step_s == ep.predict(SEED, hw, plain, 16, 16).step_s
+
+
+def test_grouped_experts_compute_the_routed_pairs_only():
+  """Capacity routing on grouped matmuls (model.expert_impl='mosaic_gpu' on one device) computes
+  the routed pairs with the grouped kernel's (dropless) timings and gathers, like dropless
+  routing; strategies that move capacity buffers keep the padding."""
+  one_layer = dataclasses.replace(SEED, num_layers=1, batch_size=8)
+  cal = pm.Calibration(
+    expert_ffn=[
+      {'local_experts': 16, 'tokens': 32768, 'dropless': False, 'time_s': 9e-3},
+      {'local_experts': 16, 'tokens': 32768, 'dropless': True, 'time_s': 7e-3},
+    ]
+  )
+  w = pm.Workload('train', 8, 2048, 1, fit_memory=False)
+  hw = pm.HARDWARE['h100']
+
+  def terms(m, n=1, e=1):
+    return {t.name: t.time_s for t in ep.predict(m, hw, w, n, e, cal).terms}
+
+  einsum = terms(one_layer)
+  grouped = terms(dataclasses.replace(one_layer, grouped_experts=True))
+  dropless = terms(dataclasses.replace(one_layer, dropless=True))
+  assert einsum['experts'] == pytest.approx(3 * 9e-3)
+  assert grouped['experts'] == pytest.approx(3 * 7e-3) == pytest.approx(dropless['experts'])
+  assert grouped['elementwise'] == pytest.approx(dropless['elementwise'])
+  assert grouped['elementwise'] < einsum['elementwise']  # no zeroed capacity buffers
+  from configs import tiny
+
+  config = tiny.get_config()
+  assert not pm.ModelSpec.from_config(config).grouped_experts  # 'auto'
+  config.model.expert_impl = 'mosaic_gpu'
+  assert pm.ModelSpec.from_config(config).grouped_experts
+  # ep > 1 runs the einsum on capacity buffers: the flag changes nothing there.
+  on_four = dataclasses.replace(one_layer, batch_size=32)
+  w4 = dataclasses.replace(w, batch=32)
+  a, b = (
+    ep.predict(m, hw, w4, 4, 4, cal).step_s
+    for m in (on_four, dataclasses.replace(on_four, grouped_experts=True))
+  )
+  assert a == b

@@ -156,6 +156,8 @@ def predict(
   m: ModelSpec, hw: Hardware, w: Workload, n: int, ep: int, cal: Calibration | None = None
 ) -> Prediction:
   """Step time, memory and collectives of ep (dp when ep = 1; see the module docstring)."""
+  if ep > 1:
+    m = m.on_capacity_buffers()
   reason = invalid(m, n, ep, w.batch)
   if reason:
     raise ValueError(f'ep{ep} on {n} devices: {reason}')
@@ -193,7 +195,9 @@ def predict(
   local_tokens = local_seqs * tokens
   routed = local_tokens * m.top_k
   slots = (
-    routed if (m.dropless or not w.train) else local_seqs * m.num_experts * m.capacity_slots(tokens)
+    routed
+    if (m.routed_rows_only or not w.train)
+    else local_seqs * m.num_experts * m.capacity_slots(tokens)
   )
   dropout = m.expert_dropout if w.train else 0.0
   per_layer = k.layer_elementwise(w, local_seqs).time_s

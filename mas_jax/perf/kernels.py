@@ -19,7 +19,8 @@ expert FFN's GELU) is not counted again. Per token (d = d_model, b = compute-dty
     after the MoE (read x, MoE output; write x: 3 d b): NORM_RESIDUAL_PASSES = 9 passes of d b;
   MoE (per routed token-expert pair, per computed slot): capacity dispatch writes the zeroed
     [E, C, D] buffer (slots x d b) and scatters the routed rows into it (read + write d b per
-    pair); the dropless path gathers the rows sorted by expert (read + write d b per pair);
+    pair); the dropless path, and capacity routing on grouped matmuls, gathers the rows sorted
+    by expert (read + write d b per pair);
     combine gathers each pair's output (d b per pair) and writes one row per token (d b); expert
     dropout reads and writes the hidden of every computed slot (2 F b per slot; the mask's random
     bits are generated inside that kernel);
@@ -140,7 +141,7 @@ class Kernels:
     # Calibration is keyed by routed pairs before capacity padding (see the module docstring).
     # Generation is always dropless (mas_jax/decode.py), whatever the model trained with.
     routed = pairs / m.capacity if w.mode == 'train' else pairs
-    dropless = m.dropless or w.mode == 'decode'
+    dropless = m.routed_rows_only or w.mode == 'decode'
     measured = self.cal.expert_time(m, local, routed, hidden, dropless) if self.cal else None
     if measured is not None:
       return Cost(measured, 'measured', True)
@@ -170,7 +171,8 @@ class Kernels:
     routed token-expert pairs fill `slots` computed rows (capacity slots, or = pairs dropless)."""
     m = self.m
     row = m.d_model * m.act_bytes
-    dropless = m.dropless or not w.train  # generation is always dropless
+    # Generation is always dropless; grouped experts gather the kept pairs as dropless does.
+    dropless = m.routed_rows_only or not w.train
     dispatch = 2 * pairs * row + (0 if dropless else slots * row)
     combine = pairs * row + tokens * row
     drop = 2 * slots * hidden * m.act_bytes if (w.train and dropout > 0) else 0.0

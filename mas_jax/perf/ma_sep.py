@@ -352,6 +352,7 @@ def predict(
   m: ModelSpec, hw: Hardware, w: Workload, s: Split, cal: Calibration | None = None
 ) -> Prediction:
   """Step time, memory and collectives of ma_sep at split `s` (see the module docstring)."""
+  m = m.on_capacity_buffers()
   reason = invalid(m, s, w.batch // max(1, w.accumulation), m.seq_len)
   if reason:
     raise ValueError(f'ma_sep {s.n_attn}:{s.n_moe}: {reason}')

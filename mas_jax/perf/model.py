@@ -51,6 +51,10 @@ class ModelSpec:
   # these loads (`lpt_placement` for each expert-device count); False: expert e in slot e
   # (contiguous experts per device).
   rebalanced: bool = False
+  # True: a device holding all experts runs them as grouped matmuls over the kept pairs
+  # (model.expert_impl 'ragged_dot' or 'mosaic_gpu'; `moe.grouped_expert_ffn`), so capacity
+  # routing computes no padding either; the calibration's grouped-kernel (dropless) timings apply.
+  grouped_experts: bool = False
 
   def imbalance(self, devices: int, replaces: bool = True) -> float:
     """Routed pairs of the busiest of `devices` expert devices (the experts of its slots) over
@@ -83,9 +87,20 @@ class ModelSpec:
     return _DTYPE_BYTES[self.compute_dtype]
 
   @property
+  def routed_rows_only(self) -> bool:
+    """Whether the experts compute the routed pairs only: dropless routing, or grouped matmuls
+    (which skip capacity's padding, and whose timings the calibration keys as dropless)."""
+    return self.dropless or self.grouped_experts
+
+  def on_capacity_buffers(self) -> ModelSpec:
+    """This spec for a strategy that moves expert buffers between devices (ep > 1, tp_pp,
+    ma_sep): those run the einsum, never grouped matmuls (config.validate)."""
+    return dataclasses.replace(self, grouped_experts=False) if self.grouped_experts else self
+
+  @property
   def capacity(self) -> float:
     """Expert slots computed per routed token-expert pair (padding of fixed capacity)."""
-    return 1.0 if self.dropless else self.capacity_factor
+    return 1.0 if self.routed_rows_only else self.capacity_factor
 
   @classmethod
   def from_config(cls, config: Any) -> ModelSpec:
@@ -109,6 +124,7 @@ class ModelSpec:
       remat=getattr(m, 'remat', 'none'),
       expert_dropout=float(getattr(m, 'expert_dropout', 0.0)),
       attention_scores=getattr(m, 'attention_impl', 'auto') == 'xla',
+      grouped_experts=getattr(m, 'expert_impl', 'auto') in ('ragged_dot', 'mosaic_gpu'),
     )
 
 

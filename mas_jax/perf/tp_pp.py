@@ -273,6 +273,7 @@ def predict(
 ) -> Prediction:
   """Step time, memory and collectives of tp_pp (see the module docstring); `schedule` is
   parallel.pp_schedule (it changes training only)."""
+  m = m.on_capacity_buffers()
   reason = invalid(m, tp, pp, microbatches, w.batch)
   if reason:
     raise ValueError(f'tp_pp tp{tp}xpp{pp}: {reason}')
