@@ -301,6 +301,20 @@ def test_optimizer_update_term_by_hand():
   assert opt.time_s == pytest.approx(held * 32 / A100.hbm_bw)
   # Decode has no optimizer.
   assert ep.predict(SEED, A100, DECODE, 8, 8).time('optimizer') == 0
+  # train.mu_dtype=bfloat16: the first moment is read and written in 2 B (28 B per parameter),
+  # and held in 2 B (6 B of moments per parameter).
+  bf16_mu = dataclasses.replace(one_layer, mu_bytes=2)
+  p2 = ep.predict(bf16_mu, h100, train, 1, 1)
+  assert p2.time('optimizer') == pytest.approx(pm.total_params(one_layer) * 28 / 3.35e12)
+  (mem,) = p2.memory_by_role.values()
+  (mem32,) = p.memory_by_role.values()
+  assert mem.optimizer == pytest.approx(mem32.optimizer * 6 / 8)
+  from configs import tiny
+
+  config = tiny.get_config()
+  assert pm.ModelSpec.from_config(config).mu_bytes == 4
+  config.train.mu_dtype = 'bfloat16'
+  assert pm.ModelSpec.from_config(config).mu_bytes == 2
 
 
 def test_planner_on_one_device_does_not_crash(capsys):

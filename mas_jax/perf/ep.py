@@ -180,7 +180,7 @@ def predict(
   passes = 1 + bwd
   n_l = accum * m.num_layers
   held = held_params(m, ep)['held']
-  opt = optimizer_update(held, hw) if w.train else Cost(0.0, 'hbm')
+  opt = optimizer_update(held, hw, m) if w.train else Cost(0.0, 'hbm')
   # One device with accumulation casts its weights once per step (train_lib.cast_matmul_weights),
   # and with train.fuse_grad_accum (one layer only) its expert weight-gradient GEMMs add into the
   # accumulator.

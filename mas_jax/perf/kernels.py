@@ -49,6 +49,7 @@ from mas_jax.perf.prediction import (
   OPTIMIZER_BYTES_PER_PARAM,
   Cost,
   Workload,
+  optimizer_bytes_per_param,
 )
 
 
@@ -58,9 +59,11 @@ def roofline(flops: float, nbytes: float, hw: Hardware, dtype: str) -> Cost:
   return Cost(t_compute, 'compute') if t_compute >= t_memory else Cost(t_memory, 'hbm')
 
 
-def optimizer_update(params: float, hw: Hardware) -> Cost:
-  """One optimizer step over `params` parameters held by a device: HBM-bound elementwise."""
-  return Cost(params * OPTIMIZER_BYTES_PER_PARAM / hw.hbm_bw, 'hbm')
+def optimizer_update(params: float, hw: Hardware, m: ModelSpec | None = None) -> Cost:
+  """One optimizer step over `params` parameters held by a device: HBM-bound elementwise (with
+  model m's train.mu_dtype; None: float32 moments)."""
+  per_param = OPTIMIZER_BYTES_PER_PARAM if m is None else optimizer_bytes_per_param(m)
+  return Cost(params * per_param / hw.hbm_bw, 'hbm')
 
 
 def accumulator_update(params: float, accum: int, hw: Hardware, fused: float = 0.0) -> Cost:

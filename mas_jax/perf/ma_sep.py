@@ -46,7 +46,6 @@ from mas_jax.perf.model import (
 )
 from mas_jax.perf.prediction import (
   GRAD_BYTES,
-  OPTIMIZER_STATE_BYTES,
   PARAM_BYTES,
   Collective,
   Cost,
@@ -57,6 +56,7 @@ from mas_jax.perf.prediction import (
   backward_passes,
   finish,
   fit_accumulation,
+  optimizer_state_bytes,
   shard_optimizer_memory,
   temporaries,
 )
@@ -342,7 +342,7 @@ def _memory(m: ModelSpec, w: Workload, s: Split, accum: int) -> dict[str, Memory
     ticks_spec(m, w), p['held'], accum, saved, mb_tokens * per_token, chunk_tokens / s.n
   )
   memory = {
-    role: Memory(**{**mem, 'used': p[role] * (PARAM_BYTES + OPTIMIZER_STATE_BYTES)})
+    role: Memory(**{**mem, 'used': p[role] * (PARAM_BYTES + optimizer_state_bytes(m))})
     for role in ('attention', 'experts')
   }
   return shard_optimizer_memory(m, w, s.n, accum, p['held'], memory)
@@ -435,7 +435,7 @@ def predict(
     head_s += k.weight_casts(m.d_model * m.vocab_size).time_s
   exchange = sum(t.time_s for name, t in times.items() if name not in in_branch)
   p = held_params(m, s)
-  opt = optimizer_update(p['held'], hw) if w.train else Cost(0.0, 'hbm')
+  opt = optimizer_update(p['held'], hw, m) if w.train else Cost(0.0, 'hbm')
   acc = accumulator_update(p['held'], accum, hw)
   step = accum * (fwd_s + bwd_s + head_s) + exchange + opt.time_s + acc.time_s
   passes = 1 + bwd if w.train else 1

@@ -55,6 +55,8 @@ class ModelSpec:
   # (model.expert_impl 'ragged_dot' or 'mosaic_gpu'; `moe.grouped_expert_ffn`), so capacity
   # routing computes no padding either; the calibration's grouped-kernel (dropless) timings apply.
   grouped_experts: bool = False
+  # Bytes of AdamW's first moment (train.mu_dtype: 4 float32, 2 bfloat16); the second is float32.
+  mu_bytes: int = 4
 
   def imbalance(self, devices: int, replaces: bool = True) -> float:
     """Routed pairs of the busiest of `devices` expert devices (the experts of its slots) over
@@ -125,6 +127,7 @@ class ModelSpec:
       expert_dropout=float(getattr(m, 'expert_dropout', 0.0)),
       attention_scores=getattr(m, 'attention_impl', 'auto') == 'xla',
       grouped_experts=getattr(m, 'expert_impl', 'auto') in ('ragged_dot', 'mosaic_gpu'),
+      mu_bytes=_DTYPE_BYTES[getattr(getattr(config, 'train', None), 'mu_dtype', 'float32')],
     )
 
 

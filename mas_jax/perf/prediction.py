@@ -14,15 +14,30 @@ from mas_jax.perf.model import (
 )
 
 # Bytes per parameter held in training: fp32 weight and two fp32 AdamW moments (the optimizer
-# state follows its parameter's sharding), and the fp32 gradient.
+# state follows its parameter's sharding; `optimizer_state_bytes` with train.mu_dtype), and the
+# fp32 gradient.
 PARAM_BYTES = 4
 OPTIMIZER_STATE_BYTES = 8
 GRAD_BYTES = 4
 # HBM traffic of the optimizer update per parameter held: AdamW reads fp32 param, grad, m, v and
 # writes param, m, v (7 x 4 B); clip_by_global_norm reads the gradient once more for its norm.
+# A bfloat16 first moment (train.mu_dtype) reads and writes 2 B fewer each.
 ADAMW_BYTES_PER_PARAM = 28
 CLIP_BYTES_PER_PARAM = 4
 OPTIMIZER_BYTES_PER_PARAM = ADAMW_BYTES_PER_PARAM + CLIP_BYTES_PER_PARAM
+
+
+def optimizer_state_bytes(m: ModelSpec) -> int:
+  """Bytes of AdamW's moments per parameter: the first in train.mu_dtype, the second fp32."""
+  return OPTIMIZER_STATE_BYTES - (4 - m.mu_bytes)
+
+
+def optimizer_bytes_per_param(m: ModelSpec) -> int:
+  """HBM bytes of the optimizer update per parameter held (OPTIMIZER_BYTES_PER_PARAM with
+  train.mu_dtype's first moment)."""
+  return OPTIMIZER_BYTES_PER_PARAM - 2 * (4 - m.mu_bytes)
+
+
 # Gradient accumulation (train.grad_accum_steps > 1): every chunk reads the fp32 accumulator and
 # the chunk's fp32 gradient and writes the accumulator.
 ACCUMULATOR_BYTES_PER_PARAM = 12
@@ -192,14 +207,16 @@ def fit_accumulation(hw: Hardware, w: Workload, granule: int, memory_fn) -> int:
   return options[-1] if options else w.accumulation
 
 
-def train_state(params: float, accum: int, used: float | None = None) -> dict:
-  """Memory fields of `params` fp32 parameters in training: moments, gradients (and the
-  accumulator with accumulation)."""
+def train_state(
+  params: float, accum: int, used: float | None = None, state_bytes: int = OPTIMIZER_STATE_BYTES
+) -> dict:
+  """Memory fields of `params` fp32 parameters in training: moments (`state_bytes` per
+  parameter), gradients (and the accumulator with accumulation)."""
   return {
     'params': params * PARAM_BYTES,
-    'optimizer': params * OPTIMIZER_STATE_BYTES,
+    'optimizer': params * state_bytes,
     'grads': params * GRAD_BYTES * (2 if accum > 1 else 1),
-    'used': None if used is None else used * (PARAM_BYTES + OPTIMIZER_STATE_BYTES),
+    'used': None if used is None else used * (PARAM_BYTES + state_bytes),
   }
 
 
@@ -214,7 +231,7 @@ def temporaries(
   gradient of `logits_tokens` tokens. Update: the gradients and AdamW's update, both float32 and
   parameter-sized. Checked against the compiled programs' memory analysis by bench/planner_memory.py
   and tests/test_perf_fidelity.py."""
-  state = train_state(held, accum)
+  state = train_state(held, accum, state_bytes=optimizer_state_bytes(m))
   backward = state['grads'] + saved + (2 * layer if m.remat == 'full' else 0.0)
   backward += 2 * logits_tokens * m.vocab_size * 4
   update = 2 * held * GRAD_BYTES
@@ -243,7 +260,7 @@ def shard_optimizer_memory(
   for role, mem in memory.items():
     out[role] = Memory(
       params=shard * PARAM_BYTES,
-      optimizer=shard * OPTIMIZER_STATE_BYTES,
+      optimizer=shard * optimizer_state_bytes(m),
       grads=accum_grads + copy,
       activations=mem.activations + copy,
     )

@@ -307,7 +307,7 @@ def predict(
   head = k.head(w, chunk if w.train else w.batch, 1.0)
   head_s = accum * head.time_s * (1 + bwd)
   held = held_params(m, tp, pp)
-  opt = optimizer_update(held, hw) if w.train else Cost(0.0, 'hbm')
+  opt = optimizer_update(held, hw, m) if w.train else Cost(0.0, 'hbm')
   acc = accumulator_update(held, accum, hw)
   # Elementwise traffic (kernels.py) per tick and layer: norms, residuals, dispatch and combine
   # run replicated over 'tensor' at full width, the expert dropout on this device's F / tp;
