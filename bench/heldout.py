@@ -15,6 +15,7 @@ elementwise term's byte count against the compiled program.
   python bench/heldout.py --model_fixed_at=<commit> --out=docs/benchmarks
   python bench/heldout.py --smoke --out=/tmp/heldout     # tiny shapes on CPU
   python bench/heldout.py --model_fixed_at=<commit> --row_set=c --kernel_scales=1,2 --name=heldout_c
+  python bench/heldout.py --model_fixed_at=<commit> --row_set=d --kernel_scales=1,2 --name=heldout_d
 The committed results: nvidia_h100_80gb_hbm3_heldout.json (call 1, all rows; rows 0 and 3 out of
 memory at JAX's default memory fraction 0.75) and nvidia_h100_80gb_hbm3_heldout_b.json (call 2:
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 --no_kernels --rows=0,3,8 --name=heldout_b).
@@ -68,7 +69,21 @@ ROWS_C = [
   (1, 8, 2, 2048, 32, 2, {}),
   (1, 16, 2, 2048, 64, 4, {'model.dropless': True}),
 ]
-ROW_SETS = {'ab': ROWS, 'c': ROWS_C}
+# Fourth set (--row_set=d), chosen for session 10's changes before any of these rows was
+# measured (the planner's terms for them committed first): the fused gradient accumulator at
+# other accumulation counts, capacity routing on the grouped kernels (model.expert_impl=
+# mosaic_gpu: the kept pairs only) at 16 and 8 experts and top-1, bf16 first moments, and dropless
+# routing with the two-warpgroup weight gradient.
+ROWS_D = [
+  (1, 16, 2, 2048, 32, 2, {'train.fuse_grad_accum': True}),
+  (1, 16, 2, 2048, 96, 6, {'train.fuse_grad_accum': True}),
+  (1, 16, 2, 2048, 64, 4, {'model.expert_impl': 'mosaic_gpu'}),
+  (1, 8, 2, 2048, 32, 2, {'model.expert_impl': 'mosaic_gpu'}),
+  (1, 16, 1, 2048, 32, 2, {'model.expert_impl': 'mosaic_gpu'}),
+  (1, 16, 2, 2048, 64, 4, {'train.mu_dtype': 'bfloat16'}),
+  (1, 16, 2, 2048, 64, 4, {'model.dropless': True}),
+]
+ROW_SETS = {'ab': ROWS, 'c': ROWS_C, 'd': ROWS_D}
 
 
 def overrides(layers, experts, top_k, seq, batch, accum, extra) -> dict:
@@ -119,7 +134,9 @@ def main():
     '--no_kernels', action='store_true', help='ceilings and train steps only (no kernel rows)'
   )
   parser.add_argument('--name', default='heldout', help='file-name suffix of the result')
-  parser.add_argument('--row_set', default='ab', choices=sorted(ROW_SETS), help='ROWS or ROWS_C')
+  parser.add_argument(
+    '--row_set', default='ab', choices=sorted(ROW_SETS), help='ROWS, ROWS_C or ROWS_D'
+  )
   parser.add_argument(
     '--kernel_scales',
     default='1',

@@ -153,6 +153,8 @@ def predict_rows(config, hw, cal: Calibration, bench_paths: list[str]) -> list[R
       lookups = list(cal.lookups)
       dropout = m.expert_dropout
       routing = 'dropless' if m.dropless else 'capacity'
+      if m.grouped_experts:
+        routing += ', grouped'
       if dropout > 0:
         routing += f', dropout {dropout:g}'
       rows.append(
