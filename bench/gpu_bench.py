@@ -6,8 +6,9 @@ Everything runs in one process so the figures share one device state:
      with k heads per device over batch x 2048 tokens, d_model 4096, head_dim 128, for the cuDNN
      and the XLA attention kernel;
   3. expert FFN (d 4096 -> 16384 -> 4096, GELU) of 1..16 local experts on top-2 routed tokens:
-     the capacity-padded batched einsum and `jax.lax.ragged_dot` (dropless), with the rate of
-     useful FLOPs (routed tokens only) against the matmul ceiling;
+     the capacity-padded batched einsum, `jax.lax.ragged_dot` and the Mosaic-GPU grouped kernels
+     (dropless), and one dense FFN of the same FLOPs, with the rate of useful FLOPs (routed
+     tokens only) against the matmul ceiling and against the dense FFN;
   4. the mas-jax train step (forward, backward, AdamW; `train_lib` with synthetic data) of the
      largest seed-shaped model that fits one GPU, with MFU against the datasheet peak.
 Writes docs/benchmarks/<device>.json, a markdown table next to it, and the planner's

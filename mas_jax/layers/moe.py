@@ -290,10 +290,13 @@ def expert_ffn(
 def resolve_expert_impl(impl: str, dropless: bool, dropout_rate: float = 0.0) -> str:
   """'auto' -> the implementation measured fastest for the routing (docs/benchmarks/README.md).
 
-  Capacity routing: the batched einsum (its padding is the capacity factor's, and it ran at or
-  above every grouped kernel from 2 local experts up). Dropless routing: the einsum would compute
-  num_experts / top_k times the useful FLOPs, so a grouped matmul: JAX's Mosaic-GPU kernel on a
-  Hopper GPU, XLA's ragged_dot elsewhere. Expert dropout always takes the einsum.
+  Capacity routing: the batched einsum, the path every capacity train step has been timed with
+  (the grouped kernels' expert FFN alone, all routed rows, beat it from 4 local experts on one
+  H100, docs/benchmarks/tgmm_call/; capacity routing on them, `model.expert_impl='mosaic_gpu'`,
+  computes only the kept pairs but is not timed in a train step yet). Dropless routing: the
+  einsum would compute num_experts / top_k times the useful FLOPs, so a grouped matmul: the
+  Mosaic-GPU kernels on a Hopper GPU, XLA's ragged_dot elsewhere. Expert dropout always takes the
+  einsum.
   Raises ValueError for 'mosaic_gpu' off a Hopper GPU.
   """
   device = jax.devices()[0]
