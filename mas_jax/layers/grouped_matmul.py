@@ -76,8 +76,10 @@ class Kernels(NamedTuple):
   two_warpgroups: bool = True
 
 
-# From this many rows a call runs the two-warpgroup forward kernel, below it JAX's
-# single-warpgroup one. Expert FFN forward at the seed's shapes on one H100, as a share of each
+# From this many rows a call runs the two-warpgroup kernels (forward, data and weight gradient),
+# below it JAX's single-warpgroup ones. The threshold was set by the forward (the weight-gradient
+# kernel came later and was not timed below 8192 rows). Expert FFN forward at the seed's shapes
+# on one H100, as a share of each
 # call's matmul ceiling (docs/benchmarks/two_warpgroup_call/experts_first/ and experts/, against
 # JAX's kernel in docs/benchmarks/nvidia_h100_80gb_hbm3.json): 1056 rows (1 local expert) 53%
 # and 58% against 59%; 2086 rows 74% and 66% against 70%; from 4139 rows 82-92% against 63-71%.
@@ -104,7 +106,7 @@ def two_warpgroup_kernels() -> Kernels:
 
 def two_warpgroup(rows: int | None) -> bool:
   """Whether a call of `rows` rows (None: unknown, a training shape) runs the two-warpgroup
-  forward kernel."""
+  kernels."""
   return rows is None or rows >= TWO_WARPGROUP_MIN_ROWS
 
 
