@@ -761,8 +761,12 @@ def t_markdown(result: dict) -> str:
         f'| {fmt(r.get("max_rel"), ".1e")} | {fmt(r.get("norm_rel"), ".1e")} '
         f'| {fmt(r.get("empty_max"), "g")} | {r.get("error", "")[:120]} |'
       )
-  if result['errors']:
-    lines += ['', 'Notes: ' + '; '.join(result['errors'])]
+  return '\n'.join(lines + _notes_and_groups(result)) + '\n'
+
+
+def _notes_and_groups(result: dict) -> list[str]:
+  """The markdown's closing lines: the run's notes and the routed group sizes of the table."""
+  lines = ['', 'Notes: ' + '; '.join(result['errors'])] if result['errors'] else []
   groups = [
     f'M={r["m"]} G={r["g"]}: {r["group_sizes"]}'
     for r in result['table']
@@ -770,7 +774,7 @@ def t_markdown(result: dict) -> str:
   ]
   if groups:
     lines += ['', 'Group sizes (random top-2 routing):', ''] + [f'- {s}' for s in groups]
-  return '\n'.join(lines) + '\n'
+  return lines
 
 
 def fmt(x, spec='.0f'):
@@ -822,16 +826,7 @@ def markdown(result: dict) -> str:
         f'| {fmt(r.get("tflops"))} | {fmt(r.get("max_rel"), ".1e")} '
         f'| {r.get("error", "")[:120]}{" (earlier run)" if "from_run" in r else ""} |'
       )
-  if result['errors']:
-    lines += ['', 'Notes: ' + '; '.join(result['errors'])]
-  groups = [
-    f'M={r["m"]} G={r["g"]}: {r["group_sizes"]}'
-    for r in result['table']
-    if r['g'] > 1 and r['k'] == result['table'][0]['k']
-  ]
-  if groups:
-    lines += ['', 'Group sizes (random top-2 routing):', ''] + [f'- {s}' for s in groups]
-  return '\n'.join(lines) + '\n'
+  return '\n'.join(lines + _notes_and_groups(result)) + '\n'
 
 
 def main(argv=None):

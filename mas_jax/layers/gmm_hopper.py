@@ -231,11 +231,7 @@ def ragged_dot(
     plgpu.TilingTransform((8, swizzle // itemsize)),
     plgpu.SwizzleTransform(swizzle),
   )
-  jops = type('ops', (), {})
-  jops.where = staticmethod(lambda c, a, b: lax.select(c, a, b))
-  jops.maximum = staticmethod(jnp.maximum)
-  jops.minimum = staticmethod(jnp.minimum)
-  jops.div = staticmethod(lambda a, b: lax.div(a, jnp.int32(b)))
+  jops = _jax_ops()
 
   def make_pipeline(body, compute_context, tile_block, n_idx):
     rhs_block = (cta_n, block_k) if transpose_rhs else (block_k, cta_n)
