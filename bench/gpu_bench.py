@@ -214,6 +214,9 @@ GPU = {
   # --train_rows=grouped: the best row with both levers, capacity routing on the einsum and on
   # the grouped kernels.
   'grouped_rows': grouped_rows(lever_rows(BEST, LOSS_CHUNK)[-1]),
+  # --train_rows=dropless: the best row with both levers, dropless routing (train.fuse_grad_accum
+  # takes einsum experts only).
+  'dropless_rows': [{**lever_rows(BEST, LOSS_CHUNK)[-1], 'model.dropless': True}],
 }
 SMOKE_TRAIN = {
   'parallel.num_microbatches': 1,
@@ -246,6 +249,7 @@ SMOKE = {
   ),
   # On CPU the grouped row runs XLA's ragged_dot (mosaic_gpu needs a Hopper GPU).
   'grouped_rows': [SMOKE_TRAIN, {**SMOKE_TRAIN, 'model.expert_impl': 'ragged_dot'}],
+  'dropless_rows': [{**SMOKE_TRAIN, 'model.dropless': True}],
 }
 
 
@@ -253,11 +257,16 @@ def select_train_rows(s: dict, spec: str) -> list[dict]:
   """The train rows --train_rows names: 'all', 'levers' (s['lever_rows']: the best row and its
   lever rows), 'fuse' (s['fuse_rows']: the best lever row without and with
   train.fuse_grad_accum), 'grouped' (s['grouped_rows']: the best lever row with the capacity
-  einsum and on the grouped kernels), several of these names joined by '+' (each row once), or
-  comma-separated indices into s['train_overrides']."""
+  einsum and on the grouped kernels), 'dropless' (s['dropless_rows']), several of these names
+  joined by '+' (each row once), or comma-separated indices into s['train_overrides']."""
   if spec == 'all':
     return s['train_overrides']
-  sets = {'levers': 'lever_rows', 'fuse': 'fuse_rows', 'grouped': 'grouped_rows'}
+  sets = {
+    'levers': 'lever_rows',
+    'fuse': 'fuse_rows',
+    'grouped': 'grouped_rows',
+    'dropless': 'dropless_rows',
+  }
   if all(name in sets for name in spec.split('+')):
     out = []
     for name in spec.split('+'):
@@ -268,7 +277,8 @@ def select_train_rows(s: dict, spec: str) -> list[dict]:
     return [rows[int(i)] for i in spec.split(',')]
   except (ValueError, IndexError):
     raise SystemExit(
-      f"--train_rows={spec!r}: 'all', 'levers', 'fuse', 'grouped' or indices in 0..{len(rows) - 1}"
+      f"--train_rows={spec!r}: 'all', {', '.join(map(repr, sets))} (joined by '+') or indices "
+      f'in 0..{len(rows) - 1}'
     ) from None
 
 
@@ -315,8 +325,21 @@ def main():
     help="train-step rows to time: 'all', 'levers' (the best row, then it with bf16 AdamW "
     "moments, the chunked cross entropy, both), 'fuse' (the best row with both levers, without "
     "and with train.fuse_grad_accum), 'grouped' (the best row with both levers, capacity routing "
-    "on the einsum and on the grouped kernels), names joined by '+' (e.g. 'fuse+grouped', each "
-    'row once) or comma-separated indices of the table',
+    "on the einsum and on the grouped kernels), 'dropless' (the best row with both levers, "
+    "dropless routing), names joined by '+' (e.g. 'fuse+grouped', each row once) or "
+    'comma-separated indices of the table',
+  )
+  parser.add_argument(
+    '--local_experts',
+    default='',
+    help='comma list of local-expert counts for the expert sweep (default: 1,2,4,8,16)',
+  )
+  parser.add_argument(
+    '--ffn_impls',
+    default=','.join(grouped_matmul.FFN_IMPLS),
+    help="comma list of the expert sweep's implementations: einsum, ragged_dot, mosaic_gpu, "
+    f'dense, {grouped_matmul.MOSAIC_2WG} (mosaic_gpu with our two-warpgroup kernels at every '
+    'row count)',
   )
   parser.add_argument(
     '--recalibrate',
@@ -349,7 +372,15 @@ def main():
       json.dump(calibration(saved['device'], saved), f, indent=1)
     print(f'wrote {path}')
     return
-  s = SMOKE if args.smoke else GPU
+  s = {
+    **(SMOKE if args.smoke else GPU),
+    'ffn_impls': grouped_matmul.parse_impls(args.ffn_impls, parser),
+  }
+  if args.local_experts:
+    try:
+      s['local_experts'] = [int(n) for n in args.local_experts.split(',')]
+    except ValueError:
+      parser.error(f'--local_experts={args.local_experts!r}: a comma list of integers')
   skip = set(filter(None, args.skip.split(',')))
   train_rows = select_train_rows(s, args.train_rows)
   device = jax.devices()[0].device_kind

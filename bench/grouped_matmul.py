@@ -142,7 +142,12 @@ def sweep(s: dict, kernels, mm_tflops: float) -> tuple[list[dict], dict]:
 
 
 def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
-  """Whole expert FFN, forward and forward + backward: einsum vs ragged_dot vs mosaic_gpu."""
+  """Whole expert FFN, forward and forward + backward, of each of s['ffn_impls'] (default
+  FFN_IMPLS: einsum, ragged_dot, mosaic_gpu and the dense yardstick)."""
+  impls = s.get('ffn_impls', FFN_IMPLS)
+  two_wg = None
+  if MOSAIC_2WG in impls:
+    two_wg = kernels if s.get('smoke') else gmm_lib.two_warpgroup_kernels()
   rows = []
   d, f = s['d_model'], s['expert_hidden']
   for local in s['local_experts']:
@@ -156,19 +161,22 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
     xe = jax.random.normal(keys[2], (1, local, cap, d), jnp.bfloat16)
     sizes = jnp.asarray(sizes_np)
 
-    def grouped(x, a, b, g, impl):
+    def grouped(x, a, b, g, impl, ks=kernels):
       t_in, t_out = (tiles['w_in'], tiles['w_out']) if tiles else (None, None)
-      h = gmm_lib.gmm(x, a, g, impl, tilings=t_in, kernels=kernels)
+      h = gmm_lib.gmm(x, a, g, impl, tilings=t_in, kernels=ks)
       h = jax.nn.gelu(h, approximate=True)
-      return gmm_lib.gmm(h, b, g, impl, tilings=t_out, kernels=kernels)
+      return gmm_lib.gmm(h, b, g, impl, tilings=t_out, kernels=ks)
 
-    fns = {  # the order of IMPL_NAMES, then the dense yardstick
+    fns = {  # the order of FFN_IMPLS
       'einsum': (lambda x, a, b, g: moe_lib.expert_ffn(x, a, b, 'gelu'), xe),
       'ragged_dot': (lambda x, a, b, g: grouped(x, a, b, g, 'xla'), xr),
       'mosaic_gpu': (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu'), xr),
+      # The two-warpgroup pair below TWO_WARPGROUP_MIN_ROWS too (CPU: the stand-ins).
+      MOSAIC_2WG: (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu', two_wg), xr),
       # The same FLOPs as one dense FFN: every routed row through expert 0's weights.
       DENSE: (lambda x, a, b, g: jax.nn.gelu(x @ a[0], approximate=True) @ b[0], xr),
     }
+    fns = {name: fns[name] for name in impls}
     useful = 2 * 2 * m * d * f
     row = {'local_experts': local, 'rows': m, 'group_sizes': sizes_np.tolist(), 'capacity': cap}
     # Which kernels 'mosaic_gpu' ran (kernels None: the library's choice for m rows; one group
@@ -265,10 +273,23 @@ def markdown(r: dict) -> str:
 IMPL_NAMES = ('einsum', 'ragged_dot', 'mosaic_gpu')
 # `ffn_sweep`'s yardstick: the routed rows through one dense FFN (XLA's matmuls), the same FLOPs.
 DENSE = 'dense'
+FFN_IMPLS = IMPL_NAMES + (DENSE,)
+# On request only: 'mosaic_gpu' with our two-warpgroup kernels at any row count (the library
+# picks them from TWO_WARPGROUP_MIN_ROWS rows), to place that threshold.
+MOSAIC_2WG = 'mosaic_2wg'
 
 
 # What `ffn_sweep` records as the kernels of a one-group row: gmm's dense matmul.
 ONE_GROUP = 'dense matmul (one group)'
+
+
+def parse_impls(spec: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
+  """`ffn_sweep`'s implementations from a --ffn_impls comma list (a parser error if unknown)."""
+  impls = tuple(filter(None, spec.split(',')))
+  unknown = sorted(set(impls) - set(FFN_IMPLS + (MOSAIC_2WG,)))
+  if unknown or not impls:
+    parser.error(f'--ffn_impls={spec!r}: {unknown or "none"} not among {FFN_IMPLS + (MOSAIC_2WG,)}')
+  return impls
 
 
 def _mosaic_caption(rows: list[dict]) -> str:
@@ -328,6 +349,11 @@ def ffn_table(rows: list[dict], mm: float) -> list[str]:
       'the yardstick of the "of dense" columns.'
       if dense
       else ''
+    )
+    + (
+      f' {MOSAIC_2WG}: mosaic_gpu with our two-warpgroup kernels at every row count.'
+      if any(f'{MOSAIC_2WG}_fwd_s' in e for e in rows)
+      else ''
     ),
     '',
     '| local experts | routed rows | impl | fwd ms | fwd TFLOP/s | % | fwd+bwd ms | '
@@ -335,12 +361,14 @@ def ffn_table(rows: list[dict], mm: float) -> list[str]:
     '|---|---|---|---|---|---|---|---|---|' + extra_rule,
   ]
   for e in rows:
-    for impl in IMPL_NAMES + ((DENSE,) if dense else ()):
+    for impl in FFN_IMPLS + (MOSAIC_2WG,):
+      if f'{impl}_fwd_s' not in e and f'{impl}_error' not in e:
+        continue  # not run (ffn_impls)
       if f'{impl}_fwd_s' not in e:
-        err = e.get(impl + '_error', '?')
         blank = ' | |' if dense else ''
         out.append(
-          f'| {e["local_experts"]} | {e["rows"]} | {impl} | error: {err} | | | | | |{blank}'
+          f'| {e["local_experts"]} | {e["rows"]} | {impl} | error: {e[impl + "_error"]} '
+          f'| | | | | |{blank}'
         )
         continue
       ft, bt = e[f'{impl}_fwd_useful_tflops'], e[f'{impl}_fwd_bwd_useful_tflops']

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import gpu_bench  # noqa: E402
+import grouped_matmul  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -143,7 +144,13 @@ def main():
     help='comma list of c: kernel rows at c x the 8192-token (attention: batch-4) shape each, '
     'so that the calibration draws a line through two sizes instead of scaling one',
   )
+  parser.add_argument(
+    '--ffn_impls',
+    default=','.join(grouped_matmul.FFN_IMPLS),
+    help="comma list of the expert rows' implementations (bench/gpu_bench.py --ffn_impls)",
+  )
   args = parser.parse_args()
+  ffn_impls = grouped_matmul.parse_impls(args.ffn_impls, parser)
   try:
     scales = [int(c) for c in args.kernel_scales.split(',')]
   except ValueError:
@@ -172,7 +179,7 @@ def main():
     result['attention'] += gpu_bench.attention_sweep(heads)
     save()
     result['expert_ffn'] += gpu_bench.expert_sweep(
-      {**sized, 'local_experts': s['local_experts'][-2:]}
+      {**sized, 'local_experts': s['local_experts'][-2:], 'ffn_impls': ffn_impls}
     )
     save()
 
