@@ -77,14 +77,15 @@ class Kernels(NamedTuple):
 
 
 # From this many rows a call runs the two-warpgroup kernels (forward, data and weight gradient),
-# below it JAX's single-warpgroup ones. The threshold was set by the forward (the weight-gradient
-# kernel came later and was not timed below 8192 rows). Expert FFN forward at the seed's shapes
-# on one H100, as a share of each
-# call's matmul ceiling (docs/benchmarks/two_warpgroup_call/experts_first/ and experts/, against
-# JAX's kernel in docs/benchmarks/nvidia_h100_80gb_hbm3.json): 1056 rows (1 local expert) 53%
-# and 58% against 59%; 2086 rows 74% and 66% against 70%; from 4139 rows 82-92% against 63-71%.
+# below it JAX's single-warpgroup ones. Expert FFN at the seed's shapes on one H100, forward +
+# backward, 2 local experts (2086 rows), against a dense FFN of the same FLOPs in the same call
+# (`bench/gpu_bench.py --skip attention --local_experts=1,2
+# --ffn_impls=einsum,mosaic_gpu,mosaic_2wg,dense`, docs/benchmarks/session11_call2/): the
+# two-warpgroup pair 3.115 ms (104% of dense), JAX's pair 3.536 ms (92%); forward alone 1.179
+# against 1.192 ms. From 4139 rows the forward alone ran at 82-92% of the matmul ceiling against
+# 63-71% (docs/benchmarks/two_warpgroup_call/). Below 2048 rows nothing was timed with both.
 # Decode's few rows per expert keep the kernel and tilings its decode benchmark measured.
-TWO_WARPGROUP_MIN_ROWS = 4096
+TWO_WARPGROUP_MIN_ROWS = 2048
 
 
 def one_warpgroup_kernels() -> Kernels:
