@@ -482,20 +482,27 @@ def _expert_lines(rows: list[dict], mm: float) -> list[str]:
     f'expert FFN: {min(sizes)}-{max(sizes)} routed rows per expert, local experts '
     f'{", ".join(str(r["local_experts"]) for r in rows)}; shares of the {mm:.0f} TFLOP/s ceiling:'
   ]
-  for impl in grouped_matmul.IMPL_NAMES:
+  impls = grouped_matmul.IMPL_NAMES + (grouped_matmul.MOSAIC_2WG,)
+  for impl in impls:
     timed = [r for r in rows if f'{impl}_fwd_s' in r]
+    if not timed:
+      continue
     fwd = [r[f'{impl}_fwd_useful_tflops'] / mm for r in timed]
     bwd = [r[f'{impl}_fwd_bwd_useful_tflops'] / mm for r in timed]
     out.append(
       f'  {impl}: forward {_span(fwd)}, forward + backward {_span(bwd)}, both {_span(fwd + bwd)}'
     )
   dense = grouped_matmul.DENSE
-  for impl in grouped_matmul.IMPL_NAMES:  # against the same call's dense FFN of the same FLOPs
+  for impl in impls:  # against the same call's dense FFN of the same FLOPs
     timed = [r for r in rows if f'{impl}_fwd_s' in r and f'{dense}_fwd_s' in r]
     if timed:
       fwd = [r[f'{dense}_fwd_s'] / r[f'{impl}_fwd_s'] for r in timed]
       bwd = [r[f'{dense}_fwd_bwd_s'] / r[f'{impl}_fwd_bwd_s'] for r in timed]
       out.append(f'  {impl} of dense: forward {_span(fwd)}, forward + backward {_span(bwd)}')
+      out.append(
+        '    per local-expert count, forward + backward: '
+        + ', '.join(f'{r["local_experts"]}: {b:.0%}' for r, b in zip(timed, bwd, strict=True))
+      )
   for r in rows:  # the einsum computes capacity slots, not routed rows
     if 'einsum_fwd_s' in r:
       padded = r['local_experts'] * r['capacity'] / r['rows']
@@ -562,6 +569,7 @@ def breakdown(path: str) -> list[str]:
   steps = [t for t in r['train_step'] if 'step_s' in t]
   if not steps:
     return out
+  out += _yardstick_lines(path, steps, peak)
   best = max(steps, key=lambda t: t['model_tflops'])
   accum = best['overrides'].get('train.grad_accum_steps', 1)
   flop = best['model_tflops'] * best['step_s']  # TFLOP per step
@@ -608,6 +616,33 @@ def breakdown(path: str) -> list[str]:
   out += [f'chunked cross entropy (model.loss_chunk={LOSS_CHUNK}) against unchunked:'] + _pairs(
     steps, 'model.loss_chunk', LOSS_CHUNK
   )
+  out += ['fused gradient accumulator against the separate one:'] + _pairs(
+    steps, 'train.fuse_grad_accum', True
+  )
+  out += ['capacity routing on the grouped kernels against the einsum:'] + _pairs(
+    steps, 'model.expert_impl', 'mosaic_gpu'
+  )
+  return out
+
+
+def _yardstick_lines(path: str, steps: list[dict], peak: float | None) -> list[str]:
+  """Each step's MFU against bench/yardstick.py's, when the same call wrote yardstick.json
+  beside the result."""
+  y_path = os.path.join(os.path.dirname(path), 'yardstick.json')
+  if peak is None or not os.path.exists(y_path):
+    return []
+  with open(y_path) as f:
+    y = json.load(f)
+  y_mfu = y['model_tflop_per_step'] * 1e12 / y['step_s'] / peak
+  out = [f'yardstick ({y_path}): step {y["step_s"] * 1e3:.1f} ms, MFU {y_mfu:.1%}; train steps:']
+  for t in steps:
+    mfu = t['model_tflops'] * 1e12 / peak
+    base = {**BEST, 'parallel.strategy': 'reference'}
+    changed = {k: v for k, v in t['overrides'].items() if base.get(k) != v}
+    out.append(
+      f'  {t["step_s"] * 1e3:.1f} ms, MFU {mfu:.1%}, {mfu / y_mfu:.3f}x the yardstick '
+      f'(the best row {"with " + str(changed) if changed else "as it is"})'
+    )
   return out
 
 

@@ -56,6 +56,31 @@ def test_breakdowns_of_the_committed_results():
   )
   assert '128 x 256: 93.9-113.1' in lines
   assert '988-1062 routed rows per expert' in lines
+  # Session 11's last call: the yardstick beside the result, the expert sweep without ragged_dot.
+  lines = '\n'.join(
+    gpu_bench.breakdown('docs/benchmarks/session11/call3/nvidia_h100_80gb_hbm3.json')
+  )
+  assert 'step 85.6 ms, MFU 27.6%' in lines
+  assert "737.7 ms, MFU 51.2%, 1.857x the yardstick (the best row with {'train.mu_dtype'" in lines
+  assert (
+    'per local-expert count, forward + backward: 1: 94%, 2: 102%, 4: 97%, 8: 91%, 16: 89%' in lines
+  )
+  assert 'ragged_dot' not in lines
+
+
+def test_expert_sweep_options(tmp_path, monkeypatch):
+  """--ffn_impls and --local_experts narrow the expert sweep (the table lists what ran), and an
+  unknown implementation is refused before any work."""
+  argv = ['gpu_bench.py', '--smoke', '--skip', 'attention,train', '--out', str(tmp_path)]
+  monkeypatch.setattr(sys, 'argv', [*argv, '--ffn_impls=einsum,mosaic_2wg', '--local_experts=2'])
+  gpu_bench.main()
+  (row,) = json.loads((tmp_path / 'cpu_smoke.json').read_text())['expert_ffn']
+  assert row['mosaic_2wg_fwd_bwd_s'] > 0 and 'ragged_dot_fwd_s' not in row
+  md = (tmp_path / 'cpu_smoke.md').read_text()
+  assert '| 2 | 16 | mosaic_2wg |' in md and '| ragged_dot |' not in md
+  monkeypatch.setattr(sys, 'argv', [*argv, '--ffn_impls=einsum,cutlass'])
+  with pytest.raises(SystemExit):
+    gpu_bench.main()
 
 
 @pytest.mark.timeout(120)

@@ -80,7 +80,7 @@ class Kernels(NamedTuple):
 # below it JAX's single-warpgroup ones. Expert FFN at the seed's shapes on one H100, forward +
 # backward, 2 local experts (2086 rows), against a dense FFN of the same FLOPs in the same call
 # (`bench/gpu_bench.py --skip attention --local_experts=1,2
-# --ffn_impls=einsum,mosaic_gpu,mosaic_2wg,dense`, docs/benchmarks/session11_call2/): the
+# --ffn_impls=einsum,mosaic_gpu,mosaic_2wg,dense`, docs/benchmarks/session11/call2/): the
 # two-warpgroup pair 3.115 ms (104% of dense), JAX's pair 3.536 ms (92%); forward alone 1.179
 # against 1.192 ms. From 4139 rows the forward alone ran at 82-92% of the matmul ceiling against
 # 63-71% (docs/benchmarks/two_warpgroup_call/). Below 2048 rows nothing was timed with both.
