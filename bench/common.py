@@ -125,6 +125,11 @@ def time_train_step(overrides: dict, repeats: int, warmup: int = 2) -> dict:
     'mfu': flops / t / (peak * len(strategy.devices)) if peak else None,
     'params': metrics_lib.param_count(config.model)['total'],
     'loss': float(m['loss']),
+    # Of the last timed step (on the repeated batch): with capacity routing on the grouped
+    # kernels the dropped pairs are not computed, so the time depends on it.
+    'dropped_token_fraction': float(m['dropped_token_fraction'])
+    if 'dropped_token_fraction' in m
+    else None,
     'memory_per_device_gb': None
     if mem is None
     else (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 1e9,
