@@ -290,10 +290,10 @@ def expert_ffn(
 def resolve_expert_impl(impl: str, dropless: bool, dropout_rate: float = 0.0) -> str:
   """'auto' -> the implementation measured fastest for the routing (docs/benchmarks/README.md).
 
-  Capacity routing: the batched einsum, the path every capacity train step has been timed with
-  (the grouped kernels' expert FFN alone, all routed rows, beat it from 4 local experts on one
-  H100, docs/benchmarks/tgmm_call/; capacity routing on them, `model.expert_impl='mosaic_gpu'`,
-  computes only the kept pairs but is not timed in a train step yet). Dropless routing: the
+  Capacity routing: the batched einsum. Capacity routing on the grouped kernels
+  (`model.expert_impl='mosaic_gpu'`) computes only the kept pairs, but its train step on one H100
+  was within 0.3% of the einsum's in two calls (+0.2%, -0.3%; docs/benchmarks/session11/), so
+  `auto` does not switch. Dropless routing: the
   einsum would compute num_experts / top_k times the useful FLOPs, so a grouped matmul: the
   Mosaic-GPU kernels on a Hopper GPU, XLA's ragged_dot elsewhere. Expert dropout always takes the
   einsum.
