@@ -141,22 +141,6 @@ def sweep(s: dict, kernels, mm_tflops: float) -> tuple[list[dict], dict]:
   return rows, best
 
 
-def aligned_layout(sizes: np.ndarray, align: int) -> tuple[np.ndarray, jax.Array]:
-  """`moe.grouped_expert_ffn`'s row layout for groups of `sizes` sorted rows, each group starting
-  at a multiple of `align`: (index[rows]: the sorted row each row copies, sum(sizes) for a zero
-  row; the padded group sizes). align 1: the sorted rows as they are."""
-  m = int(sizes.sum())
-  padded = -(-sizes // align) * align
-  rows = (
-    m if align == 1 else -(-(m + len(sizes) * (align - 1)) // gmm_lib.ROW_ALIGN) * gmm_lib.ROW_ALIGN
-  )
-  index = np.full(rows, m, np.int32)
-  starts, firsts = np.cumsum(padded) - padded, np.cumsum(sizes) - sizes
-  for start, first, size in zip(starts, firsts, sizes, strict=True):
-    index[start : start + size] = np.arange(first, first + size)
-  return index, jnp.asarray(padded, jnp.int32)
-
-
 def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
   """Whole expert FFN, forward and forward + backward, of each of s['ffn_impls'] (default
   FFN_IMPLS: einsum, ragged_dot, mosaic_gpu and the dense yardstick)."""
@@ -183,59 +167,37 @@ def ffn_sweep(s: dict, kernels, tiles: dict) -> list[dict]:
       h = jax.nn.gelu(h, approximate=True)
       return gmm_lib.gmm(h, b, g, impl, tilings=t_out, kernels=ks)
 
-    # The library's layout for the grouped kernels (`moe.grouped_expert_ffn`): each group's rows
-    # start at a multiple of `align` (zero rows up to it) on the two-warpgroup kernels.
-    two = kernels is None or kernels.two_warpgroups
-    align = gmm_lib.group_alignment('mosaic_gpu', d, f, m) if two else 1
-    aligned = aligned_layout(sizes_np, align)
-    align_2wg = gmm_lib.group_alignment('mosaic_gpu', d, f, None)
-    aligned_2wg = aligned_layout(sizes_np, align_2wg)
-    cot = jax.random.normal(jax.random.key(7), (m, d), jnp.bfloat16)
-    cot_e = jax.random.normal(jax.random.key(7), xe.shape, jnp.bfloat16)
-
-    def laid_out(layout, xr=xr, cot=cot):  # (rows, group sizes, cotangent) in a layout's rows
-      index, padded = layout
-      fill = {'mode': 'fill', 'fill_value': 0}
-      return xr.at[index].get(**fill), padded, cot.at[index].get(**fill)
-
-    fns = {  # the order of FFN_IMPLS: (fn, x, group sizes, cotangent)
-      'einsum': (lambda x, a, b, g: moe_lib.expert_ffn(x, a, b, 'gelu'), xe, sizes, cot_e),
-      'ragged_dot': (lambda x, a, b, g: grouped(x, a, b, g, 'xla'), xr, sizes, cot),
-      'mosaic_gpu': (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu'), *laid_out(aligned)),
-      # The two-warpgroup pair below TWO_WARPGROUP_MIN_ROWS too (CPU: the stand-ins), in its
-      # aligned layout.
-      MOSAIC_2WG: (
-        lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu', two_wg),
-        *laid_out(aligned_2wg),
-      ),
-      # The library's kernels on the rows as sorted, groups not aligned.
-      MOSAIC_UNALIGNED: (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu'), xr, sizes, cot),
+    fns = {  # the order of FFN_IMPLS
+      'einsum': (lambda x, a, b, g: moe_lib.expert_ffn(x, a, b, 'gelu'), xe),
+      'ragged_dot': (lambda x, a, b, g: grouped(x, a, b, g, 'xla'), xr),
+      'mosaic_gpu': (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu'), xr),
+      # The two-warpgroup pair below TWO_WARPGROUP_MIN_ROWS too (CPU: the stand-ins).
+      MOSAIC_2WG: (lambda x, a, b, g: grouped(x, a, b, g, 'mosaic_gpu', two_wg), xr),
       # The same FLOPs as one dense FFN: every routed row through expert 0's weights.
-      DENSE: (lambda x, a, b, g: jax.nn.gelu(x @ a[0], approximate=True) @ b[0], xr, sizes, cot),
+      DENSE: (lambda x, a, b, g: jax.nn.gelu(x @ a[0], approximate=True) @ b[0], xr),
     }
     fns = {name: fns[name] for name in impls}
     useful = 2 * 2 * m * d * f
     row = {'local_experts': local, 'rows': m, 'group_sizes': sizes_np.tolist(), 'capacity': cap}
     # Which kernels 'mosaic_gpu' ran (kernels None: the library's choice for m rows; one group
-    # is a dense matmul, `gmm_lib.gmm`), and the row multiple its groups started at.
+    # is a dense matmul, `gmm_lib.gmm`).
     chosen = kernels or gmm_lib.mosaic_gpu_kernels(m)
     one_group = local == 1
     row['mosaic_forward'] = ONE_GROUP if one_group else chosen.forward.__module__
     row['mosaic_transposed'] = ONE_GROUP if one_group else chosen.transposed.__module__
-    row['mosaic_group_align'] = align
     outs = {}
     # A random cotangent (with sum() as the loss XLA turns the backward's ones @ W into a
     # reduce), and value_and_grad so the forward's last matmul is not dead code.
-    for name, (fn, x, g, c) in fns.items():
+    cot = jax.random.normal(jax.random.key(7), (m, d), jnp.bfloat16)
+    cot_e = jax.random.normal(jax.random.key(7), xe.shape, jnp.bfloat16)
+    for name, (fn, x) in fns.items():
+      c = cot_e if name == 'einsum' else cot
       loss = lambda x, a, b, g, fn=fn, c=c: jnp.vdot(fn(x, a, b, g), c).astype(jnp.float32)
       grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
       try:
-        out = jax.jit(fn)(x, w_in, w_out, g)
-        # Back to the sorted rows' order (pad rows of an aligned layout dropped).
-        index = {'mosaic_gpu': aligned, MOSAIC_2WG: aligned_2wg}.get(name, (None,))[0]
-        outs[name] = out if index is None else out[np.argsort(index, kind='stable')[:m]]
-        tf = bench(jax.jit(fn), x, w_in, w_out, g, repeats=s['repeats'])
-        tb = bench(grad, x, w_in, w_out, g, repeats=s['repeats'])
+        outs[name] = jax.jit(fn)(x, w_in, w_out, sizes)
+        tf = bench(jax.jit(fn), x, w_in, w_out, sizes, repeats=s['repeats'])
+        tb = bench(grad, x, w_in, w_out, sizes, repeats=s['repeats'])
       except Exception as e:  # noqa: BLE001
         row[f'{name}_error'] = str(e).splitlines()[0][:160]
         continue
@@ -315,10 +277,11 @@ FFN_IMPLS = IMPL_NAMES + (DENSE,)
 # On request only: 'mosaic_gpu' with our two-warpgroup kernels at any row count (the library
 # picks them from TWO_WARPGROUP_MIN_ROWS rows), to place that threshold.
 MOSAIC_2WG = 'mosaic_2wg'
-# On request only: the library's kernels on the sorted rows with no group alignment (the layout
-# before `grouped_matmul.group_alignment`), to measure what the alignment gains.
+# Only in results of commit f41638a (docs/benchmarks/session11/call4/), whose 'mosaic_gpu' rows
+# started each group at a multiple of the row tile (`mosaic_group_align`): the library's kernels
+# on the rows as sorted. The alignment measured slower and was reverted; the table still shows
+# those rows.
 MOSAIC_UNALIGNED = 'mosaic_unaligned'
-ON_REQUEST = (MOSAIC_2WG, MOSAIC_UNALIGNED)
 
 
 # What `ffn_sweep` records as the kernels of a one-group row: gmm's dense matmul.
@@ -328,9 +291,9 @@ ONE_GROUP = 'dense matmul (one group)'
 def parse_impls(spec: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
   """`ffn_sweep`'s implementations from a --ffn_impls comma list (a parser error if unknown)."""
   impls = tuple(filter(None, spec.split(',')))
-  unknown = sorted(set(impls) - set(FFN_IMPLS + ON_REQUEST))
+  unknown = sorted(set(impls) - set(FFN_IMPLS + (MOSAIC_2WG,)))
   if unknown or not impls:
-    parser.error(f'--ffn_impls={spec!r}: {unknown or "none"} not among {FFN_IMPLS + ON_REQUEST}')
+    parser.error(f'--ffn_impls={spec!r}: {unknown or "none"} not among {FFN_IMPLS + (MOSAIC_2WG,)}')
   return impls
 
 
@@ -410,7 +373,7 @@ def ffn_table(rows: list[dict], mm: float) -> list[str]:
     '|---|---|---|---|---|---|---|---|---|' + extra_rule,
   ]
   for e in rows:
-    for impl in FFN_IMPLS + ON_REQUEST:
+    for impl in FFN_IMPLS + (MOSAIC_2WG, MOSAIC_UNALIGNED):
       if f'{impl}_fwd_s' not in e and f'{impl}_error' not in e:
         continue  # not run (ffn_impls)
       if f'{impl}_fwd_s' not in e:

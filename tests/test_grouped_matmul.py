@@ -121,21 +121,18 @@ def test_grouped_experts_match_einsum(dropless):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('aligned', [False, True])
 @pytest.mark.parametrize('dropless', [False, True])
-def test_rows_past_the_groups_are_never_read(monkeypatch, dropless, aligned):
+def test_rows_past_the_groups_are_never_read(monkeypatch, dropless):
   """The grouped kernels under capacity and dropless routing: the dropped pairs sort past the
   groups' total, where the Hopper kernels leave whatever the buffer held. Stand-ins that leave
-  NaN there give the einsum's outputs and gradients (nothing reads those rows, in either pass).
-  `aligned`: the two-warpgroup layout, each expert's rows starting at a multiple of the row
-  tile (`group_alignment`, 128 at these widths; zero rows up to it)."""
+  NaN there give the einsum's outputs and gradients (nothing reads those rows, in either pass),
+  and the kernels see the kept pairs only, sorted, in groups that sum to the kept count."""
   ref = gmm_bench.reference_kernels()
   seen = []
 
   def forward(lhs, rhs, *, group_sizes, **kw):
-    jax.debug.callback(
-      lambda sizes, rows=lhs.shape[0]: seen.append((np.asarray(sizes), rows)), group_sizes
-    )
+    record = lambda sizes, rows=lhs.shape[0]: seen.append((np.asarray(sizes), rows))
+    jax.debug.callback(record, group_sizes)
     out = ref.forward(lhs, rhs, group_sizes=group_sizes, **kw)
     past = jnp.arange(out.shape[0])[:, None] >= jnp.sum(group_sizes)
     return jnp.where(past, jnp.nan, out)
@@ -143,8 +140,6 @@ def test_rows_past_the_groups_are_never_read(monkeypatch, dropless, aligned):
   monkeypatch.setattr(
     gmm_lib, 'mosaic_gpu_kernels', lambda rows=None: ref._replace(forward=forward)
   )
-  if aligned:  # the two-warpgroup kernels' layout at these few rows
-    monkeypatch.setattr(gmm_lib, 'TWO_WARPGROUP_MIN_ROWS', 0)
   keys = jax.random.split(jax.random.key(5), 4)
   g, s, d, e, f, k = 2, 24, 128, 4, 256, 2  # widths the default tilings take
   x = jax.random.normal(keys[0], (g, s, d), jnp.float32)
@@ -154,7 +149,6 @@ def test_rows_past_the_groups_are_never_read(monkeypatch, dropless, aligned):
     'w_out': jax.random.normal(keys[3], (e, f, d)) / f**0.5,
   }
   cap = moe.capacity(s, k, e, 0.5, dropless)
-  assert gmm_lib.group_alignment('mosaic_gpu', d, f, g * s * k) == (128 if aligned else 1)
 
   def run(impl):
     def loss(x, p):
@@ -170,14 +164,10 @@ def test_rows_past_the_groups_are_never_read(monkeypatch, dropless, aligned):
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.effects_barrier()
-  assert seen  # forward, then the data gradients of both matmuls
+  assert seen  # the forward, then the data gradients of both matmuls
+  kept = g * s * k - int(want_stats['dropped'])
   for sizes, rows in seen:
-    assert sizes.sum() <= rows
-    if aligned:
-      assert rows == -(-(g * s * k + e * 127) // 8) * 8 and not np.any(sizes % 128), sizes
-    else:
-      assert rows == g * s * k
-      assert sizes.sum() == (g * s * k if dropless else g * s * k - int(want_stats['dropped']))
+    assert rows == g * s * k and sizes.sum() == kept, (sizes, rows)
 
 
 def test_model_loss_and_gradients_with_ragged_dot():

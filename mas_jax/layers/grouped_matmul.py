@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -221,27 +220,6 @@ def tilings_for(k: int, n: int, rows: int | None = None) -> tuple[Tiling, Tiling
   except ValueError:
     return default
   return tuned
-
-
-def group_alignment(impl: str, d: int, f: int, rows: int) -> int:
-  """Rows at a multiple of which each group of an expert FFN over `rows` routed rows
-  (lhs[rows, d] x rhs[G, d, f], then [rows, f] x [G, f, d]) should start, so that no row tile of
-  the 'mosaic_gpu' kernels straddles two groups: the lcm of the row tiles (forward and data
-  gradient `block_m`, weight gradient `block_k`) of both matmuls' tilings.
-
-  A straddling tile is computed once per group it holds (block_m rows of work per group
-  boundary); aligning the groups instead costs the rows up to the next multiple (half a tile
-  per group on average), so it pays wherever groups span several tiles. 1 for 'xla' and below
-  TWO_WARPGROUP_MIN_ROWS (decode's few rows per expert: every group takes a whole tile either
-  way).
-  """
-  if impl != 'mosaic_gpu' or not two_warpgroup(rows):
-    return 1
-  align = 1
-  for k, n in ((d, f), (f, d)):
-    fwd, data, weight = tilings_for(k, n)
-    align = math.lcm(align, fwd.block_m, data.block_m, weight.block_k)
-  return align
 
 
 def gmm(

@@ -325,9 +325,7 @@ def grouped_expert_ffn(
   """Experts on the routed rows sorted by expert: x[G, S, D] -> sum_k weights * expert(x) [G, S, D].
 
   Every kept (token, choice) pair is one row of a grouped matmul, the rows sorted by expert: no
-  capacity padding is computed. On the two-warpgroup kernels each expert's rows start at a
-  multiple of their row tile (`grouped_matmul.group_alignment`: zero rows up to it), so that no
-  tile straddles two experts. A dropped pair (`kept` False: over capacity) is sorted after all
+  capacity padding is computed. A dropped pair (`kept` False: over capacity) is sorted after all
   kept ones, past the groups' total, where the kernels compute nothing (what they leave in those
   rows is never read: the pair's row gathers zeros in both passes). Rows move by `gather_rows`
   both ways, so neither pass scatters.
@@ -344,33 +342,22 @@ def grouped_expert_ffn(
   g, s, k = experts.shape
   n, d = g * s, x.shape[-1]
   m, num_experts = n * k, w_in.shape[0]
-  backend = _GROUPED[impl]
-  align = gmm_lib.group_alignment(backend, d, w_in.shape[-1], m)
-  rows_total = m  # rows of the sorted buffer
-  if align > 1:  # room for every group padded to a multiple of `align`, whole row granules
-    rows_total = -(-(m + num_experts * (align - 1)) // gmm_lib.ROW_ALIGN) * gmm_lib.ROW_ALIGN
   flat = experts.reshape(-1)  # [G*S*K], token-major
   keep = jnp.ones(flat.shape, bool) if kept is None else kept.reshape(-1)
   key = jnp.where(keep, flat, num_experts)  # dropped pairs sort after every expert
-  order = jnp.argsort(key, stable=True)  # sorted index -> pair
+  order = jnp.argsort(key, stable=True)  # sorted row -> pair
   sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-  padded = -(-sizes // align) * align
-  # Sorted index i of expert e (key[order[i]]) goes to row starts[e] + (i - firsts[e]); a
-  # dropped pair (e = num_experts) to rows_total: it reads and receives nothing.
-  firsts = jnp.concatenate([jnp.cumsum(sizes) - sizes, jnp.zeros(1, jnp.int32)])
-  starts = jnp.concatenate([jnp.cumsum(padded) - padded, jnp.full(1, rows_total, jnp.int32)])
-  e = key[order]
-  i = jnp.arange(m, dtype=jnp.int32)
-  row = jnp.where(e < num_experts, starts[e] + i - firsts[e], rows_total)
-  rank = jnp.zeros(m, jnp.int32).at[order].set(row)  # pair -> row
-  token = jnp.full(rows_total, n, jnp.int32).at[row].set(order // k, mode='drop')  # row -> token
-  pair = jnp.full(rows_total, m, jnp.int32).at[row].set(order, mode='drop')  # row -> pair
-  rows = gather_rows(x.reshape(n, d), token, rank.reshape(n, k))  # [rows_total, D] by expert
-  h = gmm_lib.gmm(rows, w_in, padded, backend)  # kernels and tilings by shape and row count
+  rank = jnp.zeros(m, jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))  # pair -> row
+  kept_rows = keep[order]
+  rank = jnp.where(keep, rank, m)  # a dropped pair reads and receives nothing
+  token = jnp.where(kept_rows, order // k, n)
+  rows = gather_rows(x.reshape(n, d), token, rank.reshape(n, k))  # [G*S*K, D] sorted by expert
+  backend = _GROUPED[impl]
+  h = gmm_lib.gmm(rows, w_in, sizes, backend)  # kernels and tilings by shape and row count
   h = jax.nn.gelu(h, approximate=True) if activation == 'gelu' else jax.nn.relu(h)
-  y = gmm_lib.gmm(h, w_out, padded, backend)
+  y = gmm_lib.gmm(h, w_out, sizes, backend)
   # Each pair's row back in token order (zeros for dropped pairs), weighted, summed over K.
-  y = gather_rows(y, rank, pair[:, None]).reshape(n, k, d)
+  y = gather_rows(y, rank, jnp.where(kept_rows, order, m)[:, None]).reshape(n, k, d)
   y = jnp.sum(y * weights.reshape(n, k, 1).astype(y.dtype), axis=1, dtype=y.dtype)
   return y.reshape(g, s, d)
 
