@@ -389,6 +389,7 @@ T_DEFAULT = dict(
   max_concurrent_steps=4,
   grid_block_n=1,
   wg_dim='m',
+  epi_slots=2,
 )
 
 
@@ -396,22 +397,25 @@ def t_sweep_tilings(smoke: bool) -> list[tuple[str, dict]]:
   """(kernel, tiling) pairs of the transposed sweep: the new kernel's, then a few of JAX's."""
   if smoke:
     return [('new', T_DEFAULT), ('new', dict(T_DEFAULT, wg_dim='n', block_m=128, block_n=64))]
-  # (block_m, block_n, block_k, steps, grid_block_n, wg_dim): all fit in shared memory (a CTA
-  # tile of 128 x 256 with 4 stages of 64 rows, or 3 with 128 x 128 warpgroup tiles; 5 stages
+  # (block_m, block_n, block_k, steps, grid_block_n, wg_dim, epi_slots): all fit in shared
+  # memory (a CTA tile of 128 x 256 with 4 stages of 64 rows and 2 epilogue slots per
+  # warpgroup, or 3 stages and 4 slots, or 3 stages with 128 x 128 warpgroup tiles; 5 stages
   # of a 128 x 128 CTA tile; 2 stages of 128 rows).
   picks = [
-    (64, 256, 64, 4, 1, 'm'),
-    (64, 256, 64, 4, 8, 'm'),
-    (64, 256, 64, 4, 2, 'm'),
-    (64, 256, 64, 3, 1, 'm'),
-    (128, 128, 64, 3, 1, 'n'),
-    (128, 128, 64, 3, 1, 'm'),
-    (64, 128, 64, 5, 1, 'm'),
-    (64, 256, 128, 2, 1, 'm'),
-    (64, 128, 64, 4, 1, 'n'),
+    (64, 256, 64, 4, 1, 'm', 2),
+    (64, 256, 64, 4, 8, 'm', 2),
+    (64, 256, 64, 3, 1, 'm', 4),
+    (64, 256, 64, 3, 8, 'm', 4),
+    (64, 256, 64, 4, 2, 'm', 2),
+    (64, 256, 64, 3, 1, 'm', 2),
+    (128, 128, 64, 3, 1, 'n', 2),
+    (128, 128, 64, 3, 1, 'm', 2),
+    (64, 128, 64, 5, 1, 'm', 2),
+    (64, 256, 128, 2, 1, 'm', 2),
+    (64, 128, 64, 4, 1, 'n', 2),
   ]
   keys = ('block_m', 'block_n', 'block_k', 'max_concurrent_steps', 'grid_block_n')
-  out = [('new', dict(zip(keys + ('wg_dim',), p, strict=True))) for p in picks]
+  out = [('new', dict(zip(keys + ('wg_dim', 'epi_slots'), p, strict=True))) for p in picks]
   for p in ((64, 256, 64, 4, 1), (128, 128, 64, 4, 8), (64, 256, 64, 4, 8)):
     out.append(('jax', dict(zip(keys, p, strict=True))))
   return out
@@ -528,7 +532,15 @@ def t_checked_call(f, lhs, rhs, sizes, out_shape) -> tuple:
 
 
 def t_tiling_str(t: dict) -> str:
-  keys = ('block_m', 'block_n', 'block_k', 'max_concurrent_steps', 'grid_block_n', 'wg_dim')
+  keys = (
+    'block_m',
+    'block_n',
+    'block_k',
+    'max_concurrent_steps',
+    'grid_block_n',
+    'wg_dim',
+    'epi_slots',
+  )
   return ','.join(str(t[k]) for k in keys if k in t)
 
 
@@ -587,7 +599,7 @@ def run_transposed(args) -> dict:
       if (
         kname == 'new'
         and t not in tilings
-        and (args.smoke or t['wg_dim'] == 'n' or t['block_k'] == 128)
+        and (args.smoke or t['wg_dim'] == 'n' or t['block_k'] == 128 or t['epi_slots'] != 2)
       ):
         tilings.append(t)
     for shape in t_check_cases(args.smoke):
@@ -691,12 +703,57 @@ def run_transposed(args) -> dict:
       print('table', {kk: v for kk, v in row.items() if kk != 'group_sizes'}, flush=True)
       del lhs, rhs
 
+  def do_ab():
+    """The kernel's stage ring run on across output tiles ('flat', the default) against one
+    warp-specialized pipeline per tile ('per_tile', the kernel before it), and each with its
+    epilogue's stores left out ('no_store': a wrong result, timed unchecked, at the largest G
+    only) at the largest M: (K, N) = (4096, 16384) for G = 1, 4 and the largest G, and the
+    other (K, N) at the largest G."""
+    ms = [sh['m'] for sh in t_shapes(args.smoke)]
+    gs = [sh['g'] for sh in t_shapes(args.smoke)]
+    variants = [
+      ('per_tile', dict(_per_tile=True), True),
+      ('flat', {}, True),
+      ('flat_3x4', dict(max_concurrent_steps=3, epi_slots=4), True),
+      ('per_tile_no_store', dict(_per_tile=True, _diag='no_store'), False),
+      ('flat_no_store', dict(_diag='no_store'), False),
+    ]
+    result['ab'] = []
+    for shape in t_shapes(args.smoke):
+      m, k, n, g = shape['m'], shape['k'], shape['n'], shape['g']
+      if m != max(ms) or (k > n and g != max(gs)) or g not in (1, 4, max(gs)):
+        continue
+      lhs, rhs, sizes = t_inputs(shape, seed=2)
+      flops = 2 * m * k * n
+      for name, extra, checked in variants:
+        if not checked and g != max(gs):
+          continue
+        if over_budget():
+          result['errors'].append('ab cut short by --budget_s')
+          break
+        tiling = dict(T_DEFAULT, grid_block_n=8 if k > n else 1, **extra)
+        row = dict(m=m, k=k, n=n, g=g, variant=name, tiling=t_tiling_str(tiling), checked=checked)
+        if checked:
+          measure(row, 'r', 'new', tiling, lhs, rhs, sizes, flops)
+        else:
+          try:
+            s = chain_time(jitted('new', tiling), (lhs, rhs, sizes), calls, chains)
+            row.update(r_ms=s * 1e3, r_tflops=flops / s / 1e12)
+          except Exception as e:  # noqa: BLE001
+            row['r_error'] = f'{type(e).__name__}: {str(e)[:300]}'
+        row = {kk.removeprefix('r_'): v for kk, v in row.items()}
+        row['elapsed_s'] = time.perf_counter() - t0
+        result['ab'].append(row)
+        save_partial()
+        print('ab', row, flush=True)
+      del lhs, rhs
+
   for part in args.parts.split(','):
     bad = [c for c in result['checks'] if 'error' in c or not c['max_rel'] < 2e-2]
     if bad and args.stop_on_fail:
       result['errors'].append(f'{len(bad)} failed checks: stopped before {part}')
       break
-    {'check': do_check, 'sweep': do_sweep, 'table': do_table}[part]()
+    {'check': do_check, 'sweep': do_sweep, 'table': do_table, 'ab': do_ab}[part]()
   result['wall_s'] = time.perf_counter() - t0
   return result
 
@@ -745,6 +802,21 @@ def t_markdown(result: dict) -> str:
       lines.append(
         f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["kernel"]} | {r["tiling"]} '
         f'| {fmt(r.get("ms"), ".3f")} | {fmt(r.get("tflops"))} | {fmt(r.get("max_rel"), ".1e")} '
+        f'| {r.get("error", "")[:120]} |'
+      )
+  if result.get('ab'):
+    lines += [
+      '',
+      '## Pipeline across output tiles: per-tile pipeline against one ring (A/B)',
+      '',
+      '| M | K | N | G | variant | tiling | ms | TFLOP/s | max err | error |',
+      '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in result['ab']:
+      err = fmt(r.get('max_rel'), '.1e') if r['checked'] else 'unchecked'
+      lines.append(
+        f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["variant"]} | {r["tiling"]} '
+        f'| {fmt(r.get("ms"), ".3f")} | {fmt(r.get("tflops"))} | {err} '
         f'| {r.get("error", "")[:120]} |'
       )
   if result['checks']:
@@ -841,7 +913,9 @@ def main(argv=None):
     help='forward: ragged_dot (gmm_2wg.*); transposed: the weight-gradient kernel (tgmm_2wg.*)',
   )
   p.add_argument(
-    '--parts', default='', help='forward: sweep,table; transposed: check,sweep,table (default all)'
+    '--parts',
+    default='',
+    help='forward: sweep,table; transposed: check,sweep,table (default) and ab',
   )
   p.add_argument('--check_max', type=int, default=0, help='transposed check: first N tilings')
   p.add_argument(

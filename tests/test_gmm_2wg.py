@@ -196,3 +196,43 @@ def test_weight_gradient_tiles_follow_the_transposed_kernel():
   assert 'wg_dim' not in gmm_lib.Tiling(64, 256).kwargs()
   for tilings in (gmm_lib.WIDENING_TILINGS, gmm_lib.NARROWING_TILINGS, gmm_lib.DEFAULT_TILINGS):
     assert tilings[2].wg_dim == 'm'
+
+
+def test_stage_schedule_reuses_a_stage_only_after_its_last_user():
+  """The transposed kernel's stage ring runs on across a CTA's output tiles: step i of the
+  whole CTA uses stage i % stages, and the memory warpgroup reloads a stage only after waiting
+  for the consumption of its previous user, the step `stages` before (the k-th wait on a
+  stage's barrier is its k-th phase: no other step used the stage in between)."""
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    stages = int(rng.integers(2, 6))
+    tile_steps = rng.integers(1, 7, int(rng.integers(1, 8))).tolist()
+    sched = gmm_hopper.stage_schedule(tile_steps, stages)
+    assert [(t, ki) for t, ki, _, _ in sched] == [
+      (t, ki) for t, s in enumerate(tile_steps) for ki in range(s)
+    ]
+    last_user = {}
+    for step, (_, _, slot, reuse) in enumerate(sched):
+      assert reuse == last_user.get(slot, -1)
+      if reuse >= 0:
+        assert step - reuse == stages  # Exactly `stages` steps in flight at most.
+      last_user[slot] = step
+    assert len(last_user) == min(stages, sum(tile_steps))
+
+
+@pytest.mark.parametrize(
+  'block_n,epi_n,slots', [(256, 64, 2), (256, 64, 4), (128, 64, 2), (64, 64, 1)]
+)
+def test_epilogue_chunks_never_overwrite_a_slot_still_being_read(block_n, epi_n, slots):
+  """Over several tiles' epilogues, each wait (all but the newest `pending` stores done
+  reading, in order) leaves no store still reading the slot about to be rewritten."""
+  chunks = gmm_hopper.epilogue_chunks(block_n, epi_n, slots)
+  assert len(chunks) == block_n // epi_n
+  reading = []  # Slots of the stores still reading shared memory, oldest first.
+  for _ in range(3):
+    for slot, pending in chunks:
+      del reading[: max(len(reading) - pending, 0)]
+      assert slot not in reading
+      reading.append(slot)
+  with pytest.raises(ValueError, match='not a multiple'):
+    gmm_hopper.epilogue_chunks(256, 64, 3)

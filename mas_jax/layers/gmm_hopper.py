@@ -401,6 +401,33 @@ def _jax_ops():
   return ops
 
 
+def stage_schedule(tile_steps, stages: int) -> list[tuple[int, int, int, int]]:
+  """(tile, step in the tile, stage slot, earlier step whose slot it reuses or -1) of every
+  pipeline step of one CTA of the transposed kernel, whose shared-memory ring runs on across
+  output tiles (pure Python mirror of the kernel's `step = first step of the tile + ki`,
+  `slot = step % stages`; the memory warpgroup waits for the reused step's consumption)."""
+  out, step = [], 0
+  for tile, steps in enumerate(tile_steps):
+    for ki in range(int(steps)):
+      out.append((tile, ki, step % stages, step - stages if step >= stages else -1))
+      step += 1
+  return out
+
+
+def epilogue_chunks(block_n: int, epi_n: int, slots: int) -> list[tuple[int, int]]:
+  """(staging slot, store groups left pending by the wait before it) of each `epi_n`-column
+  chunk of a warpgroup's epilogue: chunk c goes through slot c % slots after waiting until at
+  most slots - 1 stores are still reading shared memory, i.e. until the store that last read
+  this slot (chunk c - slots, of this tile or, since the chunk count is a multiple of `slots`,
+  of the previous one) is done reading (pure Python mirror, for tests)."""
+  chunks = block_n // epi_n
+  if block_n % epi_n or slots < 1 or chunks % slots:
+    raise ValueError(
+      f'block_n={block_n}, epi_n={epi_n}: {chunks} chunks, not a multiple of {slots}'
+    )
+  return [(c % slots, slots - 1) for c in range(chunks)]
+
+
 def transposed_ragged_dot(
   lhs,
   rhs,
@@ -413,7 +440,10 @@ def transposed_ragged_dot(
   grid_block_n: int = 1,
   wg_dim: str = 'm',
   epi_n: int = 64,
+  epi_slots: int = 2,
   num_sms: int | None = None,
+  _per_tile: bool = False,
+  _diag: str = '',
 ):
   """Per-group lhs_g^T @ rhs_g on Hopper, two compute warpgroups (the weight gradient).
 
@@ -429,6 +459,8 @@ def transposed_ragged_dot(
     wg_dim: 'm': the two warpgroups split the CTA's K rows (CTA tile 2*block_m x block_n,
       sharing the rhs tile); 'n': they split its N columns (block_m x 2*block_n, sharing lhs).
     epi_n: columns of an epilogue store chunk (divides block_n).
+    epi_slots: staging buffers per warpgroup for the epilogue's chunks (divides the chunk
+      count block_n / epi_n; with as many slots as chunks the epilogue never waits).
     num_sms: CTAs of the persistent grid (default: the device's SM count).
 
   Returns:
@@ -467,10 +499,12 @@ def transposed_ragged_dot(
     raise ValueError(f'block_m, block_n, block_k = {block_m, block_n, block_k}: multiples of 64')
   if block_n % epi_n:
     raise ValueError(f'epi_n={epi_n} must divide block_n={block_n}')
+  chunks = epilogue_chunks(block_n, epi_n, epi_slots)
   dtype = lhs.dtype
   itemsize = jnp.dtype(dtype).itemsize
   grid_m, grid_n = k // cta_m, n // cta_n
   num_blocks = -(-m // block_k)
+  stages = max_concurrent_steps
   if num_sms is None:
     from jax.extend import backend
 
@@ -488,6 +522,153 @@ def transposed_ragged_dot(
     plgpu.SwizzleTransform(out_swizzle),
   )
   ops = _jax_ops()
+
+  def tile_of(loop_info, starts_gmem, ends_gmem):
+    gi, lin = loop_info.index
+    mi, ni = plgpu.planar_snake(lin, (grid_m, grid_n), 1, grid_block_n)
+    start, end = starts_gmem[gi], ends_gmem[gi]
+    first_block, steps = group_row_blocks(start, end, block_k, num_blocks, ops=ops)
+    return gi, mi, ni, start, end, first_block, steps
+
+  def mask_and_mma(wg, ki, a_smem, b_smem, acc_ref, start, end, first_block, steps):
+    """One step: mask the rows outside [start, end) on a tile's first and last step (each
+    warpgroup its own half of the operand it does not share), then the wgmma, awaited."""
+    row0 = (first_block + ki) * block_k
+
+    @pl.when((ki == 0) | (ki == steps - 1))
+    def _mask():
+      for w in range(2):
+
+        @pl.when(wg == w)
+        def _mask_wg(w=w):
+          if wg_dim == 'm':
+            ref = a_smem.at[:, w * block_m : (w + 1) * block_m]
+          else:
+            ref = b_smem.at[:, w * block_n : (w + 1) * block_n]
+          x = ref[...]
+          rows = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA)
+          keep = (rows >= start - row0).astype(x.dtype) * (rows < end - row0).astype(x.dtype)
+          ref[...] = x * keep
+          plgpu.commit_smem()
+
+    if wg_dim == 'm':
+      a = a_smem.at[:, pl.ds(wg * block_m, block_m)]
+      b = b_smem
+    else:
+      a = a_smem
+      b = b_smem.at[:, pl.ds(wg * block_n, block_n)]
+    plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)), b)
+    plgpu.wgmma_wait(0)
+
+  def epilogue(wg, acc_ref, out_smem, out_gmem, gi, mi, ni):
+    """The warpgroup's tile in `epi_n`-column chunks through its `epi_slots` staging buffers;
+    only a buffer's reuse waits (for the store that last read it), never the global write."""
+    if _diag == 'no_store':
+      return
+    acc = acc_ref[...].astype(dtype)
+    if wg_dim == 'm':
+      row0, col0 = mi * cta_m + wg * block_m, ni * cta_n
+    else:
+      row0, col0 = mi * cta_m, ni * cta_n + wg * block_n
+    for c, (slot, pending) in enumerate(chunks):
+      plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+      out_smem[wg, slot] = acc[:, c * epi_n : (c + 1) * epi_n]
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+        out_smem.at[wg, slot],
+        out_gmem.at[gi, pl.ds(row0, block_m), pl.ds(col0 + c * epi_n, epi_n)],
+      )
+
+  def flat_kernel(starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out_gmem):
+    """Warp specialized by hand: one ring of `stages` stages runs on across the CTA's output
+    tiles (`stage_schedule`), so the memory warpgroup loads the next tile's first steps as soon
+    as the current tile's last ones free their stages, not after the epilogue."""
+
+    @functools.partial(
+      pl.run_scoped,
+      lhs_smem=plgpu.SMEM((stages, block_k, cta_m), dtype, transforms=transforms),
+      rhs_smem=plgpu.SMEM((stages, block_k, cta_n), dtype, transforms=transforms),
+      out_smem=plgpu.SMEM((2, epi_slots, block_m, epi_n), dtype, transforms=out_transforms),
+      loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      collective_axes='wg',
+    )
+    def _scope(lhs_smem, rhs_smem, out_smem, loaded, consumed):
+      wg = lax.axis_index('wg')
+      tiles = functools.partial(
+        plgpu.nd_loop, (g, grid_m * grid_n), collective_axes='sm', init_carry=jnp.int32(0)
+      )
+
+      def memory():
+        plgpu.set_max_registers(40, action='decrease')
+
+        def load_tile(loop_info, carry):
+          gi, mi, ni, start, end, first_block, steps = tile_of(loop_info, starts_gmem, ends_gmem)
+
+          @pl.loop(0, steps)
+          def _step(ki):
+            step = carry + ki
+            slot = lax.rem(step, stages)
+
+            # The stage's last user, step - stages, must have been consumed by both
+            # compute warpgroups (its wgmma awaited).
+            @pl.when(step >= stages)
+            def _reuse():
+              plgpu.barrier_wait(consumed.at[slot])
+
+            rows = pl.ds((first_block + ki) * block_k, block_k)
+            plgpu.copy_gmem_to_smem(
+              lhs_gmem.at[rows, pl.ds(mi * cta_m, cta_m)], lhs_smem.at[slot], loaded.at[slot]
+            )
+            plgpu.copy_gmem_to_smem(
+              rhs_gmem.at[rows, pl.ds(ni * cta_n, cta_n)], rhs_smem.at[slot], loaded.at[slot]
+            )
+
+          return carry + steps
+
+        total = tiles()(load_tile)
+        # Observe the consumption of the last `stages` steps too, so that every phase of
+        # every `consumed` barrier is awaited (as at a pipeline's end) before the exit.
+        for j in range(stages):
+
+          @pl.when(total - stages + j >= 0)
+          def _drain(j=j):
+            plgpu.barrier_wait(consumed.at[lax.rem(total - stages + j, stages)])
+
+      def compute():
+        plgpu.set_max_registers(232, action='increase')
+
+        @tiles()
+        def _tile(loop_info, carry):
+          gi, mi, ni, start, end, first_block, steps = tile_of(loop_info, starts_gmem, ends_gmem)
+
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((block_m, block_n), jnp.float32))
+          def _acc(acc_ref):
+            @pl.loop(0, steps)
+            def _step(ki):
+              slot = lax.rem(carry + ki, stages)
+              plgpu.barrier_wait(loaded.at[slot])
+              mask_and_mma(
+                wg,
+                ki,
+                lhs_smem.at[slot],
+                rhs_smem.at[slot],
+                acc_ref,
+                start,
+                end,
+                first_block,
+                steps,
+              )
+              plgpu.barrier_arrive(consumed.at[slot])
+
+            epilogue(wg, acc_ref, out_smem, out_gmem, gi, mi, ni)
+
+          return carry + steps
+
+        # The staging buffers must outlive the stores reading them.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      lax.cond(wg < 2, compute, memory)
 
   def make_pipeline(body, compute_context, first_block, steps, mi, ni):
     return plgpu.emit_pipeline_warp_specialized(
@@ -514,14 +695,14 @@ def transposed_ragged_dot(
       compute_context=compute_context,
     )
 
-  def kernel(starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out_gmem):
+  def per_tile_kernel(starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out_gmem):
     ignore = lambda *_, **__: None
     allocs = make_pipeline(ignore, ignore, 0, num_blocks, 0, 0).get_allocations(lhs_gmem, rhs_gmem)
 
     @functools.partial(
       pl.run_scoped,
       pipeline_allocs=allocs,
-      out_smem=plgpu.SMEM((2, 2, block_m, epi_n), dtype, transforms=out_transforms),
+      out_smem=plgpu.SMEM((2, epi_slots, block_m, epi_n), dtype, transforms=out_transforms),
       collective_axes='wg',
     )
     def _scope(pipeline_allocs, out_smem):
@@ -529,66 +710,18 @@ def transposed_ragged_dot(
 
       @plgpu.nd_loop((g, grid_m * grid_n), collective_axes='sm')
       def _tile_loop(loop_info):
-        gi, lin = loop_info.index
-        mi, ni = plgpu.planar_snake(lin, (grid_m, grid_n), 1, grid_block_n)
-        start, end = starts_gmem[gi], ends_gmem[gi]
-        first_block, steps = group_row_blocks(start, end, block_k, num_blocks, ops=ops)
-
-        def owned(a_smem, b_smem, w):
-          """The operand tile warpgroup `w` owns (static slices), which it masks."""
-          if wg_dim == 'm':
-            return a_smem.at[:, w * block_m : (w + 1) * block_m]
-          return b_smem.at[:, w * block_n : (w + 1) * block_n]
+        gi, mi, ni, start, end, first_block, steps = tile_of(loop_info, starts_gmem, ends_gmem)
 
         def mma(idx, a_smem, b_smem, acc_ref):
           (ki,) = idx
-          row0 = (first_block + ki) * block_k
-
-          @pl.when((ki == 0) | (ki == steps - 1))
-          def _mask():
-            for w in range(2):
-
-              @pl.when(wg == w)
-              def _mask_wg(w=w):
-                ref = owned(a_smem, b_smem, w)
-                x = ref[...]
-                rows = plgpu.layout_cast(
-                  lax.broadcasted_iota(jnp.int32, x.shape, 0), plgpu.Layout.WGMMA
-                )
-                keep = (rows >= start - row0).astype(x.dtype) * (rows < end - row0).astype(x.dtype)
-                ref[...] = x * keep
-                plgpu.commit_smem()
-
-          if wg_dim == 'm':
-            a = a_smem.at[:, pl.ds(wg * block_m, block_m)]
-            b = b_smem
-          else:
-            a = a_smem
-            b = b_smem.at[:, pl.ds(wg * block_n, block_n)]
-          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a, (1, 0)), b)
-          plgpu.wgmma_wait(0)
+          mask_and_mma(wg, ki, a_smem, b_smem, acc_ref, start, end, first_block, steps)
           return acc_ref
 
         def compute_context(eval_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((block_m, block_n), jnp.float32))
           def _acc(acc_ref):
             eval_pipeline(acc_ref)
-            acc = acc_ref[...].astype(dtype)
-            if wg_dim == 'm':
-              row0, col0 = mi * cta_m + wg * block_m, ni * cta_n
-            else:
-              row0, col0 = mi * cta_m, ni * cta_n + wg * block_n
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            for c in range(block_n // epi_n):
-              slot = c % 2
-              # The store that last read this staging buffer must be done reading it.
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              out_smem[wg, slot] = acc[:, c * epi_n : (c + 1) * epi_n]
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                out_smem.at[wg, slot],
-                out_gmem.at[gi, pl.ds(row0, block_m), pl.ds(col0 + c * epi_n, epi_n)],
-              )
+            epilogue(wg, acc_ref, out_smem, out_gmem, gi, mi, ni)
 
         make_pipeline(mma, compute_context, first_block, steps, mi, ni)(
           lhs_gmem, rhs_gmem, allocations=pipeline_allocs
@@ -597,7 +730,7 @@ def transposed_ragged_dot(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   call = plgpu.kernel(
-    kernel,
+    per_tile_kernel if _per_tile else flat_kernel,
     out_type=jax.ShapeDtypeStruct((g, k, n), dtype),
     grid=(num_sms,),
     grid_names=('sm',),
