@@ -703,57 +703,12 @@ def run_transposed(args) -> dict:
       print('table', {kk: v for kk, v in row.items() if kk != 'group_sizes'}, flush=True)
       del lhs, rhs
 
-  def do_ab():
-    """The kernel's stage ring run on across output tiles ('flat', the default) against one
-    warp-specialized pipeline per tile ('per_tile', the kernel before it), and each with its
-    epilogue's stores left out ('no_store': a wrong result, timed unchecked, at the largest G
-    only) at the largest M: (K, N) = (4096, 16384) for G = 1, 4 and the largest G, and the
-    other (K, N) at the largest G."""
-    ms = [sh['m'] for sh in t_shapes(args.smoke)]
-    gs = [sh['g'] for sh in t_shapes(args.smoke)]
-    variants = [
-      ('per_tile', dict(_per_tile=True), True),
-      ('flat', {}, True),
-      ('flat_3x4', dict(max_concurrent_steps=3, epi_slots=4), True),
-      ('per_tile_no_store', dict(_per_tile=True, _diag='no_store'), False),
-      ('flat_no_store', dict(_diag='no_store'), False),
-    ]
-    result['ab'] = []
-    for shape in t_shapes(args.smoke):
-      m, k, n, g = shape['m'], shape['k'], shape['n'], shape['g']
-      if m != max(ms) or (k > n and g != max(gs)) or g not in (1, 4, max(gs)):
-        continue
-      lhs, rhs, sizes = t_inputs(shape, seed=2)
-      flops = 2 * m * k * n
-      for name, extra, checked in variants:
-        if not checked and g != max(gs):
-          continue
-        if over_budget():
-          result['errors'].append('ab cut short by --budget_s')
-          break
-        tiling = dict(T_DEFAULT, grid_block_n=8 if k > n else 1, **extra)
-        row = dict(m=m, k=k, n=n, g=g, variant=name, tiling=t_tiling_str(tiling), checked=checked)
-        if checked:
-          measure(row, 'r', 'new', tiling, lhs, rhs, sizes, flops)
-        else:
-          try:
-            s = chain_time(jitted('new', tiling), (lhs, rhs, sizes), calls, chains)
-            row.update(r_ms=s * 1e3, r_tflops=flops / s / 1e12)
-          except Exception as e:  # noqa: BLE001
-            row['r_error'] = f'{type(e).__name__}: {str(e)[:300]}'
-        row = {kk.removeprefix('r_'): v for kk, v in row.items()}
-        row['elapsed_s'] = time.perf_counter() - t0
-        result['ab'].append(row)
-        save_partial()
-        print('ab', row, flush=True)
-      del lhs, rhs
-
   for part in args.parts.split(','):
     bad = [c for c in result['checks'] if 'error' in c or not c['max_rel'] < 2e-2]
     if bad and args.stop_on_fail:
       result['errors'].append(f'{len(bad)} failed checks: stopped before {part}')
       break
-    {'check': do_check, 'sweep': do_sweep, 'table': do_table, 'ab': do_ab}[part]()
+    {'check': do_check, 'sweep': do_sweep, 'table': do_table}[part]()
   result['wall_s'] = time.perf_counter() - t0
   return result
 
@@ -765,7 +720,7 @@ def t_markdown(result: dict) -> str:
     f'Command: `{result["command"]}`. Timing: {result["timing"]}. Per group g, out[g] = '
     'lhs_g^T @ rhs_g (lhs [M, K], rhs [M, N], out [G, K, N], the weight gradient); TFLOP/s = '
     '2*M*K*N / time. new = gmm_hopper.transposed_ragged_dot (2 compute warpgroups; tiling '
-    "m,n,k,steps,gbn,wg_dim with block_m/block_n one warpgroup's tile), jax = JAX's "
+    "m,n,k,steps,gbn,wg_dim,epi_slots with block_m/block_n one warpgroup's tile), jax = JAX's "
     'transposed_ragged_dot_mgpu (tiling m,n,k,steps,gbn), dense = one bf16 lhs^T @ rhs of the '
     'same M, K, N (XLA). err = max |out-ref| / max |ref| against per-group dots with f32 '
     'accumulation, the call run over memory just filled with NaN; empty = max |out| of the '
@@ -802,21 +757,6 @@ def t_markdown(result: dict) -> str:
       lines.append(
         f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["kernel"]} | {r["tiling"]} '
         f'| {fmt(r.get("ms"), ".3f")} | {fmt(r.get("tflops"))} | {fmt(r.get("max_rel"), ".1e")} '
-        f'| {r.get("error", "")[:120]} |'
-      )
-  if result.get('ab'):
-    lines += [
-      '',
-      '## Pipeline across output tiles: per-tile pipeline against one ring (A/B)',
-      '',
-      '| M | K | N | G | variant | tiling | ms | TFLOP/s | max err | error |',
-      '|---|---|---|---|---|---|---|---|---|---|',
-    ]
-    for r in result['ab']:
-      err = fmt(r.get('max_rel'), '.1e') if r['checked'] else 'unchecked'
-      lines.append(
-        f'| {r["m"]} | {r["k"]} | {r["n"]} | {r["g"]} | {r["variant"]} | {r["tiling"]} '
-        f'| {fmt(r.get("ms"), ".3f")} | {fmt(r.get("tflops"))} | {err} '
         f'| {r.get("error", "")[:120]} |'
       )
   if result['checks']:
@@ -915,7 +855,7 @@ def main(argv=None):
   p.add_argument(
     '--parts',
     default='',
-    help='forward: sweep,table; transposed: check,sweep,table (default) and ab',
+    help='forward: sweep,table; transposed: check,sweep,table (default all)',
   )
   p.add_argument('--check_max', type=int, default=0, help='transposed check: first N tilings')
   p.add_argument(

@@ -47,12 +47,24 @@ zeros (TMA bounds).
 What limits JAX's kernel at the expert shapes (K, N = 4096, 16384, ~1000 rows per group of 16):
 each output tile reduces only ~16 steps of 64 rows, and every [K, N] output is 64M elements, so
 per tile the pipeline fill and the epilogue weigh as much as a quarter of the mainloop, and the
-single warpgroup issues loads, wgmma and stores in turn. Here, as in the forward, a memory
-warpgroup keeps loading (the next tile's first stages go out while the compute warpgroups store
-the last one), two compute warpgroups share each loaded tile of the other operand (CTA tile
-2 * block_m x block_n or block_m x 2 * block_n, `wg_dim`), and the epilogue streams
-`epi_n`-column chunks through two staging buffers per warpgroup with no wait for the global
-write to land.
+single warpgroup issues loads, wgmma and stores in turn. Here the warp specialization is written
+by hand: a memory warpgroup loads into a ring of `max_concurrent_steps` shared-memory stages that
+runs on across the CTA's output tiles (`stage_schedule`), reloading a stage as soon as both
+compute warpgroups have consumed it, so the next tile's first steps load during the current
+tile's last steps and its epilogue (a pipeline per tile, `emit_pipeline_warp_specialized` as in
+the forward, waits at each tile's end until all its stages are consumed); two compute
+warpgroups share each loaded tile of the other operand (CTA tile 2 * block_m x block_n or
+block_m x 2 * block_n, `wg_dim`); and the epilogue streams `epi_n`-column chunks through
+`epi_slots` staging buffers per warpgroup as asynchronous TMA stores, a buffer's reuse waiting
+only for the store that last read it (`epilogue_chunks`), never for the global write.
+
+Where the time goes at 16384 x 4096 x 16384 in 16 groups (one H100, one call,
+docs/benchmarks/tgmm_overlap/): the ring ran 3.497 ms against 3.501 ms for the per-tile
+pipeline (3.620 against 3.711 at K, N = 16384, 4096), a wait-free epilogue (4 slots, 3 stages)
+3.466 ms; with the epilogue's stores left out the per-tile pipeline ran 2.618 ms and the ring
+3.034 ms. So the 2.1 GB the output writes at G=16 costs time, but not by making a compute
+warpgroup wait on its stores (the wait-free epilogue gained 1%); presumably through the memory
+system the stores share with the loads (L2, HBM), which was not measured.
 """
 
 from __future__ import annotations
@@ -442,8 +454,6 @@ def transposed_ragged_dot(
   epi_n: int = 64,
   epi_slots: int = 2,
   num_sms: int | None = None,
-  _per_tile: bool = False,
-  _diag: str = '',
 ):
   """Per-group lhs_g^T @ rhs_g on Hopper, two compute warpgroups (the weight gradient).
 
@@ -466,11 +476,13 @@ def transposed_ragged_dot(
   Returns:
     [G, K, N] in `lhs.dtype`; zeros for an empty group.
 
-  Unlike `ragged_dot` it has no `delay_release`: each step waits for its wgmma. With one wgmma
-  kept in flight the kernel passed the small checks but failed to launch ("unspecified launch
-  failure") at 16384 x 4096 x 16384, G=16, on one H100 (bench/gmm_2wg.py --kernel transposed);
-  the pipeline's end waits for all but `delay_release` released stages, and the next tile's
-  first loads may then land in a stage a wgmma still reads.
+  Unlike `ragged_dot` it has no `delay_release`: each step waits for its wgmma before it
+  releases its stage. With one wgmma kept in flight, the per-tile pipeline of an earlier
+  revision passed the small checks but failed to launch ("unspecified launch failure") at
+  16384 x 4096 x 16384, G=16, on one H100: that pipeline's end waits for all but
+  `delay_release` released stages, so the next tile's first loads could land in a stage a
+  wgmma still read. In the ring it would take releasing step s's stage only after step s+1's
+  `wgmma_wait(1)`, and a tile's last stage after its `wgmma_wait(0)`.
   """
   import jax
   import jax.experimental.pallas as pl
@@ -563,8 +575,6 @@ def transposed_ragged_dot(
   def epilogue(wg, acc_ref, out_smem, out_gmem, gi, mi, ni):
     """The warpgroup's tile in `epi_n`-column chunks through its `epi_slots` staging buffers;
     only a buffer's reuse waits (for the store that last read it), never the global write."""
-    if _diag == 'no_store':
-      return
     acc = acc_ref[...].astype(dtype)
     if wg_dim == 'm':
       row0, col0 = mi * cta_m + wg * block_m, ni * cta_n
@@ -670,67 +680,8 @@ def transposed_ragged_dot(
 
       lax.cond(wg < 2, compute, memory)
 
-  def make_pipeline(body, compute_context, first_block, steps, mi, ni):
-    return plgpu.emit_pipeline_warp_specialized(
-      body,
-      grid=(steps,),
-      memory_registers=40,
-      in_specs=[
-        plgpu.BlockSpec(
-          (block_k, cta_m),
-          lambda ki: (first_block + ki, mi),
-          transforms=transforms,
-          memory_space=plgpu.SMEM,
-        ),
-        plgpu.BlockSpec(
-          (block_k, cta_n),
-          lambda ki: (first_block + ki, ni),
-          transforms=transforms,
-          memory_space=plgpu.SMEM,
-        ),
-      ],
-      wg_axis='wg',
-      num_compute_wgs=2,
-      max_concurrent_steps=max_concurrent_steps,
-      compute_context=compute_context,
-    )
-
-  def per_tile_kernel(starts_gmem, ends_gmem, lhs_gmem, rhs_gmem, out_gmem):
-    ignore = lambda *_, **__: None
-    allocs = make_pipeline(ignore, ignore, 0, num_blocks, 0, 0).get_allocations(lhs_gmem, rhs_gmem)
-
-    @functools.partial(
-      pl.run_scoped,
-      pipeline_allocs=allocs,
-      out_smem=plgpu.SMEM((2, epi_slots, block_m, epi_n), dtype, transforms=out_transforms),
-      collective_axes='wg',
-    )
-    def _scope(pipeline_allocs, out_smem):
-      wg = lax.axis_index('wg')
-
-      @plgpu.nd_loop((g, grid_m * grid_n), collective_axes='sm')
-      def _tile_loop(loop_info):
-        gi, mi, ni, start, end, first_block, steps = tile_of(loop_info, starts_gmem, ends_gmem)
-
-        def mma(idx, a_smem, b_smem, acc_ref):
-          (ki,) = idx
-          mask_and_mma(wg, ki, a_smem, b_smem, acc_ref, start, end, first_block, steps)
-          return acc_ref
-
-        def compute_context(eval_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((block_m, block_n), jnp.float32))
-          def _acc(acc_ref):
-            eval_pipeline(acc_ref)
-            epilogue(wg, acc_ref, out_smem, out_gmem, gi, mi, ni)
-
-        make_pipeline(mma, compute_context, first_block, steps, mi, ni)(
-          lhs_gmem, rhs_gmem, allocations=pipeline_allocs
-        )
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
   call = plgpu.kernel(
-    per_tile_kernel if _per_tile else flat_kernel,
+    flat_kernel,
     out_type=jax.ShapeDtypeStruct((g, k, n), dtype),
     grid=(num_sms,),
     grid_names=('sm',),
