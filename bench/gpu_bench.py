@@ -500,8 +500,11 @@ def _expert_lines(rows: list[dict], mm: float) -> list[str]:
       bwd = [r[f'{dense}_fwd_bwd_s'] / r[f'{impl}_fwd_bwd_s'] for r in timed]
       out.append(f'  {impl} of dense: forward {_span(fwd)}, forward + backward {_span(bwd)}')
       out.append(
-        '    per local-expert count, forward + backward: '
-        + ', '.join(f'{r["local_experts"]}: {b:.0%}' for r, b in zip(timed, bwd, strict=True))
+        '    per local-expert count, forward + backward (forward): '
+        + ', '.join(
+          f'{r["local_experts"]}: {b:.0%} ({f:.0%})'
+          for r, f, b in zip(timed, fwd, bwd, strict=True)
+        )
       )
   for r in rows:  # the einsum computes capacity slots, not routed rows
     if 'einsum_fwd_s' in r:

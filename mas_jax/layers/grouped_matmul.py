@@ -10,7 +10,7 @@ Two implementations:
                 grouped matmul (`mas_jax/layers/gmm_hopper.py`, 1.3-2.1x JAX's
                 single-warpgroup `ragged_dot_mgpu`, docs/benchmarks/gmm_2wg.md) for the
                 forward and the data gradient, and our two-warpgroup transposed kernel
-                (`gmm_hopper.transposed_ragged_dot`, 1.02-1.31x JAX's
+                (`gmm_hopper.transposed_ragged_dot`, 1.14-1.34x JAX's
                 `transposed_ragged_dot_mgpu` at 8192 and 16384 rows in 4-16 groups,
                 docs/benchmarks/tgmm_2wg.md) for the weight gradient:
                   d lhs = gmm(d out, rhs^T)        (the same kernel, transposed rhs)
