@@ -58,14 +58,21 @@ def sample_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope='session', autouse=True)
 def _background_runs(request, tmp_path_factory):
   """Starts the 2-process runs of tests/test_multiprocess.py when the session starts, if tests
-  using them are selected: on 2 cores they then go on beside the test files before it (which
-  keep about one core busy) instead of after them; its tests check them when their turn comes."""
-  modules = {
-    item.module
-    for item in request.session.items
-    if hasattr(getattr(item, 'module', None), 'start_background_runs')
-    and 'runs' in getattr(item, 'fixturenames', ())
-  }
+  using them are selected: in one process (`-n 0`) they then go on beside the test files before
+  it instead of after them; its tests check them when their turn comes.
+
+  Not in an xdist worker: every worker collects every test, and the one that starts them
+  cannot know whether it will be sent test_multiprocess.py, so the other worker's runs were
+  CPU spent for nothing (3 of the 4 launches ran to the end beside its files). There the module
+  starts them itself (its `runs` fixture), and it is the first file sent (LONGEST_FIRST)."""
+  modules = set()
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    modules = {
+      item.module
+      for item in request.session.items
+      if hasattr(getattr(item, 'module', None), 'start_background_runs')
+      and 'runs' in getattr(item, 'fixturenames', ())
+    }
   for module in modules:
     module.start_background_runs(tmp_path_factory)
   yield
@@ -126,17 +133,39 @@ def restore_state(workdir: str, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
 
 
-# The longest test files (minutes of CPU each) first: the two xdist workers take whole files in
-# collection order, and a long file collected last would leave one worker running it alone.
+# The two xdist workers take whole files in this order (pyproject.toml's --no-loadscope-reorder:
+# xdist's default reorder sorts files by their number of tests, which sent the 1-test, 80 s
+# tests/test_compression_learning.py last). Longest first by the seconds each took in a full
+# run (2026-11-25, seconds in the comments), so that the short files even out the two workers at the end;
+# test_multiprocess.py first of all: its 2-process runs go on in the background while its own
+# 1-process runs are made (about 1.4 + 1 cores), beside the longest file on the other worker.
 LONGEST_FIRST = (
-  'test_perf_fidelity.py',
-  'test_shard_optimizer.py',
-  'test_ma_separation.py',
-  'test_decode.py',
-  'test_bench_smoke.py',
-  'test_compression_learning.py',
-  'test_compression.py',
-  'test_multiprocess.py',
+  'test_multiprocess.py',  # 63, mostly waiting on its 2-process runs
+  'test_perf_fidelity.py',  # 239
+  'test_ma_separation.py',  # 139
+  'test_shard_optimizer.py',  # 133
+  'test_bench_smoke.py',  # 130
+  'test_decode.py',  # 115
+  'test_compression.py',  # 106
+  'test_rebalance.py',  # 93
+  'test_compression_learning.py',  # 80
+  'test_train.py',  # 75
+  'test_tp_pp.py',  # 72
+  'test_faults.py',  # 69
+  'test_attn_sharding.py',  # 68
+  'test_optimizer_levers.py',  # 68
+  'test_generate.py',  # 56
+  'test_grouped_matmul.py',  # 31
+  'test_attention.py',  # 30
+  'test_decode_baselines.py',  # 27
+  'test_model.py',  # 22
+  'test_ep.py',  # 20
+  'test_gmm_2wg.py',  # 19
+  'test_auto_split.py',  # 14
+  'test_golden.py',  # 13
+  'test_data.py',  # 11
+  'test_dp.py',  # 11
+  'test_perf_model.py',  # 8
 )
 
 

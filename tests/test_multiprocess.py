@@ -284,14 +284,15 @@ class Runs:
 
 
 # The runs of the session: made by start_background_runs, which conftest calls at the start of a
-# session that selected tests using the `runs` fixture.
+# one-process session that selected tests using the `runs` fixture (under xdist the `runs`
+# fixture calls it, and conftest sends this file first).
 _SESSION_RUNS: list[Runs] = []
 
 
 def start_background_runs(tmp_path_factory) -> None:
   """Starts the 2-process runs in a background thread (once per session). Called at the start of
-  the session, they go on beside the test files before this one, which keep about one of two
-  cores busy, instead of after them."""
+  a one-process session, they go on beside the test files before this one, which keep about one
+  of two cores busy, instead of after them."""
   if not _SESSION_RUNS:
     root = str(tmp_path_factory.mktemp('multiprocess'))
     _SESSION_RUNS.append(Runs(root, jax_cache=os.path.join(root, 'jax_cache')))
