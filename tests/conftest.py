@@ -136,8 +136,8 @@ def restore_state(workdir: str, step: int) -> dict:
 # The two xdist workers take whole files in this order (pyproject.toml's --no-loadscope-reorder:
 # xdist's default reorder sorts files by their number of tests, which sent the 1-test, 80 s
 # tests/test_compression_learning.py last). Longest first by the seconds each took in a full
-# run (2026-11-25, seconds in the comments), so that the short files even out the two workers at the end;
-# test_multiprocess.py first of all: its 2-process runs go on in the background while its own
+# run (2026-11-25, in the comments), so that the short files even out the two workers at the
+# end; test_multiprocess.py first of all: its 2-process runs go on in the background while its own
 # 1-process runs are made (about 1.4 + 1 cores), beside the longest file on the other worker.
 LONGEST_FIRST = (
   'test_multiprocess.py',  # 63, mostly waiting on its 2-process runs
