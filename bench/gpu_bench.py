@@ -445,18 +445,30 @@ def markdown(r: dict) -> str:
       '',
       '## Train step (mas-jax, forward + backward + AdamW)',
       '',
-      '| overrides of configs/paper.py | params | step ms | tokens/s | model TFLOP/s | MFU |',
-      '|---|---|---|---|---|---|',
+    ]
+    # Results since bench/common.py recorded it: the pairs the last timed step dropped. The
+    # steps train on one repeated batch; where the router collapses onto a few experts, capacity
+    # routing on the grouped kernels skips the dropped pairs and the step is not comparable.
+    dropped = any(t.get('dropped_token_fraction') is not None for t in r['train_step'])
+    extra_head, extra_rule = (' dropped |', '---|') if dropped else ('', '')
+    out += [
+      '| overrides of configs/paper.py | params | step ms | tokens/s | model TFLOP/s | MFU |'
+      + extra_head,
+      '|---|---|---|---|---|---|' + extra_rule,
     ]
     for t in r['train_step']:
       if 'error' in t:
-        out.append(f'| `{t["overrides"]}` | error: {t["error"]} | | | | |')
+        out.append(f'| `{t["overrides"]}` | error: {t["error"]} | | | | |' + ' |' * dropped)
         continue
       mfu = '-' if t['mfu'] is None else f'{t["mfu"]:.1%}'
-      out.append(
+      line = (
         f'| `{t["overrides"]}` | {t["params"]:.4g} | {t["step_s"] * 1e3:.1f} | '
         f'{t["tokens_per_s"]:.0f} | {t["model_tflops"]:.0f} | {mfu} |'
       )
+      if dropped:
+        d = t.get('dropped_token_fraction')
+        line += ' - |' if d is None else f' {d:.2%} |'
+      out.append(line)
   return '\n'.join(out) + '\n'
 
 
