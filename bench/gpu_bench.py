@@ -494,7 +494,7 @@ def _expert_lines(rows: list[dict], mm: float) -> list[str]:
     f'expert FFN: {min(sizes)}-{max(sizes)} routed rows per expert, local experts '
     f'{", ".join(str(r["local_experts"]) for r in rows)}; shares of the {mm:.0f} TFLOP/s ceiling:'
   ]
-  impls = grouped_matmul.IMPL_NAMES + (grouped_matmul.MOSAIC_2WG, grouped_matmul.MOSAIC_UNALIGNED)
+  impls = tuple(i for i in grouped_matmul.SHOWN if i != grouped_matmul.DENSE)
   for impl in impls:
     timed = [r for r in rows if f'{impl}_fwd_s' in r]
     if not timed:
@@ -544,7 +544,8 @@ def _pairs(steps: list[dict], key: str, value) -> list[str]:
         out.append(
           f'  batch {o.get("data.batch_size")}, accumulation {o.get("train.grad_accum_steps", 1)}: '
           f'{t["step_s"] * 1e3:.1f} ms against {u["step_s"] * 1e3:.1f} ms '
-          f'({key}={u["overrides"].get(key, "default")}): {t["step_s"] / u["step_s"] - 1:+.1%}'
+          f'({key}={u["overrides"].get(key, "default")}): {t["step_s"] / u["step_s"] - 1:+.1%}, '
+          f'{(t["step_s"] - u["step_s"]) * 1e3:+.1f} ms'
         )
   return out
 

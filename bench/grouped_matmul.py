@@ -282,6 +282,9 @@ MOSAIC_2WG = 'mosaic_2wg'
 # on the rows as sorted. The alignment measured slower and was reverted; the table still shows
 # those rows.
 MOSAIC_UNALIGNED = 'mosaic_unaligned'
+# What --ffn_impls accepts, and what the tables show (in this order) where a result has it.
+REQUESTABLE = FFN_IMPLS + (MOSAIC_2WG,)
+SHOWN = REQUESTABLE + (MOSAIC_UNALIGNED,)
 
 
 # What `ffn_sweep` records as the kernels of a one-group row: gmm's dense matmul.
@@ -291,9 +294,9 @@ ONE_GROUP = 'dense matmul (one group)'
 def parse_impls(spec: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
   """`ffn_sweep`'s implementations from a --ffn_impls comma list (a parser error if unknown)."""
   impls = tuple(filter(None, spec.split(',')))
-  unknown = sorted(set(impls) - set(FFN_IMPLS + (MOSAIC_2WG,)))
+  unknown = sorted(set(impls) - set(REQUESTABLE))
   if unknown or not impls:
-    parser.error(f'--ffn_impls={spec!r}: {unknown or "none"} not among {FFN_IMPLS + (MOSAIC_2WG,)}')
+    parser.error(f'--ffn_impls={spec!r}: {unknown or "none"} not among {REQUESTABLE}')
   return impls
 
 
@@ -373,7 +376,7 @@ def ffn_table(rows: list[dict], mm: float) -> list[str]:
     '|---|---|---|---|---|---|---|---|---|' + extra_rule,
   ]
   for e in rows:
-    for impl in FFN_IMPLS + (MOSAIC_2WG, MOSAIC_UNALIGNED):
+    for impl in SHOWN:
       if f'{impl}_fwd_s' not in e and f'{impl}_error' not in e:
         continue  # not run (ffn_impls)
       if f'{impl}_fwd_s' not in e:
